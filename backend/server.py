@@ -1,0 +1,437 @@
+"""The pipe server that the Blender add-on runs as a child process: ``python -m backend serve``.
+
+It speaks the frames of ``blender_occnet.wire`` on stdin/stdout and nothing else:
+
+* stdout is reserved for frames. At start-up the real stdout file descriptor is duplicated for the
+  frame writer and fd 1 (and ``sys.stdout``) are pointed at stderr, so a stray ``print``, a tqdm
+  bar or a C library writing to fd 1 can never corrupt the stream.
+* A reader thread reads request frames, so a ``cancel`` arrives while a reconstruction runs in the
+  worker thread; the reconstruction checks ``should_cancel`` between batches.
+* Models stay loaded between requests (one ``Reconstructor`` for the life of the process).
+* When stdin closes (Blender quit or crashed) the server cancels the running work and exits; a
+  watchdog hard-exits the process if the work does not stop within a couple of seconds, so no
+  orphan outlives Blender.
+* A malformed frame gets an ``error`` reply and the server carries on with the next frame.
+"""
+
+import argparse
+import logging
+import os
+import platform
+import queue
+import sys
+import threading
+import time
+import traceback
+
+import numpy as np
+
+from blender_occnet import wire
+
+log = logging.getLogger("occnet.server")
+
+EXIT_GRACE_S = 2.0  # after stdin closes or shutdown, how long the work may take to stop
+PROGRESS_MIN_INTERVAL_S = 0.05
+MAX_POINTS = 50_000_000
+MAX_RESOLUTION = 1024
+
+
+class FrameWriter:
+    """Serialises frame writes from several threads onto the binary frame stream."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.lock = threading.Lock()
+        self.broken = False
+
+    def send(self, header, arrays=None):
+        with self.lock:
+            if self.broken:
+                return False
+            try:
+                wire.write_frame(self.stream, header, arrays)
+                return True
+            except (BrokenPipeError, OSError, ValueError) as exc:
+                # the add-on went away; the reader will see EOF and we will exit
+                self.broken = True
+                log.warning("cannot write to the add-on any more: %s", exc)
+                return False
+
+
+def redirect_stdout_to_stderr():
+    """Return a binary stream on a duplicate of the original stdout and make fd 1 / sys.stdout
+    point at stderr from now on."""
+    sys.stdout.flush()
+    frame_fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    out = os.fdopen(frame_fd, "wb", buffering=1 << 20)
+    wire.set_binary_mode(out)
+    return out
+
+
+class Job:
+    def __init__(self, req_id, header, arrays):
+        self.id = req_id
+        self.header = header
+        self.arrays = arrays
+        self.cancel = threading.Event()
+
+
+class Server:
+    def __init__(self, instream, outstream, device="auto", reconstructor_factory=None):
+        self.reader = wire.FrameReader(instream)
+        self.out = FrameWriter(outstream)
+        self.default_device = device
+        self._factory = reconstructor_factory
+        self._reconstructor = None
+        self._recon_lock = threading.Lock()
+        self.jobs = queue.Queue()
+        self.current = None  # the Job the worker is running
+        self.cancelled_ids = set()  # cancel requests for jobs that have not started yet
+        self.state_lock = threading.Lock()
+        self.stopping = threading.Event()
+        self._import_error = None
+
+    # -- the reconstructor is created lazily (importing torch takes a while) -------------------
+    def reconstructor(self):
+        with self._recon_lock:
+            if self._reconstructor is None:
+                if self._factory is not None:
+                    self._reconstructor = self._factory(self.default_device)
+                else:
+                    from backend.pipeline import Reconstructor
+                    self._reconstructor = Reconstructor(device=self.default_device)
+            return self._reconstructor
+
+    def warm_up(self):
+        """Import torch and the pipeline while the add-on prepares its first request."""
+        try:
+            self.reconstructor()
+        except BaseException as exc:  # reported when a request needs it
+            self._import_error = exc
+            log.error("backend start-up failed:\n%s", traceback.format_exc())
+
+    # -- replies ------------------------------------------------------------------------------
+    def send_error(self, req_id, code, message):
+        log.info("error for request %s: [%s] %s", req_id, code, message)
+        self.out.send(wire.error_header(req_id, code, message))
+
+    def versions(self):
+        from backend import __version__
+        return {"protocol": wire.PROTOCOL_VERSION, "backend_version": __version__}
+
+    # -- reader side --------------------------------------------------------------------------
+    def read_loop(self):
+        """Runs in the reader thread: dispatch control messages at once, queue the work."""
+        try:
+            while not self.stopping.is_set():
+                try:
+                    frame = self.reader.read()
+                except wire.ProtocolError as exc:
+                    req_id = exc.header.get("id") if isinstance(exc.header, dict) else None
+                    self.send_error(req_id if _is_id(req_id) else None, wire.E_PROTOCOL,
+                                    f"malformed frame: {exc.message}")
+                    continue
+                except EOFError as exc:
+                    log.info("stdin ended mid-frame (%s)", exc)
+                    break
+                except OSError as exc:
+                    log.info("stdin failed (%s)", exc)
+                    break
+                if frame is None:
+                    break
+                try:
+                    self.dispatch(*frame)
+                except Exception as exc:  # never let one request kill the reader
+                    log.error("dispatch failed:\n%s", traceback.format_exc())
+                    self.send_error(frame[0].get("id") if _is_id(frame[0].get("id")) else None,
+                                    wire.E_INTERNAL, f"the backend failed to handle the request: {exc}")
+        finally:
+            self.begin_stop("stdin closed")
+
+    def dispatch(self, header, arrays):
+        mtype = header["type"]
+        req_id = header.get("id")
+        if not _is_id(req_id):
+            self.send_error(None, wire.E_BAD_REQUEST,
+                            f"{mtype!r} request has no integer 'id' (got {req_id!r})")
+            return
+        if mtype == "ping":
+            self.out.send({"type": "pong", "id": req_id, **self.versions()})
+        elif mtype == "info":
+            self.send_info(req_id)
+        elif mtype == "cancel":
+            target = header.get("target")
+            if not _is_id(target):
+                self.send_error(req_id, wire.E_BAD_REQUEST, "cancel needs the integer 'target' id")
+                return
+            with self.state_lock:
+                if self.current is not None and self.current.id == target:
+                    self.current.cancel.set()
+                else:
+                    self.cancelled_ids.add(target)
+        elif mtype == "shutdown":
+            self.out.send({"type": "bye", "id": req_id})
+            self.begin_stop("shutdown requested")
+        elif mtype == "reconstruct":
+            problem = validate_reconstruct(header, arrays)
+            if problem:
+                self.send_error(req_id, wire.E_BAD_REQUEST, problem)
+                return
+            self.jobs.put(Job(req_id, header, arrays))
+        else:
+            self.send_error(req_id, wire.E_BAD_REQUEST,
+                            f"unknown request type {mtype!r}; expected one of {', '.join(wire.REQUEST_TYPES)}")
+
+    def send_info(self, req_id):
+        info = {"type": "info", "id": req_id, **self.versions(),
+                "python": platform.python_version(), "pid": os.getpid()}
+        try:
+            r = self.reconstructor()
+            info.update({k: v for k, v in r.info().items() if k not in ("type", "id")})
+        except BaseException as exc:
+            self.send_error(req_id, wire.E_INTERNAL, f"the backend cannot start its models: {exc}")
+            return
+        self.out.send(_jsonable(info))
+
+    def begin_stop(self, why):
+        if self.stopping.is_set():
+            return
+        log.info("stopping: %s", why)
+        self.stopping.set()
+        with self.state_lock:
+            if self.current is not None:
+                self.current.cancel.set()
+        self.jobs.put(None)
+        # the watchdog: torch may be inside a long kernel; do not outlive the add-on
+        t = threading.Timer(EXIT_GRACE_S, _hard_exit)
+        t.daemon = True
+        t.start()
+
+    # -- worker side --------------------------------------------------------------------------
+    def work_loop(self):
+        while True:
+            job = self.jobs.get()
+            if job is None or self.stopping.is_set():
+                if job is not None:
+                    self.send_error(job.id, wire.E_CANCELLED, "the backend is shutting down")
+                return
+            with self.state_lock:
+                if job.id in self.cancelled_ids:
+                    self.cancelled_ids.discard(job.id)
+                    job.cancel.set()
+                self.current = job
+            try:
+                self.run_job(job)
+            finally:
+                with self.state_lock:
+                    self.current = None
+
+    def run_job(self, job):
+        from backend.errors import Cancelled, OccnetError  # light import, no torch
+
+        last = [0.0, None]
+
+        def progress(stage, fraction):
+            now = time.monotonic()
+            if stage != last[1] or now - last[0] >= PROGRESS_MIN_INTERVAL_S or fraction >= 1.0:
+                last[0], last[1] = now, stage
+                self.out.send({"type": "progress", "id": job.id, "stage": str(stage),
+                               "fraction": float(min(max(fraction, 0.0), 1.0))})
+
+        def should_cancel():
+            return job.cancel.is_set()
+
+        if job.cancel.is_set():
+            self.send_error(job.id, wire.E_CANCELLED, "the reconstruction was cancelled")
+            return
+        h = job.header
+        try:
+            progress("starting", 0.0)
+            if self._import_error is not None and self._reconstructor is None:
+                raise self._import_error
+            r = self.reconstructor()
+            opts = reconstruct_options(h.get("options") or {})
+            t0 = time.perf_counter()
+            if h["input"] == "points":
+                res = r.reconstruct_points(job.arrays["points"], opts, progress=progress,
+                                           should_cancel=should_cancel)
+            else:
+                res = r.reconstruct_image(job.arrays["pixels"], opts, progress=progress,
+                                          should_cancel=should_cancel)
+            if job.cancel.is_set():
+                raise Cancelled()
+            stats = dict(res.stats or {})
+            stats.setdefault("server_seconds", time.perf_counter() - t0)
+            arrays = {"vertices": np.asarray(res.vertices, dtype=np.float32),
+                      "faces": np.asarray(res.faces, dtype=np.int32)}
+            if res.normals is not None:
+                arrays["normals"] = np.asarray(res.normals, dtype=np.float32)
+            if res.colors is not None:
+                arrays["colors"] = np.asarray(res.colors, dtype=np.float32)
+            stats.setdefault("vertices", int(arrays["vertices"].shape[0]))
+            stats.setdefault("faces", int(arrays["faces"].shape[0]))
+            self.out.send({"type": "result", "id": job.id, "stats": _jsonable(stats)}, arrays)
+        except Cancelled:
+            self.send_error(job.id, wire.E_CANCELLED, "the reconstruction was cancelled")
+        except OccnetError as exc:
+            self.send_error(job.id, exc.code, exc.message)
+        except MemoryError:
+            self.send_error(job.id, wire.E_OOM,
+                            "the backend ran out of memory; try a lower resolution or the CPU device")
+        except BaseException as exc:
+            if _is_oom(exc):
+                self.send_error(job.id, wire.E_OOM,
+                                f"the device ran out of memory ({_first_line(exc)}); "
+                                "try a lower resolution or the CPU device")
+            else:
+                log.error("reconstruction %s failed:\n%s", job.id, traceback.format_exc())
+                self.send_error(job.id, wire.E_INTERNAL,
+                                f"the reconstruction failed: {type(exc).__name__}: {_first_line(exc)}")
+            if not isinstance(exc, Exception):
+                raise
+
+
+def _first_line(exc):
+    s = str(exc).strip()
+    return s.splitlines()[0] if s else type(exc).__name__
+
+
+def _is_oom(exc):
+    name = type(exc).__name__
+    return name == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
+def _is_id(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _jsonable(obj):
+    """Stats from the pipeline may hold numpy scalars; make them plain JSON."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
+        return None
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return str(obj)
+
+
+def validate_reconstruct(header, arrays):
+    """Return a message naming what is wrong with a reconstruct request, or None."""
+    kind = header.get("input")
+    if kind not in ("points", "image"):
+        return f"reconstruct needs 'input' = 'points' or 'image' (got {kind!r})"
+    opts = header.get("options", {})
+    if opts is None:
+        opts = {}
+    if not isinstance(opts, dict):
+        return "reconstruct 'options' must be an object"
+    unknown = set(opts) - {"checkpoint", "resolution", "threshold", "max_faces", "device"}
+    if unknown:
+        return f"unknown reconstruct option(s): {', '.join(sorted(unknown))}"
+    res = opts.get("resolution", 128)
+    if not _is_id(res) or not 8 <= res <= MAX_RESOLUTION:
+        return f"resolution must be an integer in 8..{MAX_RESOLUTION} (got {res!r})"
+    thr = opts.get("threshold", 0.5)
+    if not isinstance(thr, (int, float)) or isinstance(thr, bool) or not 0.0 < thr < 1.0:
+        return f"threshold must be a probability strictly between 0 and 1 (got {thr!r})"
+    mf = opts.get("max_faces")
+    if mf is not None and (not _is_id(mf) or mf < 4):
+        return f"max_faces must be null or an integer >= 4 (got {mf!r})"
+    ck = opts.get("checkpoint")
+    if ck is not None and not isinstance(ck, str):
+        return f"checkpoint must be a file path or null (got {ck!r})"
+    dev = opts.get("device")
+    if dev is not None and not isinstance(dev, str):
+        return f"device must be a string such as 'cpu', 'cuda' or 'mps' (got {dev!r})"
+    if kind == "points":
+        pts = arrays.get("points")
+        if pts is None:
+            return "a points reconstruction needs a 'points' array"
+        if pts.ndim != 2 or pts.shape[1] != 3:
+            return f"'points' must have shape (N, 3), got {tuple(pts.shape)}"
+        if pts.shape[0] == 0:
+            return "the point cloud is empty"
+        if pts.shape[0] > MAX_POINTS:
+            return f"the point cloud has {pts.shape[0]} points, over the {MAX_POINTS} limit"
+        if pts.dtype.kind != "f":
+            return f"'points' must be float32 or float64, got {pts.dtype}"
+        if not np.isfinite(pts).all():
+            return "the point cloud contains NaN or infinite coordinates"
+    else:
+        px = arrays.get("pixels")
+        if px is None:
+            return "an image reconstruction needs a 'pixels' array"
+        if px.ndim != 3 or px.shape[2] not in (3, 4) or px.shape[0] < 1 or px.shape[1] < 1:
+            return f"'pixels' must have shape (H, W, 3|4), got {tuple(px.shape)}"
+        if px.dtype not in (np.uint8, np.float32):
+            return f"'pixels' must be uint8 or float32, got {px.dtype}"
+    return None
+
+
+def reconstruct_options(opts):
+    from backend.pipeline import ReconstructOptions
+    return ReconstructOptions(checkpoint=opts.get("checkpoint"),
+                              resolution=int(opts.get("resolution", 128)),
+                              threshold=float(opts.get("threshold", 0.5)),
+                              max_faces=opts.get("max_faces"),
+                              device=opts.get("device"))
+
+
+def _hard_exit():
+    log.warning("the running work did not stop in %.1f s; exiting now", EXIT_GRACE_S)
+    try:
+        sys.stderr.flush()
+    finally:
+        os._exit(0)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="python -m backend serve",
+        description="Serve reconstructions to the Blender add-on over stdin/stdout frames "
+                    "(see blender_occnet/wire.py). Not meant to be run by hand.")
+    p.add_argument("--device", default="auto",
+                   help="torch device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--no-warm-up", action="store_true",
+                   help="do not import torch and the pipeline before the first request")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    frames_out = redirect_stdout_to_stderr()
+    logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
+                        format="[occnet-backend %(process)d] %(levelname)s %(message)s")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    instream = os.fdopen(os.dup(0), "rb", buffering=0)
+    wire.set_binary_mode(instream)
+    server = Server(instream, frames_out, device=args.device)
+    server.out.send({"type": "hello", "id": None, **server.versions(), "pid": os.getpid()})
+    reader = threading.Thread(target=server.read_loop, name="occnet-reader", daemon=True)
+    reader.start()
+    if not args.no_warm_up:
+        threading.Thread(target=server.warm_up, name="occnet-warmup", daemon=True).start()
+    try:
+        server.work_loop()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        try:
+            frames_out.flush()
+        except OSError:
+            pass
+        sys.stderr.flush()
+    # daemon threads (reader blocked on stdin, warm-up inside an import) must not keep us alive
+    os._exit(0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])

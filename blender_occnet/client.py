@@ -1,0 +1,485 @@
+"""The add-on's side of the backend: start ``python -m backend serve`` as a child process, send
+requests, and receive frames on a reader thread. No bpy here (the batch command and the tests use
+it too); the Blender side calls ``poll()`` from the main thread (a timer, a modal operator, or a
+synchronous loop in background mode) to apply what the reader thread received.
+"""
+
+import collections
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+from . import wire
+
+ADDON_DIR = os.path.dirname(os.path.abspath(__file__))
+STDERR_TAIL_LINES = 40
+
+
+class BackendError(Exception):
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
+def backend_pythonpath():
+    """Folders the child needs on PYTHONPATH so that ``backend`` and ``blender_occnet`` import.
+
+    * built add-on: a copy of the backend lives in ``<addon>/bundled``
+    * source tree: the repository root holds both ``backend/`` and ``blender_occnet/``
+    The parent folder of the add-on makes ``import blender_occnet`` (the wire format) work in both.
+    """
+    paths = []
+    bundled = os.path.join(ADDON_DIR, "bundled")
+    if os.path.isdir(os.path.join(bundled, "backend")):
+        paths.append(bundled)
+    if os.path.basename(ADDON_DIR) == "blender_occnet":
+        paths.append(os.path.dirname(ADDON_DIR))
+    else:
+        # installed under another folder name: expose the wire module through a shim folder
+        paths.append(_shim_dir())
+    return paths
+
+
+def _shim_dir():
+    """A folder holding ``blender_occnet/__init__.py`` + ``wire.py`` for add-ons installed under a
+    different folder name (the child imports ``blender_occnet.wire``)."""
+    import tempfile
+    d = os.path.join(tempfile.gettempdir(), f"blender_occnet_shim_{os.getpid()}")
+    pkg = os.path.join(d, "blender_occnet")
+    os.makedirs(pkg, exist_ok=True)
+    with open(os.path.join(ADDON_DIR, "wire.py"), "rb") as f:
+        src = f.read()
+    for name, data in (("__init__.py", b""), ("wire.py", src)):
+        p = os.path.join(pkg, name)
+        try:
+            with open(p, "rb") as f:
+                if f.read() == data:
+                    continue
+        except OSError:
+            pass
+        with open(p, "wb") as f:
+            f.write(data)
+    return d
+
+
+def child_env(extra_paths=()):
+    env = dict(os.environ)
+    # Blender sets these for its own Python; they must not leak into another interpreter.
+    for k in ("PYTHONHOME", "PYTHONPATH", "PYTHONSTARTUP", "PYTHONEXECUTABLE"):
+        env.pop(k, None)
+    env["PYTHONPATH"] = os.pathsep.join(list(extra_paths) + backend_pythonpath())
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONIOENCODING"] = "utf-8"
+    env.setdefault("TQDM_DISABLE", "1")
+    return env
+
+
+def check_interpreter(python, timeout=60.0):
+    """Run ``python`` and report whether it can run the backend: returns a dict with ``ok``,
+    ``python``, ``torch``, ``device`` or ``error`` (a sentence naming the problem)."""
+    code = (
+        "import json, sys\n"
+        "out = {'python': sys.version.split()[0]}\n"
+        "try:\n"
+        "    import numpy, torch\n"
+        "    out['torch'] = torch.__version__\n"
+        "    dev = 'cpu'\n"
+        "    if torch.cuda.is_available():\n"
+        "        dev = 'cuda (' + torch.cuda.get_device_name(0) + ')'\n"
+        "    elif getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():\n"
+        "        dev = 'mps'\n"
+        "    out['device'] = dev\n"
+        "    import backend\n"
+        "    out['backend'] = backend.__version__\n"
+        "except Exception as e:\n"
+        "    out['error'] = type(e).__name__ + ': ' + str(e)\n"
+        "print('OCCNET_CHECK ' + json.dumps(out))\n"
+    )
+    import json
+    if not python:
+        return {"ok": False, "error": "no Python interpreter is set"}
+    if not os.path.isfile(python):
+        return {"ok": False, "error": f"the Python interpreter {python!r} does not exist"}
+    try:
+        cp = subprocess.run([python, "-c", code], env=child_env(), capture_output=True,
+                            text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return {"ok": False, "error": f"cannot run {python!r}: {exc}"}
+    for line in cp.stdout.splitlines():
+        if line.startswith("OCCNET_CHECK "):
+            out = json.loads(line[len("OCCNET_CHECK "):])
+            out["ok"] = "error" not in out
+            if not out["ok"]:
+                out["error"] = f"{python} cannot run the backend: {out['error']}"
+            return out
+    tail = (cp.stderr or cp.stdout).strip().splitlines()[-3:]
+    return {"ok": False, "error": f"{python!r} exited with code {cp.returncode}: {' '.join(tail)}"}
+
+
+def candidate_interpreters(extra=()):
+    """Interpreters worth trying, best first: explicit ones, $OCCNET_PYTHON, the running one (when
+    it is not Blender's own), then python3/python on PATH."""
+    import shutil
+    seen = []
+
+    def add(p):
+        if p and os.path.isfile(p) and p not in seen:
+            seen.append(p)
+
+    for p in extra:
+        add(p)
+    add(os.environ.get("OCCNET_PYTHON"))
+    add(sys.executable)
+    for name in ("python3", "python"):
+        add(shutil.which(name))
+    return seen
+
+
+def detect_interpreter(extra=(), timeout=60.0):
+    """The first candidate interpreter that can run the backend, with its check result."""
+    errors = []
+    for p in candidate_interpreters(extra):
+        res = check_interpreter(p, timeout=timeout)
+        if res["ok"]:
+            res["path"] = p
+            return res
+        errors.append(res["error"])
+    return {"ok": False, "error": "no Python with torch and the backend was found"
+            + (": " + "; ".join(errors) if errors else "")}
+
+
+class Request:
+    """Bookkeeping of one reconstruct request, updated by ``BackendClient.poll()``."""
+
+    def __init__(self, req_id, kind):
+        self.id = req_id
+        self.kind = kind
+        self.stage = "queued"
+        self.fraction = 0.0
+        self.result = None  # dict: vertices, faces, normals, colors, stats
+        self.error = None  # BackendError
+        self.done = False
+        self.started = time.monotonic()
+
+    def __repr__(self):
+        state = "done" if self.done else f"{self.stage} {self.fraction:.0%}"
+        return f"<Request {self.id} {self.kind} {state}>"
+
+
+class BackendClient:
+    """One backend child process and the requests in flight. Not thread-safe except where noted:
+    call everything but the reader thread's internals from one thread (Blender's main thread)."""
+
+    def __init__(self, python=None, args=(), extra_pythonpath=(), log=None):
+        self.python = python or sys.executable
+        self.args = list(args)
+        self.extra_pythonpath = list(extra_pythonpath)
+        self.log = log  # callable(str) for the backend's stderr lines, or None
+        self.proc = None
+        self.hello = None
+        self._inbox = queue.Queue()
+        self._next_id = 1
+        self._requests = {}  # id -> Request (reconstruct)
+        self._sync = {}  # id -> reply header for ping/info/shutdown
+        self._stderr_tail = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self._write_lock = threading.Lock()
+        self._threads = []
+        self._generation = 0
+
+    # -- process management ---------------------------------------------------------------
+    @property
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self):
+        if self.alive:
+            return
+        self._cleanup_dead()
+        cmd = [self.python, "-m", "backend", "serve"] + self.args
+        kwargs = {}
+        if sys.platform == "win32":  # pragma: no cover
+            kwargs["creationflags"] = subprocess.CREATE_NO_WINDOW
+        try:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, env=child_env(self.extra_pythonpath),
+                                         bufsize=0, close_fds=True, **kwargs)
+        except OSError as exc:
+            self.proc = None
+            raise BackendError(wire.E_BACKEND_START,
+                               f"cannot start the backend with {self.python!r}: {exc}") from exc
+        self._generation += 1
+        gen = self._generation
+        self._stderr_tail.clear()
+        t1 = threading.Thread(target=self._read_frames, args=(self.proc, gen),
+                              name="occnet-client-reader", daemon=True)
+        t2 = threading.Thread(target=self._read_stderr, args=(self.proc,),
+                              name="occnet-client-stderr", daemon=True)
+        t1.start()
+        t2.start()
+        self._threads = [t1, t2]
+
+    def _cleanup_dead(self):
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=0.1)
+            except subprocess.TimeoutExpired:
+                pass
+            for s in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+                try:
+                    s.close()
+                except (OSError, AttributeError):
+                    pass
+        self.proc = None
+
+    def _read_frames(self, proc, gen):
+        reader = wire.FrameReader(proc.stdout)
+        while True:
+            try:
+                frame = reader.read()
+            except wire.ProtocolError as exc:
+                self._inbox.put(("protocol", gen, exc.message))
+                continue
+            except (EOFError, OSError, ValueError):
+                frame = None
+            if frame is None:
+                break
+            self._inbox.put(("frame", gen, frame))
+        try:
+            code = proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            code = None
+        # give the stderr thread a moment to collect the last words
+        time.sleep(0.05)
+        self._inbox.put(("exit", gen, code))
+
+    def _read_stderr(self, proc):
+        for raw in iter(proc.stderr.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip()
+            self._stderr_tail.append(line)
+            if self.log is not None:
+                try:
+                    self.log(line)
+                except Exception:
+                    pass
+
+    def stderr_tail(self, n=8):
+        return list(self._stderr_tail)[-n:]
+
+    def stop(self, timeout=3.0):
+        """Ask the backend to shut down, then make sure it is gone (kill if needed)."""
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            try:
+                self._send({"type": "shutdown", "id": self._new_id()})
+            except BackendError:
+                pass
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=timeout)
+        self.poll()
+        self._fail_all(wire.E_BACKEND_EXITED, "the backend was stopped")
+        self._cleanup_dead()
+
+    def kill(self):
+        """Kill the child at once (tests, emergencies)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+
+    # -- sending ----------------------------------------------------------------------------
+    def _new_id(self):
+        i = self._next_id
+        self._next_id += 1
+        return i
+
+    def _send(self, header, arrays=None):
+        if not self.alive:
+            raise BackendError(wire.E_BACKEND_EXITED, "the backend is not running")
+        try:
+            with self._write_lock:
+                wire.write_frame(self.proc.stdin, header, arrays)
+        except (BrokenPipeError, OSError, ValueError) as exc:
+            raise BackendError(wire.E_BACKEND_EXITED,
+                               f"the backend stopped accepting requests ({exc}){self._tail_text()}") from exc
+
+    def send_raw(self, data):
+        """Write raw bytes to the backend (tests of malformed frames)."""
+        with self._write_lock:
+            self.proc.stdin.write(data)
+            self.proc.stdin.flush()
+
+    def reconstruct(self, kind, array, options):
+        """Start a reconstruction; returns its Request. ``kind`` is "points" (array (N, 3)) or
+        "image" (array (H, W, 3|4) uint8 or float32, row 0 = top)."""
+        if kind == "points":
+            arr = np.ascontiguousarray(array, dtype=np.float32)
+            arrays = {"points": arr}
+        elif kind == "image":
+            arr = np.asarray(array)
+            if arr.dtype != np.uint8:
+                arr = arr.astype(np.float32)
+            arrays = {"pixels": np.ascontiguousarray(arr)}
+        else:
+            raise ValueError(f"unknown input kind {kind!r}")
+        self.start()
+        req = Request(self._new_id(), kind)
+        self._requests[req.id] = req
+        try:
+            self._send({"type": "reconstruct", "id": req.id, "input": kind,
+                        "options": dict(options)}, arrays)
+        except BackendError as exc:
+            self._finish(req, error=exc)
+        return req
+
+    def cancel(self, req):
+        if req.done or not self.alive:
+            return
+        try:
+            self._send({"type": "cancel", "id": self._new_id(), "target": req.id})
+        except BackendError:
+            pass
+        req.stage = "cancelling"
+
+    # -- receiving (main thread) ----------------------------------------------------------
+    def _finish(self, req, result=None, error=None):
+        req.result = result
+        req.error = error
+        req.done = True
+        self._requests.pop(req.id, None)
+
+    def _fail_all(self, code, message):
+        for req in list(self._requests.values()):
+            self._finish(req, error=BackendError(code, message))
+
+    def _tail_text(self):
+        tail = [line for line in self.stderr_tail(6) if line.strip()]
+        return (" Backend output: " + " | ".join(tail)) if tail else ""
+
+    def poll(self, timeout=0.0):
+        """Apply what the reader thread received. Returns the list of Requests that finished.
+        With timeout > 0, waits up to that long for the first message."""
+        finished = []
+        block = timeout > 0
+        while True:
+            try:
+                item = self._inbox.get(timeout=timeout) if block else self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            block = False
+            kind, gen, payload = item
+            if kind == "frame":
+                self._on_frame(*payload, finished)
+            elif kind == "protocol":
+                self._stderr_tail.append(f"(client) unreadable frame from the backend: {payload}")
+            elif kind == "exit" and gen == self._generation:
+                code = payload
+                pending = list(self._requests.values())
+                if pending:
+                    how = (f"was killed by signal {-code}" if isinstance(code, int) and code < 0
+                           else f"exited with code {code}")
+                    msg = f"the backend {how} during the request.{self._tail_text()}"
+                    for req in pending:
+                        self._finish(req, error=BackendError(wire.E_BACKEND_EXITED, msg))
+                        finished.append(req)
+                self._cleanup_dead()
+        return finished
+
+    def _on_frame(self, header, arrays, finished):
+        t = header.get("type")
+        rid = header.get("id")
+        if t == "hello":
+            self.hello = header
+            return
+        if t in ("pong", "info", "bye"):
+            self._sync[rid] = header
+            return
+        req = self._requests.get(rid)
+        if t == "error" and req is None:
+            self._sync[rid] = header
+            if rid is None:
+                self._stderr_tail.append(f"(backend error) {header.get('message')}")
+            return
+        if req is None:
+            return
+        if t == "progress":
+            req.stage = str(header.get("stage", ""))
+            req.fraction = float(header.get("fraction", 0.0))
+        elif t == "result":
+            res = {"vertices": arrays.get("vertices"), "faces": arrays.get("faces"),
+                   "normals": arrays.get("normals"), "colors": arrays.get("colors"),
+                   "stats": header.get("stats") or {}}
+            if res["vertices"] is None or res["faces"] is None:
+                self._finish(req, error=BackendError(
+                    wire.E_PROTOCOL, "the backend sent a result without vertices or faces"))
+            else:
+                self._finish(req, result=res)
+            finished.append(req)
+        elif t == "error":
+            self._finish(req, error=BackendError(header.get("code", wire.E_INTERNAL),
+                                                 header.get("message", "unknown error")))
+            finished.append(req)
+
+    def wait(self, req, timeout=None, on_progress=None):
+        """Block until ``req`` is done (synchronous callers: batch, background mode)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last = None
+        while not req.done:
+            self.poll(timeout=0.1)
+            if on_progress is not None and (req.stage, round(req.fraction, 2)) != last:
+                last = (req.stage, round(req.fraction, 2))
+                on_progress(req)
+            if deadline is not None and time.monotonic() > deadline and not req.done:
+                self.cancel(req)
+                self._finish(req, error=BackendError(
+                    wire.E_TIMEOUT, f"the backend did not answer within {timeout:.0f} s"))
+        return req
+
+    def _call(self, mtype, timeout):
+        self.start()
+        rid = self._new_id()
+        self._send({"type": mtype, "id": rid})
+        deadline = time.monotonic() + timeout
+        while rid not in self._sync:
+            if time.monotonic() > deadline:
+                raise BackendError(wire.E_TIMEOUT, f"the backend did not answer {mtype!r} within {timeout:.0f} s")
+            self.poll(timeout=0.05)
+            if self.proc is None:
+                raise BackendError(wire.E_BACKEND_EXITED,
+                                   f"the backend exited before answering {mtype!r}.{self._tail_text()}")
+        reply = self._sync.pop(rid)
+        if reply.get("type") == "error":
+            raise BackendError(reply.get("code", wire.E_INTERNAL), reply.get("message", ""))
+        return reply
+
+    def ping(self, timeout=30.0):
+        return self._call("ping", timeout)
+
+    def info(self, timeout=120.0):
+        return self._call("info", timeout)
+
+    @property
+    def busy(self):
+        return bool(self._requests)
+
+    def take_unattributed_errors(self):
+        """Error replies that did not belong to a request (e.g. to a malformed frame)."""
+        out = [h for k, h in list(self._sync.items()) if h.get("type") == "error"]
+        for k in [k for k, h in self._sync.items() if h.get("type") == "error"]:
+            del self._sync[k]
+        return out
