@@ -1,0 +1,214 @@
+"""Reconstruction: an input (points or an image) and a model -> a mesh, with statistics.
+
+This is the one pipeline the CLI, the pipe server and the benchmarks share. It keeps loaded
+models between calls, reports progress and checks for cancellation between network batches.
+"""
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import __version__
+from .checkpoint import load_checkpoint
+from .defaults import default_checkpoint, installed_defaults
+from .device import resolve_device
+from .errors import Cancelled, OccnetError
+from .extraction import MeshArrays, grid_to_mesh, mise, simplify_mesh
+from .inputs import normalisation, validate_image, validate_points
+from .preprocess import image_to_model_input, subsample_points
+
+RESOLUTIONS = (32, 64, 128, 256, 512)
+COARSE_RESOLUTION = 32
+QUERY_BOX = (-0.55, 0.55)
+Progress = Callable[[str, float], None]
+
+
+@dataclass
+class ReconstructOptions:
+    checkpoint: str | None = None      # None: the shipped default for the input's kind
+    resolution: int = 128              # final grid resolution, one of RESOLUTIONS
+    threshold: float = 0.5             # occupancy probability of the surface
+    max_faces: int | None = None       # decimate to this face budget
+    device: str | None = None          # None: the Reconstructor's device
+    normals: bool = False              # vertex normals from the network's gradient
+    batch_points: int = 65536          # points per network batch (bounds memory)
+
+    def validate(self) -> None:
+        if self.resolution not in RESOLUTIONS:
+            raise OccnetError("bad_option", f"resolution must be one of {RESOLUTIONS}, got {self.resolution}")
+        if not 0.0 < self.threshold < 1.0:
+            raise OccnetError("bad_option", f"threshold must lie strictly between 0 and 1, got {self.threshold}")
+        if self.max_faces is not None and self.max_faces < 4:
+            raise OccnetError("bad_option", f"face budget must be at least 4, got {self.max_faces}")
+        if self.batch_points < 1:
+            raise OccnetError("bad_option", "batch_points must be positive")
+
+
+@dataclass
+class ReconstructionResult:
+    vertices: np.ndarray               # (V, 3) float32
+    faces: np.ndarray                  # (F, 3) int32
+    normals: np.ndarray | None = None  # (V, 3) float32
+    colors: np.ndarray | None = None   # (V, 4) float32
+    stats: dict = field(default_factory=dict)
+
+
+def probability_to_logit(p: float) -> float:
+    return math.log(p / (1.0 - p))
+
+
+class Reconstructor:
+    """Holds models by (checkpoint, device) and runs reconstructions with them."""
+
+    def __init__(self, device: str | None = "auto"):
+        self.device = resolve_device(device)
+        self._models: dict = {}
+
+    def info(self) -> dict:
+        return {
+            "backend": __version__,
+            "torch": torch.__version__,
+            "device": str(self.device),
+            "cuda_available": torch.cuda.is_available(),
+            "loaded_models": [{"checkpoint": path, "device": dev} for path, dev in self._models],
+            "default_checkpoints": installed_defaults(),
+        }
+
+    def model_for(self, kind: str, options: ReconstructOptions):
+        """(model, config) for a request, loading it once per checkpoint and device."""
+        device = resolve_device(options.device) if options.device else self.device
+        path = Path(options.checkpoint) if options.checkpoint else default_checkpoint(kind)
+        key = (str(path.resolve()), str(device))
+        if key not in self._models:
+            model, config, _ = load_checkpoint(path, device)
+            self._models[key] = (model, config)
+        model, config = self._models[key]
+        if model.input_kind != kind:
+            raise OccnetError("wrong_model", f"{path} is a model for {model.input_kind} input, "
+                                             f"but the input is {'an image' if kind == 'image' else 'a point cloud'}")
+        return model, config, device
+
+    def reconstruct_points(self, points, options: ReconstructOptions | None = None,
+                           progress: Progress | None = None,
+                           should_cancel: Callable[[], bool] | None = None) -> ReconstructionResult:
+        """points (N, 3) in the caller's coordinates -> mesh in the same coordinates."""
+        options = options or ReconstructOptions()
+        options.validate()
+        points = validate_points(points)
+        timer = StageTimer()
+        with timer("load"):
+            model, config, device = self.model_for("points", options)
+        center, scale = normalisation(points)
+        canonical = ((points - center) / scale).astype(np.float32)
+        encoder_points = subsample_points(canonical, int(config["input"].get("max_points", 20000)))
+        with timer("encode"), torch.inference_mode():
+            inputs = torch.from_numpy(encoder_points).to(device)[None]
+            code = model.encode(inputs)
+        mesh, evaluations = self._extract(model, code, device, options, timer, progress, should_cancel,
+                                          seed_points=inputs[0])
+        result = self._finish(model, code, device, mesh, options, timer)
+        result.vertices = (result.vertices.astype(np.float64) * scale + center).astype(np.float32)
+        result.stats.update(evaluations=evaluations, input_points=len(points), encoder_points=len(encoder_points),
+                            center=center.tolist(), scale=scale)
+        return result
+
+    def reconstruct_image(self, pixels, options: ReconstructOptions | None = None,
+                          progress: Progress | None = None,
+                          should_cancel: Callable[[], bool] | None = None) -> ReconstructionResult:
+        """pixels (H, W, 3|4), row 0 = top -> mesh in the model's canonical box, centred at origin."""
+        options = options or ReconstructOptions()
+        options.validate()
+        rgba = validate_image(pixels)
+        timer = StageTimer()
+        with timer("load"):
+            model, config, device = self.model_for("image", options)
+        size = int(config["input"]["image_size"])
+        with timer("encode"), torch.inference_mode():
+            image = torch.from_numpy(image_to_model_input(rgba, size)).to(device)[None]
+            code = model.encode(image)
+        mesh, evaluations = self._extract(model, code, device, options, timer, progress, should_cancel)
+        result = self._finish(model, code, device, mesh, options, timer)
+        result.stats.update(evaluations=evaluations, image_size=list(rgba.shape[:2]))
+        return result
+
+    def _extract(self, model, code, device, options, timer, progress, should_cancel, seed_points=None):
+        level = probability_to_logit(options.threshold)
+        steps = int(round(math.log2(options.resolution / COARSE_RESOLUTION))) if options.resolution > COARSE_RESOLUTION else 0
+        resolution0 = min(options.resolution, COARSE_RESOLUTION)
+
+        def evaluate(p: torch.Tensor) -> torch.Tensor:
+            return model.decode(p[None], code)[0]
+
+        def on_fraction(fraction: float) -> None:
+            if progress is not None:
+                progress("extract", fraction)
+
+        if should_cancel is not None and should_cancel():
+            raise Cancelled()
+        with timer("extract"), torch.inference_mode():
+            grid = mise(evaluate, resolution0, steps, level=level, box=QUERY_BOX, seed_points=seed_points,
+                        batch_points=options.batch_points, device=device, progress=on_fraction,
+                        should_cancel=should_cancel)
+        if progress is not None:
+            progress("marching_cubes", 0.0)
+        with timer("marching_cubes"):
+            mesh = grid_to_mesh(grid.values, level, grid.box_min, grid.spacing)
+        if len(mesh.faces) == 0:
+            raise OccnetError("empty_mesh", "the network found no surface in the input's box "
+                                            "(every point is outside at this threshold); try a lower threshold")
+        return mesh, grid.evaluations
+
+    def _finish(self, model, code, device, mesh: MeshArrays, options, timer) -> ReconstructionResult:
+        if options.max_faces is not None:
+            with timer("decimate"):
+                mesh = simplify_mesh(mesh, options.max_faces)
+        normals = None
+        if options.normals:
+            with timer("normals"):
+                normals = gradient_normals(model, code, mesh.vertices, device, options.batch_points)
+        stats = {"vertices": len(mesh.vertices), "faces": len(mesh.faces), "resolution": options.resolution,
+                 "threshold": options.threshold, "device": str(device), "seconds": timer.seconds}
+        return ReconstructionResult(mesh.vertices, mesh.faces, normals, None, stats)
+
+
+def gradient_normals(model, code, vertices: np.ndarray, device, batch_points: int) -> np.ndarray:
+    """Unit normals (V, 3) at canonical vertices (V, 3): minus the gradient of the occupancy logit,
+    which points out of the shape."""
+    out = np.zeros_like(vertices)
+    if isinstance(code, dict):
+        code = {k: v.clone() for k, v in code.items()}  # leave inference mode's tensors behind
+    else:
+        code = code.clone()
+    for start in range(0, len(vertices), batch_points):
+        p = torch.from_numpy(vertices[start:start + batch_points]).to(device)[None].requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(model.decode(p, code).sum(), p)
+        n = -grad[0]
+        out[start:start + batch_points] = (n / n.norm(dim=1, keepdim=True).clamp(min=1e-12)).cpu().numpy()
+    return out
+
+
+class StageTimer:
+    """Wall-clock seconds per named stage, plus their total."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, stage: str):
+        timer = self
+
+        class _Stage:
+            def __enter__(self):
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                elapsed = time.perf_counter() - self.start
+                timer.seconds[stage] = timer.seconds.get(stage, 0.0) + elapsed
+                timer.seconds["total"] = sum(v for k, v in timer.seconds.items() if k != "total")
+
+        return _Stage()

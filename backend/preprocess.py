@@ -1,0 +1,48 @@
+"""Turning a validated input into what a model expects. Pure functions, shared by inference and
+training so both see inputs prepared the same way."""
+
+import numpy as np
+from PIL import Image
+
+
+def composite_on_background(rgba: np.ndarray, background: float | np.ndarray = 1.0) -> np.ndarray:
+    """(H, W, 4) float RGBA -> (H, W, 3) RGB over a plain background (white by default)."""
+    alpha = rgba[..., 3:4]
+    return rgba[..., :3] * alpha + np.asarray(background, np.float32) * (1.0 - alpha)
+
+
+def square_crop_box(alpha: np.ndarray, margin: float = 0.08) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of a square around the object in a mask (H, W), with margin as a
+    fraction of its size; the whole image's centred square when the mask covers everything."""
+    h, w = alpha.shape
+    ys, xs = np.nonzero(alpha > 0.5)
+    if len(xs) == 0 or (xs.min() == 0 and ys.min() == 0 and xs.max() == w - 1 and ys.max() == h - 1):
+        side = min(h, w)
+        left, top = (w - side) // 2, (h - side) // 2
+        return left, top, left + side, top + side
+    cx, cy = (xs.min() + xs.max() + 1) / 2.0, (ys.min() + ys.max() + 1) / 2.0
+    side = max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1) * (1.0 + 2.0 * margin)
+    return (int(round(cx - side / 2)), int(round(cy - side / 2)),
+            int(round(cx + side / 2)), int(round(cy + side / 2)))
+
+
+def image_to_model_input(rgba: np.ndarray, size: int, crop_to_object: bool = True) -> np.ndarray:
+    """(H, W, 4) float RGBA in [0, 1] -> (3, size, size) float32 RGB: object cropped to a square
+    (using alpha as the mask), composited on white, resized with antialiasing."""
+    rgb = composite_on_background(rgba)
+    box = square_crop_box(rgba[..., 3]) if crop_to_object else square_crop_box(np.ones(rgba.shape[:2]))
+    img = Image.fromarray((rgb * 255.0 + 0.5).astype(np.uint8))
+    # crop() pads with black outside the image: paste onto white instead.
+    left, top, right, bottom = box
+    canvas = Image.new("RGB", (right - left, bottom - top), (255, 255, 255))
+    canvas.paste(img, (-left, -top))
+    canvas = canvas.resize((size, size), Image.Resampling.LANCZOS)
+    return np.asarray(canvas, np.float32).transpose(2, 0, 1) / 255.0
+
+
+def subsample_points(points: np.ndarray, max_points: int, seed: int = 0) -> np.ndarray:
+    """(N, 3) -> (min(N, max_points), 3), a deterministic random subset."""
+    if len(points) <= max_points:
+        return points
+    rng = np.random.default_rng(seed)
+    return points[np.sort(rng.choice(len(points), max_points, replace=False))]
