@@ -1,0 +1,372 @@
+"""Reading the prepared data (docs/CONTRACTS.md, "Prepared data") for training and evaluation.
+
+Two layers:
+  * small pure functions on numpy arrays (sampling, augmentation, image compositing), each with
+    the array shapes in its docstring, so they can be tested without files;
+  * `ShapeStore` (cached file access) and `OccupancyDataset` (a torch Dataset) on top of them.
+
+Randomness never comes from a global generator: every sample draws from
+`np.random.default_rng([seed, epoch, index])`, so a sample depends only on what it is, not on
+which worker made it or when. That is what makes `--resume` exact and DDP ranks independent.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+# Half the edge of the padded query box, [-0.55, 0.55]^3 for the contract's padding 0.1.
+DEFAULT_PADDING = 0.1
+
+
+def query_half_extent(padding: float) -> float:
+    """Half edge of the padded query box for a canonical shape in [-0.5, 0.5]^3."""
+    return 0.5 + padding / 2.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure functions
+# ----------------------------------------------------------------------------------------------
+
+def unpack_occupancies(packed: np.ndarray, count: int) -> np.ndarray:
+    """np.packbits output (ceil(count/8),) uint8 -> occupancies (count,) bool."""
+    return np.unpackbits(packed)[:count].astype(bool)
+
+
+def sample_indices(total: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    """count indices (count,) int64 into range(total): without replacement when possible."""
+    if count <= total:
+        return rng.choice(total, size=count, replace=False)
+    return rng.integers(0, total, size=count)
+
+
+def sample_surface_input(surface: np.ndarray, count: int, noise: float, rng: np.random.Generator,
+                         transform=None) -> np.ndarray:
+    """Noisy input cloud (count, 3) float32 from surface points (S, 3).
+
+    transform (optional) maps (K, 3) -> (K, 3) before the noise is added, so the noise sigma is
+    always in the final (canonical) frame, as at inference."""
+    pts = surface[sample_indices(len(surface), count, rng)].astype(np.float32)
+    if transform is not None:
+        pts = transform(pts)
+    if noise > 0:
+        pts = pts + rng.normal(0.0, noise, size=pts.shape).astype(np.float32)
+    return pts.astype(np.float32)
+
+
+def random_rotation(mode: str, up_axis: int, rng: np.random.Generator) -> np.ndarray:
+    """Rotation matrix (3, 3): "none" -> identity, "up" -> uniform angle about the up axis,
+    "so3" -> uniform over all rotations (QR of a Gaussian matrix with the sign fix)."""
+    if mode == "none":
+        return np.eye(3)
+    if mode == "up":
+        angle = rng.uniform(0.0, 2.0 * np.pi)
+        c, s = np.cos(angle), np.sin(angle)
+        a, b = [axis for axis in range(3) if axis != up_axis]
+        rot = np.eye(3)
+        rot[a, a], rot[a, b], rot[b, a], rot[b, b] = c, -s, s, c
+        return rot
+    if mode == "so3":
+        q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+        q = q * np.sign(np.diag(r))
+        if np.linalg.det(q) < 0:
+            q[:, 0] = -q[:, 0]
+        return q
+    raise ValueError(f"unknown rotation mode {mode!r}; use 'none', 'up' or 'so3'")
+
+
+def random_axis_scales(scale_range: tuple[float, float], rng: np.random.Generator) -> np.ndarray:
+    """Per-axis scale factors (3,), log-uniform in [low, high] (so 0.8..1.25 is symmetric)."""
+    low, high = scale_range
+    if low <= 0 or high < low:
+        raise ValueError(f"bad scale range {scale_range}")
+    return np.exp(rng.uniform(np.log(low), np.log(high), size=3))
+
+
+def bounding_box_fit(points: np.ndarray) -> tuple[np.ndarray, float]:
+    """Canonical-box normalisation of points (N, 3): (bbox centre (3,), longest bbox edge)."""
+    lo, hi = points.min(axis=0), points.max(axis=0)
+    return (lo + hi) / 2.0, float(max((hi - lo).max(), 1e-9))
+
+
+@dataclass(frozen=True)
+class AffineAugmentation:
+    """x -> (x @ linear.T - center) / scale, and its inverse. linear (3, 3), center (3,)."""
+
+    linear: np.ndarray
+    center: np.ndarray
+    scale: float
+
+    def apply(self, points: np.ndarray) -> np.ndarray:
+        """(K, 3) -> (K, 3) float32."""
+        return ((points.astype(np.float64) @ self.linear.T - self.center) / self.scale).astype(np.float32)
+
+    def invert(self, points: np.ndarray) -> np.ndarray:
+        """(K, 3) -> (K, 3) float64: the inverse of apply."""
+        return np.linalg.solve(self.linear, (points.astype(np.float64) * self.scale + self.center).T).T
+
+
+def make_augmentation(surface: np.ndarray, rotation: str, up_axis: int, scale_range, rng) -> AffineAugmentation:
+    """Random rotation + anisotropic scaling, then back into the canonical box.
+
+    surface (S, 3): the shape's surface points, used to re-fit the canonical box (bbox centre,
+    longest edge), exactly the normalisation that inference applies to a given point cloud.
+    Occupancy is invariant under this invertible affine map applied to inputs and queries alike."""
+    linear = random_rotation(rotation, up_axis, rng) @ np.diag(random_axis_scales(scale_range, rng))
+    moved = surface.astype(np.float64) @ linear.T
+    center, scale = bounding_box_fit(moved)
+    return AffineAugmentation(linear, center, scale)
+
+
+def sample_uniform_queries(points: np.ndarray, occupancies: np.ndarray, count: int, rng: np.random.Generator,
+                           augmentation: AffineAugmentation | None = None, half_extent: float = 0.55
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """count query points uniform in the padded box [-h, h]^3 with their occupancies.
+
+    points (P, 3) uniform in the box with occupancies (P,) bool. Without augmentation this is a
+    random subset. With one, the stored points only cover the image of the original box; the rest
+    of the new box lies outside the original box, hence outside the shape, so occupancy 0 is exact
+    there. Fresh uniform candidates decide, per point, which of the two regions it comes from, so
+    the result stays uniform over the whole box.
+    Returns (count, 3) float32, (count,) float32 in {0, 1}."""
+    if augmentation is None:
+        idx = sample_indices(len(points), count, rng)
+        return points[idx].astype(np.float32), occupancies[idx].astype(np.float32)
+    candidates = rng.uniform(-half_extent, half_extent, size=(count, 3))
+    outside_original = (np.abs(augmentation.invert(candidates)) > half_extent).any(axis=1)
+    need = int((~outside_original).sum())
+    chosen_pts, chosen_occ, have = [], [], 0
+    for _ in range(64):
+        if have >= need:
+            break
+        idx = rng.integers(0, len(points), size=max(4 * (need - have), 64))
+        moved = augmentation.apply(points[idx])
+        inside = (np.abs(moved) <= half_extent).all(axis=1)
+        chosen_pts.append(moved[inside])
+        chosen_occ.append(occupancies[idx][inside])
+        have += int(inside.sum())
+    out_pts = candidates.astype(np.float32)
+    out_occ = np.zeros(count, dtype=np.float32)
+    if need:
+        stored_pts = np.concatenate(chosen_pts)[:need]
+        stored_occ = np.concatenate(chosen_occ)[:need]
+        if len(stored_pts) < need:  # degenerate transform: fall back to repeating what we have
+            reps = rng.integers(0, max(len(stored_pts), 1), size=need - len(stored_pts))
+            stored_pts = np.concatenate([stored_pts, stored_pts[reps]])
+            stored_occ = np.concatenate([stored_occ, stored_occ[reps]])
+        out_pts[~outside_original] = stored_pts
+        out_occ[~outside_original] = stored_occ
+    return out_pts, out_occ
+
+
+def sample_near_queries(points: np.ndarray, occupancies: np.ndarray, count: int, rng: np.random.Generator,
+                        augmentation: AffineAugmentation | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """count near-surface points (P, 3) + occupancies (P,) -> (count, 3) float32, (count,) float32."""
+    idx = sample_indices(len(points), count, rng)
+    pts = points[idx].astype(np.float32)
+    if augmentation is not None:
+        pts = augmentation.apply(pts)
+    return pts, occupancies[idx].astype(np.float32)
+
+
+def composite_on_background(rgba: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """RGBA image (H, W, 4) uint8 over a flat background colour (3,) in [0, 1] -> (H, W, 3) float32."""
+    rgb = rgba[..., :3].astype(np.float32) / 255.0
+    alpha = rgba[..., 3:4].astype(np.float32) / 255.0
+    return rgb * alpha + background.astype(np.float32) * (1.0 - alpha)
+
+
+def decode_view(png: bytes, size: int) -> np.ndarray:
+    """PNG bytes -> RGBA (size, size, 4) uint8, resized (antialiased) when needed."""
+    with Image.open(io.BytesIO(png)) as im:
+        im = im.convert("RGBA")
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.BILINEAR, reducing_gap=None)
+        return np.asarray(im, dtype=np.uint8)
+
+
+def pick_background(mode: str, rng: np.random.Generator) -> np.ndarray:
+    """Background colour (3,) in [0, 1]: "white", "random" (uniform RGB), or "mixed" (half each)."""
+    if mode == "white" or (mode == "mixed" and rng.random() < 0.5):
+        return np.ones(3)
+    if mode in ("random", "mixed"):
+        return rng.uniform(0.0, 1.0, size=3)
+    raise ValueError(f"unknown background mode {mode!r}; use 'white', 'random' or 'mixed'")
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------
+
+def read_split(data_dir: Path, split: str) -> list[str]:
+    """Shape ids listed in data_dir/split/<split>.txt that have a folder (blank lines ignored)."""
+    path = Path(data_dir) / "split" / f"{split}.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: is {data_dir} a prepared data folder?")
+    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return [i for i in ids if (Path(data_dir) / i / "points.npz").is_file()]
+
+
+def read_meta(data_dir: Path) -> dict:
+    path = Path(data_dir) / "meta.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+@dataclass
+class ShapeArrays:
+    """Everything training needs about one shape, kept compact in memory."""
+
+    shape_id: str
+    class_name: str
+    uniform_points: np.ndarray      # (P, 3) float16
+    uniform_occupancies: np.ndarray  # (P,) bool
+    near_points: np.ndarray         # (Q, 3) float16
+    near_occupancies: np.ndarray    # (Q,) bool
+    surface_points: np.ndarray | None = None  # (S, 3) float32
+    surface_normals: np.ndarray | None = None  # (S, 3) float32
+    views: list = field(default_factory=list)  # PNG bytes per view (decoded on demand)
+
+
+def load_shape(shape_dir: Path, surface: bool, normals: bool, images: bool) -> ShapeArrays:
+    """Read one prepared shape folder (see docs/CONTRACTS.md)."""
+    shape_dir = Path(shape_dir)
+    info_path = shape_dir / "shape.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    with np.load(shape_dir / "points.npz") as f:
+        uniform = f["points"]
+        near = f["near_points"]
+        arrays = ShapeArrays(
+            shape_id=shape_dir.name,
+            class_name=str(info.get("class") or info.get("source") or "unknown"),
+            uniform_points=uniform.astype(np.float16),
+            uniform_occupancies=unpack_occupancies(f["occupancies"], len(uniform)),
+            near_points=near.astype(np.float16),
+            near_occupancies=unpack_occupancies(f["near_occupancies"], len(near)),
+        )
+    if surface or normals:
+        with np.load(shape_dir / "pointcloud.npz") as f:
+            arrays.surface_points = f["points"].astype(np.float32)
+            if normals:
+                arrays.surface_normals = f["normals"].astype(np.float32)
+    if images:
+        views = sorted((shape_dir / "images").glob("*.png"))
+        if not views:
+            raise FileNotFoundError(f"{shape_dir} has no rendered views (images/*.png); "
+                                    "prepare the data with views > 0 for image models")
+        arrays.views = [p.read_bytes() for p in views]
+    return arrays
+
+
+class ShapeStore:
+    """Cached access to the shapes of a prepared folder. The cache lives in the process that
+    fills it: call preload() before DataLoader workers fork to share one copy among them."""
+
+    def __init__(self, data_dir, shape_ids: list[str], surface: bool = True, normals: bool = False,
+                 images: bool = False):
+        self.data_dir = Path(data_dir)
+        self.shape_ids = list(shape_ids)
+        self.flags = dict(surface=surface, normals=normals, images=images)
+        self._cache: dict[str, ShapeArrays] = {}
+
+    def __len__(self) -> int:
+        return len(self.shape_ids)
+
+    def get(self, index: int) -> ShapeArrays:
+        shape_id = self.shape_ids[index]
+        if shape_id not in self._cache:
+            self._cache[shape_id] = load_shape(self.data_dir / shape_id, **self.flags)
+        return self._cache[shape_id]
+
+    def preload(self) -> None:
+        for i in range(len(self)):
+            self.get(i)
+
+
+# ----------------------------------------------------------------------------------------------
+# Torch dataset
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class SamplingConfig:
+    """How one training (or validation) example is drawn. Built from the training config."""
+
+    input_kind: str = "points"          # "points" | "image"
+    num_points: int = 3000              # input points (the batch may use fewer, see train.py)
+    noise: float = 0.005                # Gaussian sigma on input points, canonical units
+    query_points: int = 2048            # query points per shape
+    near_fraction: float = 0.5          # share of near-surface query points
+    rotation: str = "none"              # "none" | "up" | "so3"
+    up_axis: int = 2                    # 0 x, 1 y, 2 z (Blender's up)
+    scale_range: tuple = (1.0, 1.0)     # anisotropic scaling, per-axis factor range
+    image_size: int = 128               # model input size
+    background: str = "white"           # "white" | "random" | "mixed"
+    view: int | None = None             # fixed view (validation/evaluation) or None for random
+    padding: float = DEFAULT_PADDING
+
+    @property
+    def augments(self) -> bool:
+        return self.input_kind == "points" and (self.rotation != "none" or tuple(self.scale_range) != (1.0, 1.0))
+
+
+class OccupancyDataset(torch.utils.data.Dataset):
+    """One example per shape: {"inputs": (N, 3) or (3, S, S), "points": (M, 3), "occ": (M,), "index": ()}.
+
+    Call set_epoch(e) before each epoch: samples are a pure function of (seed, epoch, index)."""
+
+    def __init__(self, store: ShapeStore, sampling: SamplingConfig, seed: int = 0, deterministic: bool = False):
+        self.store = store
+        self.sampling = sampling
+        self.seed = int(seed)
+        self.deterministic = deterministic  # validation: the same example every epoch
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def rng_for(self, index: int) -> np.random.Generator:
+        epoch = 0 if self.deterministic else self.epoch
+        return np.random.default_rng([self.seed, epoch, int(index)])
+
+    def __getitem__(self, index: int) -> dict:
+        s = self.sampling
+        shape = self.store.get(index)
+        rng = self.rng_for(index)
+        h = query_half_extent(s.padding)
+        aug = None
+        if s.augments:
+            aug = make_augmentation(shape.surface_points, s.rotation, s.up_axis, s.scale_range, rng)
+        if s.input_kind == "points":
+            inputs = sample_surface_input(shape.surface_points, s.num_points, s.noise, rng,
+                                          transform=aug.apply if aug is not None else None)
+            inputs_t = torch.from_numpy(inputs)
+        else:
+            view = s.view if s.view is not None else int(rng.integers(0, len(shape.views)))
+            rgba = decode_view(shape.views[view % len(shape.views)], s.image_size)
+            rgb = composite_on_background(rgba, pick_background(s.background, rng))
+            inputs_t = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
+        n_near = int(round(s.query_points * s.near_fraction))
+        n_uniform = s.query_points - n_near
+        parts_p, parts_o = [], []
+        if n_uniform:
+            p, o = sample_uniform_queries(shape.uniform_points, shape.uniform_occupancies, n_uniform, rng, aug, h)
+            parts_p.append(p)
+            parts_o.append(o)
+        if n_near:
+            p, o = sample_near_queries(shape.near_points, shape.near_occupancies, n_near, rng, aug)
+            parts_p.append(p)
+            parts_o.append(o)
+        return {
+            "inputs": inputs_t,
+            "points": torch.from_numpy(np.concatenate(parts_p)),
+            "occ": torch.from_numpy(np.concatenate(parts_o)),
+            "index": torch.tensor(index),
+        }

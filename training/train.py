@@ -1,0 +1,526 @@
+"""Train an occupancy network: `python -m training.train CONFIG [--resume]`.
+
+CONFIG is a JSON file (see training/configs/). Outputs, in the config's out_dir:
+  model_best.safetensors   best validation IoU so far (backend.checkpoint format: loads in the add-on)
+  model_last.safetensors   the latest weights (end of epoch or stop)
+  state.safetensors        everything --resume needs (weights, optimizer, RNG, progress); no pickles
+  log.csv                  one row per epoch;   tb/  TensorBoard scalars when tensorboard is installed
+Multi-GPU / multi-node: `torchrun --nproc_per_node=K -m training.train CONFIG` (only rank 0 writes).
+
+Loss (Occupancy Networks): binary cross-entropy with logits on the sampled query points, summed over
+the points of a shape and averaged over the shapes of the batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from backend.checkpoint import save_checkpoint
+from backend.models import build_model, preset
+
+from .dataset import OccupancyDataset, SamplingConfig, ShapeStore, read_split
+from .distributed import (DistInfo, ResumableBatchSampler, all_reduce_sum, broadcast_flag, init_distributed,
+                          shutdown_distributed)
+from .metrics import occupancy_iou
+from .train_state import load_train_state, save_train_state
+
+DEFAULTS = {
+    "name": None,
+    "notes": "",
+    "data_dir": "/work/data/prepared",
+    "out_dir": None,                  # default: runs/<name>
+    "model": "local_points",          # preset name or a model configuration dict
+    "seed": 0,
+    "batch_size": 16,                 # global batch (split over DDP processes)
+    "query_points": 2048,             # query points per shape
+    "near_fraction": 0.5,             # share of near-surface query points
+    "input": {},                      # overrides of the model's input section (num_points, noise)
+    "num_points_range": None,         # [lo, hi]: each batch uses a random number of input points
+    "augmentation": {"rotation": "none", "up_axis": 2, "scale_range": [1.0, 1.0], "background": "white"},
+    "optimizer": {"name": "adam", "lr": 1e-4, "weight_decay": 0.0},
+    "schedule": {"epochs": 100, "max_steps": None, "warmup_steps": 0, "decay": "constant",
+                 "min_lr_factor": 0.05, "step_epochs": 50, "gamma": 0.5},
+    "clip_grad_norm": None,
+    "max_minutes": None,              # stop cleanly (after checkpointing) after this many minutes
+    "checkpoint_minutes": 10.0,       # periodic state checkpoint
+    "val_every_epochs": 1,
+    "val_points": 10000,              # uniform points per validation shape
+    "val_max_shapes": None,
+    "num_workers": 1,
+    "preload": True,                  # read the whole split into memory before workers fork
+    "amp": "auto",                    # CUDA mixed precision: "auto" (bf16 if supported, else fp16) | "bf16" | "fp16" | "off"
+    "device": "auto",
+    "tensorboard": True,
+    "progress": True,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------
+
+def merge(defaults: dict, given: dict) -> dict:
+    """Recursive dict merge: given wins; nested dicts merge key by key."""
+    out = copy.deepcopy(defaults)
+    for key, value in given.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_config(path, overrides: dict | None = None) -> dict:
+    """Training configuration from a JSON file, with defaults filled in and the model resolved."""
+    path = Path(path)
+    given = json.loads(path.read_text())
+    cfg = merge(DEFAULTS, given)
+    cfg = merge(cfg, overrides or {})
+    cfg["name"] = cfg["name"] or path.stem
+    cfg["out_dir"] = cfg["out_dir"] or str(Path("runs") / cfg["name"])
+    cfg["model"] = resolve_model_config(cfg["model"], cfg["input"])
+    return cfg
+
+
+def resolve_model_config(model, input_overrides: dict) -> dict:
+    """Preset name or dict -> model configuration with the training input settings written into
+    its input section (so the checkpoint records how the model was trained)."""
+    model_cfg = preset(model) if isinstance(model, str) else copy.deepcopy(model)
+    model_cfg["input"] = {**model_cfg["input"], **input_overrides}
+    return model_cfg
+
+
+def sampling_config(cfg: dict, validation: bool = False) -> SamplingConfig:
+    model_in = cfg["model"]["input"]
+    aug = cfg["augmentation"]
+    s = SamplingConfig(
+        input_kind=model_in["kind"],
+        num_points=int(model_in.get("num_points", 3000)),
+        noise=float(model_in.get("noise", 0.0)),
+        query_points=int(cfg["query_points"]),
+        near_fraction=float(cfg["near_fraction"]),
+        rotation=aug.get("rotation", "none"),
+        up_axis=int(aug.get("up_axis", 2)),
+        scale_range=tuple(aug.get("scale_range", (1.0, 1.0))),
+        image_size=int(model_in.get("image_size", 128)),
+        background=aug.get("background", "white"),
+        padding=float(cfg["model"].get("padding", 0.1)),
+    )
+    if cfg["num_points_range"] and s.input_kind == "points":
+        s.num_points = max(s.num_points, int(cfg["num_points_range"][1]))
+    if validation:
+        s.query_points, s.near_fraction = int(cfg["val_points"]), 0.0
+        s.rotation, s.scale_range, s.background, s.view = "none", (1.0, 1.0), "white", 0
+        s.num_points = int(model_in.get("num_points", 3000))
+    return s
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure training helpers
+# ----------------------------------------------------------------------------------------------
+
+def learning_rate(step: int, total_steps: int, base_lr: float, schedule: dict, steps_per_epoch: int) -> float:
+    """Learning rate at optimisation step `step` (0-based): linear warm-up, then constant, cosine
+    decay to base_lr * min_lr_factor at total_steps, or step decay by gamma every step_epochs."""
+    warmup = int(schedule.get("warmup_steps") or 0)
+    if warmup and step < warmup:
+        return base_lr * (step + 1) / warmup
+    decay = schedule.get("decay", "constant")
+    if decay == "constant":
+        return base_lr
+    if decay == "cosine":
+        floor = float(schedule.get("min_lr_factor", 0.05))
+        t = min(max(step - warmup, 0) / max(total_steps - warmup, 1), 1.0)
+        return base_lr * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t)))
+    if decay == "step":
+        epoch = step // max(steps_per_epoch, 1)
+        return base_lr * float(schedule.get("gamma", 0.5)) ** (epoch // int(schedule.get("step_epochs", 50)))
+    raise ValueError(f"unknown learning-rate decay {decay!r}; use 'constant', 'cosine' or 'step'")
+
+
+def occupancy_loss(logits: torch.Tensor, occupancies: torch.Tensor) -> torch.Tensor:
+    """BCE with logits: logits, occupancies (B, M) -> scalar, summed over points, mean over shapes."""
+    return F.binary_cross_entropy_with_logits(logits.float(), occupancies, reduction="none").sum(-1).mean()
+
+
+def batch_num_points(step: int, seed: int, num_points_range, default: int) -> int:
+    """Input points used by the batch at `step`: uniform in num_points_range (inclusive), or default."""
+    if not num_points_range:
+        return default
+    lo, hi = int(num_points_range[0]), int(num_points_range[1])
+    return int(np.random.default_rng([seed, 7, step]).integers(lo, hi + 1))
+
+
+def make_optimizer(params, spec: dict) -> torch.optim.Optimizer:
+    name = spec.get("name", "adam").lower()
+    lr, wd = float(spec.get("lr", 1e-4)), float(spec.get("weight_decay", 0.0))
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=float(spec.get("momentum", 0.9)))
+    raise ValueError(f"unknown optimizer {name!r}; use 'adam', 'adamw' or 'sgd'")
+
+
+def pick_device(name: str, info: DistInfo) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", info.local_rank)
+    return torch.device(name)
+
+
+def amp_dtype(mode: str, device: torch.device):
+    """Autocast dtype on CUDA, or None (CPU always runs float32)."""
+    if device.type != "cuda" or mode == "off":
+        return None
+    if mode == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+
+
+def hardware_description(device: torch.device, world_size: int) -> str:
+    if device.type == "cuda":
+        what = torch.cuda.get_device_name(device)
+    else:
+        what = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return f"{world_size} x {what}" if world_size > 1 else what
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+
+class Trainer:
+    def __init__(self, cfg: dict, resume: bool, command: str):
+        self.cfg, self.command = cfg, command
+        self.dist = init_distributed("cuda" if cfg["device"] in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+        self.device = pick_device(cfg["device"], self.dist)
+        self.out = Path(cfg["out_dir"])
+        self.state_path = self.out / "state.safetensors"
+        self.seed = int(cfg["seed"])
+
+        torch.manual_seed(self.seed)  # identical initial weights on every rank
+        self.module = build_model(cfg["model"]).to(self.device)
+        self.optimizer = make_optimizer(self.module.parameters(), cfg["optimizer"])
+        self.amp = amp_dtype(cfg["amp"], self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
+
+        data_dir = Path(cfg["data_dir"])
+        kind = cfg["model"]["input"]["kind"]
+        flags = dict(surface=kind == "points", normals=False, images=kind == "image")
+        train_ids = read_split(data_dir, "train")
+        val_ids = read_split(data_dir, "val")
+        if cfg["val_max_shapes"]:
+            val_ids = val_ids[: int(cfg["val_max_shapes"])]
+        if not train_ids:
+            raise SystemExit(f"no training shapes in {data_dir}/split/train.txt")
+        self.train_store = ShapeStore(data_dir, train_ids, **flags)
+        self.val_store = ShapeStore(data_dir, val_ids, **flags)
+        if cfg["preload"]:
+            self.train_store.preload()
+            self.val_store.preload()
+        self.train_set = OccupancyDataset(self.train_store, sampling_config(cfg), seed=self.seed)
+        self.val_set = OccupancyDataset(self.val_store, sampling_config(cfg, validation=True), seed=self.seed + 1,
+                                        deterministic=True)
+        self.sampler = ResumableBatchSampler(len(self.train_set), int(cfg["batch_size"]), self.seed, self.dist)
+        self.steps_per_epoch = self.sampler.batches_per_epoch()
+        sched = cfg["schedule"]
+        self.epochs = int(sched["epochs"])
+        self.total_steps = int(sched["max_steps"]) if sched.get("max_steps") else self.epochs * self.steps_per_epoch
+
+        self.progress = {"epoch": 0, "batch": 0, "step": 0, "best_val_iou": None, "best_epoch": None,
+                         "elapsed_s": 0.0, "last_val_iou": None}
+        if resume:
+            if self.state_path.is_file():
+                self.progress, scaler_state = load_train_state(self.state_path, self.module, self.optimizer)
+                if self.scaler is not None and scaler_state:
+                    self.scaler.load_state_dict(scaler_state)
+                self.log(f"resumed from {self.state_path}: epoch {self.progress['epoch']}, "
+                         f"batch {self.progress['batch']}, step {self.progress['step']}")
+            else:
+                self.log(f"--resume: no {self.state_path} yet, starting fresh")
+
+        self.model = self.module
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = torch.nn.parallel.DistributedDataParallel(self.module, device_ids=ids)
+        self.writer = None
+        if self.dist.is_main and cfg["tensorboard"]:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(self.out / "tb"), purge_step=self.progress["step"] or None)
+            except ImportError:
+                self.writer = None
+
+    # -- small utilities -----------------------------------------------------------------------
+    def log(self, message: str) -> None:
+        if self.dist.is_main:
+            print(message, flush=True)
+
+    def loader(self, dataset, batch_sampler):
+        workers = int(self.cfg["num_workers"])
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers,
+                                           pin_memory=self.device.type == "cuda",
+                                           persistent_workers=False, prefetch_factor=4 if workers else None)
+
+    def metadata(self, val_iou) -> dict:
+        return {"training": {
+            "command": self.command,
+            "config_name": self.cfg["name"],
+            "config": self.cfg,
+            "data_dir": str(Path(self.cfg["data_dir"]).resolve()),
+            "train_shapes": len(self.train_store),
+            "val_shapes": len(self.val_store),
+            "epoch": self.progress["epoch"],
+            "step": self.progress["step"],
+            "seconds": round(self.progress["elapsed_s"], 1),
+            "hardware": hardware_description(self.device, self.dist.world_size),
+            "torch": torch.__version__,
+            "git_commit": git_commit(),
+            "val_iou": val_iou,
+            "best_val_iou": self.progress["best_val_iou"],
+            "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }}
+
+    def save_state(self) -> None:
+        if self.dist.is_main:
+            save_train_state(self.state_path, self.module, self.optimizer, self.progress,
+                             self.scaler.state_dict() if self.scaler is not None else None)
+
+    def save_model(self, name: str, val_iou) -> None:
+        if self.dist.is_main:
+            save_checkpoint(self.out / name, self.module, self.cfg["model"], self.metadata(val_iou))
+
+    def append_csv(self, row: dict) -> None:
+        if not self.dist.is_main:
+            return
+        path = self.out / "log.csv"
+        new = not path.is_file()
+        with open(path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    # -- validation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """Mean occupancy IoU over the val split (uniform points, logits > 0), over all ranks."""
+        if len(self.val_set) == 0:
+            return None
+        self.module.eval()
+        mine = list(range(self.dist.rank, len(self.val_set), self.dist.world_size))
+        batch = max(1, int(self.cfg["batch_size"]) // self.dist.world_size)
+        batches = [mine[i:i + batch] for i in range(0, len(mine), batch)]
+        total, count = 0.0, 0
+        for item in self.loader(self.val_set, batches):
+            inputs = item["inputs"].to(self.device)
+            points = item["points"].to(self.device)
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                c = self.module.encode(inputs)
+                logits = torch.cat([self.module.decode(chunk, c) for chunk in points.split(100000, dim=1)], dim=1)
+            for pred, gt in zip((logits > 0).cpu().numpy(), (item["occ"] > 0.5).numpy()):
+                total += occupancy_iou(pred, gt)
+                count += 1
+        self.module.train()
+        total, count = all_reduce_sum([total, count], self.dist, self.device)
+        return total / max(count, 1)
+
+    # -- training ---------------------------------------------------------------------------------
+    def train_step(self, item: dict, step: int) -> float:
+        inputs = item["inputs"].to(self.device, non_blocking=True)
+        if self.cfg["model"]["input"]["kind"] == "points":
+            n = batch_num_points(step, self.seed, self.cfg["num_points_range"], inputs.shape[1])
+            inputs = inputs[:, :n]
+        points = item["points"].to(self.device, non_blocking=True)
+        occ = item["occ"].to(self.device, non_blocking=True)
+        lr = learning_rate(step, self.total_steps, float(self.cfg["optimizer"].get("lr", 1e-4)),
+                           self.cfg["schedule"], self.steps_per_epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            logits = self.model(points, inputs)
+        loss = occupancy_loss(logits, occ)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if self.cfg["clip_grad_norm"]:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), float(self.cfg["clip_grad_norm"]))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        return float(loss.detach())
+
+    def run(self) -> dict:
+        cfg, p = self.cfg, self.progress
+        session_start = time.monotonic()
+        elapsed_before = float(p["elapsed_s"])
+        last_checkpoint = session_start
+        max_seconds = float(cfg["max_minutes"]) * 60 if cfg["max_minutes"] else None
+        checkpoint_seconds = float(cfg["checkpoint_minutes"]) * 60 if cfg["checkpoint_minutes"] else None
+        self.log(f"training {cfg['name']}: {len(self.train_store)} train / {len(self.val_store)} val shapes, "
+                 f"{self.steps_per_epoch} steps/epoch, batch {cfg['batch_size']}, device {self.device}, "
+                 f"{sum(t.numel() for t in self.module.parameters()) / 1e6:.2f}M params, out {self.out}")
+        stop_reason = None
+        self.module.train()
+        while p["epoch"] < self.epochs and stop_reason is None:
+            epoch = p["epoch"]
+            self.sampler.set_epoch(epoch, p["batch"])
+            self.train_set.set_epoch(epoch)
+            losses, epoch_start, steps_here = [], time.monotonic(), 0
+            bar = None
+            if self.dist.is_main and cfg["progress"]:
+                from tqdm import tqdm
+                bar = tqdm(total=self.steps_per_epoch, initial=p["batch"], desc=f"epoch {epoch}",
+                           unit="it", dynamic_ncols=True, leave=False)
+            for item in self.loader(self.train_set, self.sampler):
+                if p["step"] >= self.total_steps:
+                    break
+                loss = self.train_step(item, p["step"])
+                p["step"] += 1
+                p["batch"] += 1
+                steps_here += 1
+                losses.append(loss)
+                now = time.monotonic()
+                p["elapsed_s"] = elapsed_before + (now - session_start)
+                if bar is not None:
+                    bar.update(1)
+                    rate = steps_here / max(now - epoch_start, 1e-9)
+                    bar.set_postfix(loss=f"{np.mean(losses[-20:]):.2f}",
+                                    shapes_s=f"{rate * int(cfg['batch_size']):.1f}")
+                if self.writer is not None and p["step"] % 10 == 0:
+                    self.writer.add_scalar("train/loss", loss, p["step"])
+                out_of_time = max_seconds is not None and now - session_start >= max_seconds
+                periodic = checkpoint_seconds is not None and now - last_checkpoint >= checkpoint_seconds
+                # Rank 0's clock decides for all ranks, so every rank stops at the same step.
+                out_of_time = broadcast_flag(out_of_time, self.dist, self.device)
+                if out_of_time or broadcast_flag(periodic, self.dist, self.device):
+                    self.save_state()
+                    last_checkpoint = time.monotonic()
+                if out_of_time:
+                    stop_reason = f"time budget of {cfg['max_minutes']} min reached"
+                    break
+            if bar is not None:
+                bar.close()
+            if stop_reason is not None:
+                break
+            epoch_seconds = time.monotonic() - epoch_start
+            val_iou = None
+            if (epoch + 1) % int(cfg["val_every_epochs"]) == 0 or epoch + 1 == self.epochs or p["step"] >= self.total_steps:
+                val_iou = self.validate()
+            p["epoch"], p["batch"] = epoch + 1, 0
+            p["last_val_iou"] = val_iou
+            p["elapsed_s"] = elapsed_before + (time.monotonic() - session_start)
+            improved = val_iou is not None and (p["best_val_iou"] is None or val_iou > p["best_val_iou"])
+            if improved:
+                p["best_val_iou"], p["best_epoch"] = val_iou, epoch
+                self.save_model("model_best.safetensors", val_iou)
+            self.save_model("model_last.safetensors", val_iou)
+            self.save_state()
+            last_checkpoint = time.monotonic()
+            lr = self.optimizer.param_groups[0]["lr"]
+            row = {"epoch": epoch, "step": p["step"], "train_loss": round(float(np.mean(losses)), 5) if losses else "",
+                   "val_iou": round(val_iou, 5) if val_iou is not None else "", "lr": lr,
+                   "epoch_seconds": round(epoch_seconds, 2),
+                   "sec_per_step": round(epoch_seconds / steps_here, 4) if steps_here else "",
+                   "elapsed_s": round(p["elapsed_s"], 1)}
+            self.append_csv(row)
+            if self.writer is not None and val_iou is not None:
+                self.writer.add_scalar("val/iou", val_iou, p["step"])
+                self.writer.add_scalar("train/lr", lr, p["step"])
+                self.writer.flush()
+            self.log(f"epoch {epoch}: loss {row['train_loss']}, val IoU {row['val_iou']}, "
+                     f"{row['sec_per_step']} s/step" + (" (best)" if improved else ""))
+            if p["step"] >= self.total_steps and p["epoch"] < self.epochs:
+                stop_reason = f"max_steps {self.total_steps} reached"
+        if stop_reason is None:
+            stop_reason = f"{self.epochs} epochs done"
+        if "time budget" in stop_reason:
+            self.save_model("model_last.safetensors", p["last_val_iou"])
+            self.log(f"stopped: {stop_reason}; state saved to {self.state_path}, continue with --resume")
+        else:
+            self.log(f"finished: {stop_reason}; best val IoU {p['best_val_iou']} (epoch {p['best_epoch']})")
+        if self.writer is not None:
+            self.writer.close()
+        return {"stop_reason": stop_reason, **p}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n")[0])
+    parser.add_argument("config", help="training configuration JSON (training/configs/*.json)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/state.safetensors")
+    parser.add_argument("--max-minutes", type=float, help="stop cleanly after this many minutes (overrides config)")
+    parser.add_argument("--data-dir", help="prepared data folder (overrides config)")
+    parser.add_argument("--out-dir", help="output folder (overrides config)")
+    parser.add_argument("--device", help="cpu, cuda or auto (overrides config)")
+    parser.add_argument("--epochs", type=int, help="overrides schedule.epochs")
+    parser.add_argument("--max-steps", type=int, help="overrides schedule.max_steps")
+    parser.add_argument("--num-workers", type=int, help="overrides num_workers")
+    return parser.parse_args(argv)
+
+
+def overrides_from_args(args) -> dict:
+    out: dict = {}
+    if args.max_minutes is not None:
+        out["max_minutes"] = args.max_minutes
+    if args.data_dir:
+        out["data_dir"] = args.data_dir
+    if args.out_dir:
+        out["out_dir"] = args.out_dir
+    if args.device:
+        out["device"] = args.device
+    if args.num_workers is not None:
+        out["num_workers"] = args.num_workers
+    if args.epochs is not None:
+        out.setdefault("schedule", {})["epochs"] = args.epochs
+    if args.max_steps is not None:
+        out.setdefault("schedule", {})["max_steps"] = args.max_steps
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, overrides_from_args(args))
+    command = "python -m training.train " + " ".join(sys.argv[1:] if argv is None else argv)
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        command = f"torchrun (world size {os.environ['WORLD_SIZE']}) -m training.train " + command.split(" ", 3)[-1]
+    trainer = Trainer(cfg, resume=args.resume, command=command)
+    try:
+        trainer.run()
+    finally:
+        shutdown_distributed(trainer.dist)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
