@@ -1,0 +1,86 @@
+"""Command line: `python -m backend reconstruct ...` and `python -m backend serve`."""
+
+import argparse
+import sys
+import time
+
+from .errors import Cancelled, OccnetError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m backend", description="Occupancy-network reconstruction.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    rec = sub.add_parser("reconstruct", help="image or point cloud -> mesh file")
+    rec.add_argument("input", help="point cloud (.ply .obj .off .xyz .txt .pts .npy .npz) or image (.png .jpg ...)")
+    rec.add_argument("-o", "--output", required=True, help="mesh file: .obj .ply .glb .stl .off")
+    rec.add_argument("--checkpoint", help="model checkpoint (.safetensors); default: the shipped model for the input")
+    rec.add_argument("--resolution", type=int, default=128, choices=(32, 64, 128, 256, 512))
+    rec.add_argument("--threshold", type=float, default=0.5, help="occupancy probability of the surface (0..1)")
+    rec.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    rec.add_argument("--faces", type=int, default=None, help="decimate to at most this many faces")
+    rec.add_argument("--normals", action="store_true", help="write vertex normals from the network's gradient")
+    rec.add_argument("--quiet", action="store_true", help="no progress bar")
+    serve = sub.add_parser("serve", help="answer requests over stdin/stdout (used by the Blender add-on)")
+    serve.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def reconstruct_command(args) -> int:
+    from tqdm import tqdm
+
+    from .inputs import input_kind, load_image, load_points
+    from .mesh_io import check_output_path, save_mesh
+    from .pipeline import Reconstructor, ReconstructOptions
+
+    start = time.perf_counter()
+    check_output_path(args.output)
+    kind = input_kind(args.input)
+    data = load_points(args.input) if kind == "points" else load_image(args.input)
+    options = ReconstructOptions(checkpoint=args.checkpoint, resolution=args.resolution, threshold=args.threshold,
+                                 max_faces=args.faces, normals=args.normals)
+    options.validate()
+    reconstructor = Reconstructor(args.device)
+    bar = tqdm(total=100, unit="%", file=sys.stderr, disable=args.quiet, leave=False,
+               bar_format="{desc:<16}{percentage:3.0f}%|{bar}| {elapsed}")
+
+    def progress(stage: str, fraction: float) -> None:
+        percent = round(100 * fraction)
+        if stage != bar.desc or percent != bar.n:
+            bar.set_description_str(stage, refresh=False)
+            bar.n = percent
+            bar.refresh()
+
+    try:
+        run = reconstructor.reconstruct_points if kind == "points" else reconstructor.reconstruct_image
+        result = run(data, options, progress=progress)
+    finally:
+        bar.close()
+    save_mesh(args.output, result.vertices, result.faces, result.normals, result.colors)
+    stats = result.stats
+    print(f"{args.output}: {stats['faces']} faces, {stats['vertices']} vertices, "
+          f"{stats['evaluations']} network evaluations, {time.perf_counter() - start:.2f} s "
+          f"(extract {stats['seconds'].get('extract', 0):.2f} s) on {stats['device']}")
+    return EXIT_OK
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        from . import server
+        return server.main(args.rest)
+    try:
+        return reconstruct_command(args)
+    except OccnetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except Cancelled:
+        print("error: cancelled", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except MemoryError:
+        print("error: out of memory; try a lower --resolution", file=sys.stderr)
+        return EXIT_FAILED
