@@ -1,0 +1,113 @@
+"""Turn a backend result (numpy arrays) into a Blender mesh object, fast: ``foreach_set`` of
+positions, corner vertices and face starts, one ``mesh.update()``; no Python loops over elements."""
+
+import bpy
+import numpy as np
+
+
+class MeshDataError(ValueError):
+    pass
+
+
+def check_arrays(vertices, faces, normals=None, colors=None):
+    """Validate shapes, dtypes and index ranges; returns contiguous float32/int32 arrays."""
+    v = np.asarray(vertices)
+    f = np.asarray(faces)
+    if v.ndim != 2 or v.shape[1] != 3:
+        raise MeshDataError(f"vertices must have shape (V, 3), got {v.shape}")
+    if f.ndim != 2 or f.shape[1] != 3:
+        raise MeshDataError(f"faces must have shape (F, 3) triangles, got {f.shape}")
+    if len(v) == 0 or len(f) == 0:
+        raise MeshDataError("the reconstruction is empty (no surface at this threshold); "
+                            "try another threshold or check the input")
+    if f.dtype.kind not in "iu":
+        raise MeshDataError(f"face indices must be integers, got {f.dtype}")
+    v = np.ascontiguousarray(v, dtype=np.float32)
+    if not np.isfinite(v).all():
+        raise MeshDataError("the mesh has NaN or infinite vertex coordinates")
+    lo, hi = int(f.min()), int(f.max())
+    if lo < 0 or hi >= len(v):
+        raise MeshDataError(f"face indices range over [{lo}, {hi}] but there are {len(v)} vertices")
+    f = np.ascontiguousarray(f, dtype=np.int32)
+    if normals is not None:
+        normals = np.asarray(normals)
+        if normals.shape != v.shape:
+            raise MeshDataError(f"normals have shape {normals.shape}, vertices {v.shape}")
+        normals = np.ascontiguousarray(normals, dtype=np.float32)
+    if colors is not None:
+        colors = np.asarray(colors, dtype=np.float32)
+        if colors.ndim != 2 or colors.shape[0] != len(v) or colors.shape[1] not in (3, 4):
+            raise MeshDataError(f"colors must have shape (V, 3|4), got {colors.shape}")
+        if colors.shape[1] == 3:
+            colors = np.concatenate([colors, np.ones((len(colors), 1), np.float32)], axis=1)
+        colors = np.ascontiguousarray(np.clip(colors, 0.0, 1.0))
+    return v, f, normals, colors
+
+
+def build_mesh(name, vertices, faces, normals=None, colors=None, use_custom_normals=False):
+    """A new smooth-shaded triangle mesh datablock. On any failure nothing is left behind."""
+    v, f, normals, colors = check_arrays(vertices, faces, normals, colors)
+    me = bpy.data.meshes.new(name)
+    try:
+        me.vertices.add(len(v))
+        me.vertices.foreach_set("co", v.ravel())
+        me.loops.add(f.size)
+        me.loops.foreach_set("vertex_index", f.ravel())
+        me.polygons.add(len(f))
+        me.polygons.foreach_set("loop_start", np.arange(0, f.size, 3, dtype=np.int32))
+        me.update(calc_edges=True)
+        # smooth shading: no "sharp_face" attribute means every face is smooth
+        sharp = me.attributes.get("sharp_face")
+        if sharp is not None:
+            me.attributes.remove(sharp)
+        if colors is not None:
+            attr = me.color_attributes.new("Color", "FLOAT_COLOR", "POINT")
+            attr.data.foreach_set("color", colors.ravel())
+            me.color_attributes.active_color = attr
+            me.color_attributes.render_color_index = me.color_attributes.active_color_index
+        if normals is not None and use_custom_normals:
+            me.normals_split_custom_set_from_vertices(normals)
+    except BaseException:
+        bpy.data.meshes.remove(me)
+        raise
+    return me
+
+
+def add_object(context, name, mesh, location=(0.0, 0.0, 0.0), collection=None):
+    """Link a new object for ``mesh`` into the active collection, make it the only selected object
+    and the active one."""
+    obj = bpy.data.objects.new(name, mesh)
+    try:
+        obj.location = location
+        if collection is None:
+            collection = context.view_layer.active_layer_collection.collection
+        collection.objects.link(obj)
+        for o in context.view_layer.objects:
+            if o.select_get():
+                o.select_set(False)
+        obj.select_set(True)
+        context.view_layer.objects.active = obj
+    except BaseException:
+        bpy.data.objects.remove(obj)
+        raise
+    return obj
+
+
+def object_from_result(context, name, result, origin=None, location=None):
+    """Build the object for a backend result. ``origin``: subtract it from the vertices and put the
+    object there (point clouds: the result lands where the points were). ``location``: place the
+    object there with vertices unchanged (images: the 3D cursor)."""
+    verts = np.asarray(result["vertices"], dtype=np.float32)
+    loc = (0.0, 0.0, 0.0)
+    if origin is not None:
+        origin = np.asarray(origin, dtype=np.float32)
+        verts = verts - origin
+        loc = tuple(float(x) for x in origin)
+    elif location is not None:
+        loc = tuple(float(x) for x in location)
+    mesh = build_mesh(name, verts, result["faces"], result.get("normals"), result.get("colors"))
+    try:
+        return add_object(context, name, mesh, loc)
+    except BaseException:
+        bpy.data.meshes.remove(mesh)
+        raise

@@ -1,0 +1,80 @@
+"""Shared pytest fixtures."""
+# --- blender-occnet add-on / server fixtures (owner: add-on) ---------------------------------
+import os as _os
+import subprocess as _subprocess
+import sys as _sys
+from pathlib import Path as _Path
+
+import pytest as _pytest
+
+REPO_ROOT = _Path(__file__).resolve().parents[1]
+
+
+def make_octahedron_checkpoint(path, kind="points", radius=0.4):
+    """Save a tiny checkpoint (the registry's tiny preset) whose decision boundary is known:
+    logit(p) = radius - (|x| + |y| + |z|) in canonical coordinates, whatever the input. The
+    reconstruction is then a watertight octahedron centred in the input's canonical box."""
+    import torch
+
+    from backend.checkpoint import save_checkpoint
+    from backend.models import build_model, preset
+
+    config = preset("tiny_points" if kind == "points" else "tiny_image")
+    model = build_model(config)
+    dec = model.decoder
+    with torch.no_grad():
+        for p in dec.parameters():
+            p.zero_()
+        for m in dec.modules():  # conditional batch norms: gamma = 1, beta = 0
+            if hasattr(m, "conv_gamma"):
+                m.conv_gamma.bias.fill_(1.0)
+        w = dec.fc_p.weight  # Linear (H, 3) or Conv1d (H, 3, 1)
+        hidden = w.shape[0]
+        assert hidden >= 6, "the tiny preset needs at least 6 hidden units for the octahedron"
+        w6 = torch.zeros(hidden, 3)
+        for axis in range(3):
+            w6[2 * axis, axis] = 1.0
+            w6[2 * axis + 1, axis] = -1.0
+        w.copy_(w6.reshape(w.shape))
+        out = torch.zeros(hidden)
+        out[:6] = -1.0
+        # batch norm in eval mode divides by sqrt(1 + eps); scale so |x|+|y|+|z| stays exact
+        eps = getattr(getattr(dec, "bn", None), "bn", None)
+        scale = (1.0 + eps.eps) ** 0.5 if eps is not None else 1.0
+        dec.fc_out.weight.copy_((out * scale).reshape(dec.fc_out.weight.shape))
+        dec.fc_out.bias.fill_(radius)
+    model.eval()
+    save_checkpoint(path, model, config, metadata={"purpose": "test octahedron", "radius": radius})
+    return _Path(path)
+
+
+@_pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """{"points": path, "image": path}: tiny octahedron checkpoints (see make_octahedron_checkpoint)."""
+    d = tmp_path_factory.mktemp("tiny_ckpt")
+    return {kind: make_octahedron_checkpoint(d / f"octa_{kind}.safetensors", kind)
+            for kind in ("points", "image")}
+
+
+def backend_env():
+    """Environment for a child `python -m backend serve` run from the source tree."""
+    env = dict(_os.environ)
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    env.setdefault("TQDM_DISABLE", "1")
+    return env
+
+
+def pid_alive(pid):
+    """True while a process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            _os.kill(pid, 0)
+            return True
+        except OSError:
+            return False
+# --- end of add-on fixtures ----------------------------------------------------------------
