@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from backend.preprocess import composite_on_background, square_crop_box
+
 # Half the edge of the padded query box, [-0.55, 0.55]^3 for the contract's padding 0.1.
 DEFAULT_PADDING = 0.1
 
@@ -175,20 +177,27 @@ def sample_near_queries(points: np.ndarray, occupancies: np.ndarray, count: int,
     return pts, occupancies[idx].astype(np.float32)
 
 
-def composite_on_background(rgba: np.ndarray, background: np.ndarray) -> np.ndarray:
-    """RGBA image (H, W, 4) uint8 over a flat background colour (3,) in [0, 1] -> (H, W, 3) float32."""
-    rgb = rgba[..., :3].astype(np.float32) / 255.0
-    alpha = rgba[..., 3:4].astype(np.float32) / 255.0
-    return rgb * alpha + background.astype(np.float32) * (1.0 - alpha)
-
-
-def decode_view(png: bytes, size: int) -> np.ndarray:
-    """PNG bytes -> RGBA (size, size, 4) uint8, resized (antialiased) when needed."""
+def decode_view(png: bytes) -> np.ndarray:
+    """PNG bytes -> RGBA (H, W, 4) float32 in [0, 1]."""
     with Image.open(io.BytesIO(png)) as im:
-        im = im.convert("RGBA")
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.BILINEAR, reducing_gap=None)
-        return np.asarray(im, dtype=np.uint8)
+        return np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0
+
+
+def image_input(rgba: np.ndarray, size: int, background: np.ndarray) -> np.ndarray:
+    """RGBA (H, W, 4) float in [0, 1] -> model input (3, size, size) float32.
+
+    Exactly backend.preprocess.image_to_model_input (object cropped to a square by its mask,
+    composited, LANCZOS-resized) except that the background colour (3,) in [0, 1] is a choice,
+    so training sees inputs prepared the way inference prepares them."""
+    background = np.asarray(background, dtype=np.float32)
+    rgb = composite_on_background(rgba, background)
+    left, top, right, bottom = square_crop_box(rgba[..., 3])
+    img = Image.fromarray((rgb * 255.0 + 0.5).astype(np.uint8))
+    fill = tuple(int(v) for v in (background * 255.0 + 0.5).astype(np.uint8))
+    canvas = Image.new("RGB", (right - left, bottom - top), fill)
+    canvas.paste(img, (-left, -top))
+    canvas = canvas.resize((size, size), Image.Resampling.LANCZOS)
+    return np.asarray(canvas, np.float32).transpose(2, 0, 1) / 255.0
 
 
 def pick_background(mode: str, rng: np.random.Generator) -> np.ndarray:
@@ -283,6 +292,10 @@ class ShapeStore:
             self._cache[shape_id] = load_shape(self.data_dir / shape_id, **self.flags)
         return self._cache[shape_id]
 
+    def forget(self, index: int) -> None:
+        """Drop one shape from the cache."""
+        self._cache.pop(self.shape_ids[index], None)
+
     def preload(self) -> None:
         for i in range(len(self)):
             self.get(i)
@@ -350,9 +363,8 @@ class OccupancyDataset(torch.utils.data.Dataset):
             inputs_t = torch.from_numpy(inputs)
         else:
             view = s.view if s.view is not None else int(rng.integers(0, len(shape.views)))
-            rgba = decode_view(shape.views[view % len(shape.views)], s.image_size)
-            rgb = composite_on_background(rgba, pick_background(s.background, rng))
-            inputs_t = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
+            rgba = decode_view(shape.views[view % len(shape.views)])
+            inputs_t = torch.from_numpy(image_input(rgba, s.image_size, pick_background(s.background, rng)))
         n_near = int(round(s.query_points * s.near_fraction))
         n_uniform = s.query_points - n_near
         parts_p, parts_o = [], []
