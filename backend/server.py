@@ -406,6 +406,11 @@ def build_parser():
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `python -m backend serve -- --device cpu`: backend.cli passes everything after "serve"
+    # (argparse's REMAINDER does not take leading options, so callers put "--" first)
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
     args = build_parser().parse_args(argv)
     frames_out = redirect_stdout_to_stderr()
     logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,

@@ -204,7 +204,8 @@ class BackendClient:
         if self.alive:
             return
         self._cleanup_dead()
-        cmd = [self.python, "-m", "backend", "serve"] + self.args
+        # "--" keeps backend.cli's argument parser from reading the server's options
+        cmd = [self.python, "-m", "backend", "serve"] + (["--"] + self.args if self.args else [])
         kwargs = {}
         if sys.platform == "win32":  # pragma: no cover
             kwargs["creationflags"] = subprocess.CREATE_NO_WINDOW

@@ -1,0 +1,280 @@
+"""The backend pipe server (`python -m backend serve`) as a real child process, spoken to in raw
+frames: requests, progress, results, cancel, malformed frames, shutdown and stdin EOF."""
+
+import os
+import queue
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from blender_occnet import wire
+from conftest import REPO_ROOT, backend_env, pid_alive
+
+
+class Conn:
+    """A backend child process and a reader thread that queues its frames."""
+
+    def __init__(self, *args):
+        self.proc = subprocess.Popen([sys.executable, "-m", "backend", "serve",
+                                      *(["--", *args] if args else [])],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env=backend_env(), cwd=REPO_ROOT)
+        self.frames = queue.Queue()
+        self.stderr = []
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=lambda: self.stderr.extend(self.proc.stderr), daemon=True).start()
+        self.next_id = 100
+
+    def _read(self):
+        reader = wire.FrameReader(self.proc.stdout)
+        while True:
+            try:
+                f = reader.read()
+            except Exception as exc:  # anything unreadable on stdout is a test failure
+                self.frames.put(("unreadable", exc))
+                continue
+            if f is None:
+                self.frames.put(("eof", None))
+                return
+            self.frames.put(("frame", f))
+
+    def send(self, header, arrays=None):
+        wire.write_frame(self.proc.stdin, header, arrays)
+
+    def send_raw(self, data):
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def request(self, mtype, **fields):
+        self.next_id += 1
+        self.send({"type": mtype, "id": self.next_id, **fields}, fields.pop("arrays", None))
+        return self.next_id
+
+    def next(self, timeout=60):
+        kind, payload = self.frames.get(timeout=timeout)
+        assert kind != "unreadable", f"backend wrote something that is not a frame: {payload}"
+        return payload
+
+    def expect(self, mtype, req_id=..., timeout=60, skip=("progress", "hello")):
+        deadline = time.monotonic() + timeout
+        while True:
+            f = self.next(timeout=max(0.01, deadline - time.monotonic()))
+            assert f is not None, f"backend closed stdout while waiting for {mtype}; stderr: {self.err()}"
+            header, arrays = f
+            if header["type"] in skip and header["type"] != mtype:
+                continue
+            assert header["type"] == mtype, f"expected {mtype}, got {header}"
+            if req_id is not ...:
+                assert header.get("id") == req_id, header
+            return header, arrays
+
+    def err(self):
+        return b"".join(self.stderr[-20:]).decode(errors="replace")
+
+    def close(self):
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError("backend did not exit after stdin closed")
+
+
+@pytest.fixture(scope="module")
+def conn():
+    c = Conn("--device", "cpu")
+    hello, _ = c.expect("hello", skip=())
+    assert hello["protocol"] == wire.PROTOCOL_VERSION and hello["pid"] == c.proc.pid
+    yield c
+    c.close()
+    assert c.proc.returncode == 0
+    assert not pid_alive(c.proc.pid)
+
+
+def reconstruct_points(c, points, **options):
+    rid = c.request("reconstruct", input="points", options=options,
+                    arrays={"points": np.asarray(points, np.float32)})
+    return rid
+
+
+def edges_watertight(faces):
+    """Every undirected edge of a closed 2-manifold triangle mesh is used by exactly 2 faces."""
+    e = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
+    e.sort(axis=1)
+    _, counts = np.unique(e, axis=0, return_counts=True)
+    return bool((counts == 2).all())
+
+
+def test_ping_and_info(conn, tiny_checkpoints):
+    rid = conn.request("ping")
+    h, _ = conn.expect("pong", rid)
+    assert h["protocol"] == 1 and h["backend_version"]
+    rid = conn.request("info")
+    h, _ = conn.expect("info", rid)
+    assert h["device"] == "cpu"
+    assert h["torch"].startswith("2.")
+    assert isinstance(h["loaded_models"], list)
+
+
+def test_reconstruct_points_progress_and_result(conn, tiny_checkpoints):
+    rng = np.random.default_rng(1)
+    pts = rng.uniform(-1, 1, (2000, 3)) * [3.0, 1.0, 2.0] + [5.0, -2.0, 1.0]
+    rid = reconstruct_points(conn, pts, checkpoint=str(tiny_checkpoints["points"]), resolution=64)
+    stages = []
+    while True:
+        h, arrays = conn.next()
+        if h["type"] == "progress":
+            assert h["id"] == rid and 0.0 <= h["fraction"] <= 1.0
+            stages.append(h["stage"])
+            continue
+        assert h["type"] == "result", h
+        break
+    assert "extract" in stages
+    v, f = arrays["vertices"], arrays["faces"]
+    assert v.dtype == np.float32 and f.dtype == np.int32 and v.shape[1] == 3 and f.shape[1] == 3
+    assert h["stats"]["faces"] == len(f) and h["stats"]["vertices"] == len(v)
+    assert edges_watertight(f)
+    # the octahedron |x|+|y|+|z| = 0.4 of the canonical box, mapped back: centred on the bbox
+    center = (pts.min(0) + pts.max(0)) / 2
+    scale = (pts.max(0) - pts.min(0)).max()
+    np.testing.assert_allclose((v.min(0) + v.max(0)) / 2, center, atol=0.02 * scale)
+    np.testing.assert_allclose(v.max(0) - v.min(0), [0.8 * scale] * 3, rtol=0.03)
+    # models stay loaded between requests
+    rid = conn.request("info")
+    h, _ = conn.expect("info", rid)
+    assert any(m["checkpoint"].endswith("octa_points.safetensors") for m in h["loaded_models"])
+
+
+def test_cancel_during_extraction_is_fast(conn, tiny_checkpoints):
+    pts = np.random.default_rng(2).normal(size=(500, 3))
+    rid = reconstruct_points(conn, pts, checkpoint=str(tiny_checkpoints["points"]), resolution=256)
+    while True:
+        h, _ = conn.next()
+        assert h["type"] == "progress", h
+        if h["stage"] == "extract":
+            break
+    t0 = time.monotonic()
+    conn.request("cancel", target=rid)
+    h, _ = conn.expect("error", rid)
+    elapsed = time.monotonic() - t0
+    assert h["code"] == "cancelled", h
+    assert elapsed < 0.5, f"cancel took {elapsed:.2f} s"
+    # the server carries on
+    rid = conn.request("ping")
+    conn.expect("pong", rid)
+
+
+def test_cancel_of_queued_request(conn, tiny_checkpoints):
+    ck = str(tiny_checkpoints["points"])
+    pts = np.random.default_rng(3).normal(size=(300, 3))
+    first = reconstruct_points(conn, pts, checkpoint=ck, resolution=32)
+    second = reconstruct_points(conn, pts, checkpoint=ck, resolution=32)
+    conn.request("cancel", target=second)
+    conn.expect("result", first)
+    h, _ = conn.expect("error", second)
+    assert h["code"] == "cancelled"
+
+
+@pytest.mark.parametrize("payload,code", [
+    (b"this is not a frame at all", "protocol_error"),
+    (struct.pack("<4sIQ", wire.MAGIC, 9, 0) + b"{not json", "protocol_error"),
+    (struct.pack("<4sIQ", wire.MAGIC, 12, 0) + b'{"type": 42}', "protocol_error"),
+    (wire.frame_bytes({"type": "reconstruct", "id": 7, "input": "points"},
+                      {"points": np.zeros((4, 2), np.float32)}), "bad_request"),
+    (wire.frame_bytes({"type": "reconstruct", "id": 8, "input": "voxels"}), "bad_request"),
+    (wire.frame_bytes({"type": "reconstruct", "id": 9, "input": "points",
+                       "options": {"resolution": "high"}},
+                      {"points": np.zeros((4, 3), np.float32)}), "bad_request"),
+    (wire.frame_bytes({"type": "reconstruct", "id": 10, "input": "points"},
+                      {"points": np.full((4, 3), np.nan, np.float32)}), "bad_request"),
+    (wire.frame_bytes({"type": "launch_missiles", "id": 11}), "bad_request"),
+    (wire.frame_bytes({"type": "ping"}), "bad_request"),
+])
+def test_malformed_frame_gets_error_reply_and_server_survives(conn, payload, code):
+    conn.send_raw(payload)
+    h, _ = conn.expect("error")
+    assert h["code"] == code, h
+    assert len(h["message"]) > 10
+    rid = conn.request("ping")
+    conn.expect("pong", rid)
+    assert conn.proc.poll() is None
+
+
+def test_bad_checkpoint_is_reported_and_next_request_works(conn, tiny_checkpoints, tmp_path):
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"definitely not safetensors")
+    pts = np.random.default_rng(4).normal(size=(300, 3))
+    rid = reconstruct_points(conn, pts, checkpoint=str(bad), resolution=32)
+    h, _ = conn.expect("error", rid)
+    assert h["code"] == "bad_checkpoint", h
+    assert "broken.safetensors" in h["message"]
+    rid = reconstruct_points(conn, pts, checkpoint=str(tmp_path / "missing.safetensors"), resolution=32)
+    h, _ = conn.expect("error", rid)
+    assert "missing.safetensors" in h["message"]
+    rid = reconstruct_points(conn, pts, checkpoint=str(tiny_checkpoints["points"]), resolution=32)
+    conn.expect("result", rid)
+
+
+def test_image_request(conn, tiny_checkpoints):
+    img = np.zeros((40, 30, 4), np.uint8)
+    img[5:35, 5:25] = 200  # an opaque blob on a transparent background
+    rid = conn.request("reconstruct", input="image",
+                       options={"checkpoint": str(tiny_checkpoints["image"]), "resolution": 32},
+                       arrays={"pixels": img})
+    h, arrays = conn.expect("result", rid)
+    v = arrays["vertices"]
+    assert edges_watertight(arrays["faces"])
+    assert np.abs(v).max() < 0.55  # canonical box, centred at the origin
+
+
+def test_shutdown_replies_bye_and_exits():
+    c = Conn("--no-warm-up")
+    c.expect("hello", skip=())
+    rid = c.request("shutdown")
+    c.expect("bye", rid)
+    assert c.proc.wait(timeout=10) == 0
+    assert c.next() is None  # stdout closed
+
+
+def test_stdin_eof_during_request_exits_quickly(tiny_checkpoints):
+    c = Conn()
+    c.expect("hello", skip=())
+    pts = np.random.default_rng(5).normal(size=(500, 3))
+    rid = reconstruct_points(c, pts, checkpoint=str(tiny_checkpoints["points"]), resolution=256)
+    while True:
+        h, _ = c.next()
+        if h["type"] == "progress" and h["id"] == rid and h["stage"] == "extract":
+            break
+    t0 = time.monotonic()
+    c.proc.stdin.close()
+    c.proc.wait(timeout=10)
+    assert time.monotonic() - t0 < 4.0
+    assert not pid_alive(c.proc.pid)
+
+
+def test_stdout_carries_frames_only():
+    """Prints and raw writes to fd 1 after the redirect land on stderr, not in the frame stream."""
+    code = (
+        "import os, sys\n"
+        "from backend.server import redirect_stdout_to_stderr\n"
+        "from blender_occnet import wire\n"
+        "out = redirect_stdout_to_stderr()\n"
+        "print('stray print')\n"
+        "os.write(1, b'raw fd write\\n')\n"
+        "wire.write_frame(out, {'type': 'pong', 'id': 1})\n"
+    )
+    cp = subprocess.run([sys.executable, "-c", code], env=backend_env(), cwd=REPO_ROOT,
+                        capture_output=True, timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stdout == wire.frame_bytes({"type": "pong", "id": 1})
+    assert b"stray print" in cp.stderr and b"raw fd write" in cp.stderr
