@@ -1,0 +1,177 @@
+"""MISE must give the dense grid's mesh at a fraction of the evaluations, and find what plain MISE
+loses (a plate thinner than a coarse cell)."""
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from backend.extraction import dense_grid, grid_to_mesh, mise, simplify_mesh
+from backend.models import build_model
+
+
+def sphere(p: torch.Tensor) -> torch.Tensor:
+    return 0.35 - p.norm(dim=1)
+
+
+def torus(p: torch.Tensor) -> torch.Tensor:
+    ring = torch.sqrt(p[:, 0] ** 2 + p[:, 2] ** 2) - 0.3
+    return 0.1 - torch.sqrt(ring ** 2 + p[:, 1] ** 2)
+
+
+def random_decoder(seed: int = 0):
+    """A conditional-batch-norm decoder with random weights and a random global code: a smooth,
+    shapeless occupancy function, and its median value in the box as the level, so that a surface
+    runs through the box."""
+    torch.manual_seed(seed)
+    config = {"input": {"kind": "points"}, "encoder": {"name": "resnet_pointnet", "c_dim": 16, "hidden": 16},
+              "decoder": {"name": "cbatchnorm", "c_dim": 16, "hidden": 32, "n_blocks": 3}}
+    model = build_model(config).eval()
+    for block in model.decoder.blocks:  # random residual branches, not the identity of a fresh model
+        torch.nn.init.normal_(block.fc_1.weight, std=0.3)
+    code = torch.randn(1, 16)
+
+    def evaluate(p):
+        with torch.no_grad():
+            return model.decoder(p[None] * 4.0, code)[0]
+
+    probe = evaluate(torch.rand(20000, 3) * 1.1 - 0.55)
+    return evaluate, float(probe.median())
+
+
+def meshes_match(a, b, atol=1e-5) -> bool:
+    """Same triangles, same topology, vertices equal up to float noise (batched evaluation can
+    round the last bit differently)."""
+    return (a.faces.shape == b.faces.shape and np.array_equal(a.faces, b.faces)
+            and np.allclose(a.vertices, b.vertices, atol=atol))
+
+
+def surface_corner_mask(values: np.ndarray, level: float) -> np.ndarray:
+    """Grid points (R+1,)^3 that are corners of a cell through which the surface passes."""
+    inside = values > level
+    r = values.shape[0] - 1
+    any_in = np.zeros((r, r, r), bool)
+    any_out = np.zeros((r, r, r), bool)
+    for dx in (0, 1):
+        for dy in (0, 1):
+            for dz in (0, 1):
+                corner = inside[dx:dx + r, dy:dy + r, dz:dz + r]
+                any_in |= corner
+                any_out |= ~corner
+    cells = any_in & any_out
+    mask = np.zeros_like(inside)
+    for dx in (0, 1):
+        for dy in (0, 1):
+            for dz in (0, 1):
+                mask[dx:dx + r, dy:dy + r, dz:dz + r] |= cells
+    return mask
+
+
+CASES = [("sphere", sphere, 0.0), ("torus", torus, 0.0)]
+
+
+@pytest.mark.parametrize("resolution", [64, 128])
+@pytest.mark.parametrize("name", ["sphere", "torus", "random_network"])
+def test_mise_equals_dense_grid(name, resolution):
+    if name == "random_network":
+        evaluate, level = random_decoder()
+    else:
+        evaluate, level = dict((n, (f, l)) for n, f, l in CASES)[name]
+    steps = {64: 1, 128: 2}[resolution]
+    sparse = mise(evaluate, 32, steps, level=level)
+    dense = dense_grid(evaluate, resolution)
+    assert sparse.values.shape == dense.values.shape == (resolution + 1,) * 3
+    # Every grid point that shapes the dense mesh has the same sign, and in fact the same value.
+    matters = surface_corner_mask(dense.values, level)
+    assert matters.sum() > 1000
+    assert np.array_equal(sparse.values[matters] > level, dense.values[matters] > level)
+    assert np.allclose(sparse.values[matters], dense.values[matters], atol=1e-5)
+    # Everywhere else the sign agrees too: no surface appears or vanishes.
+    assert np.array_equal(sparse.values > level, dense.values > level)
+    mesh_sparse = grid_to_mesh(sparse.values, level, sparse.box_min, sparse.spacing)
+    mesh_dense = grid_to_mesh(dense.values, level, dense.box_min, dense.spacing)
+    assert meshes_match(mesh_sparse, mesh_dense)
+    # Far fewer network evaluations than the dense grid.
+    assert dense.evaluations == (resolution + 1) ** 3
+    assert sparse.evaluations < dense.evaluations / (3 if resolution == 64 else 7)
+
+
+def test_mesh_is_watertight_and_in_place():
+    grid = mise(sphere, 32, 2)
+    mesh = grid_to_mesh(grid.values, 0.0, grid.box_min, grid.spacing)
+    tm = trimesh.Trimesh(mesh.vertices, mesh.faces, process=False)
+    assert tm.is_watertight and tm.is_winding_consistent
+    assert tm.volume == pytest.approx(4 / 3 * np.pi * 0.35 ** 3, rel=0.01)  # positive: faces wind outwards
+    assert np.allclose(tm.bounds, [[-0.35] * 3, [0.35] * 3], atol=0.005)
+
+
+def test_shape_cut_by_the_box_is_still_closed():
+    grid = mise(lambda p: 0.7 - p.norm(dim=1), 32, 1)  # a sphere larger than the box
+    mesh = grid_to_mesh(grid.values, 0.0, grid.box_min, grid.spacing)
+    assert trimesh.Trimesh(mesh.vertices, mesh.faces, process=False).is_watertight
+
+
+def thin_plate(p: torch.Tensor, z0: float = 0.017, half_thickness: float = 0.006) -> torch.Tensor:
+    """A 0.012-thick square plate: thinner than a 32^3 cell (0.034), between the coarse grid planes."""
+    inside_z = half_thickness - (p[:, 2] - z0).abs()
+    inside_xy = 0.3 - p[:, :2].abs().max(dim=1).values
+    return torch.minimum(inside_z, inside_xy)
+
+
+def plate_points(n: int = 2000) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(n, 2, generator=g) * 0.6 - 0.3
+    return torch.cat([xy, torch.full((n, 1), 0.017)], dim=1)
+
+
+def test_plain_mise_loses_a_thin_plate_that_the_dense_grid_finds():
+    dense = dense_grid(thin_plate, 128)
+    assert (dense.values > 0).sum() > 1000
+    plain = mise(thin_plate, 32, 2)
+    assert (plain.values > 0).sum() == 0
+
+
+@pytest.mark.parametrize("variant", ["seed_points", "margin"])
+def test_mise_finds_the_thin_plate(variant):
+    kwargs = {"seed_points": plate_points()} if variant == "seed_points" else {"margin": 0.03}
+    grid = mise(thin_plate, 32, 2, **kwargs)
+    dense = dense_grid(thin_plate, 128)
+    mesh = grid_to_mesh(grid.values, 0.0, grid.box_min, grid.spacing)
+    tm = trimesh.Trimesh(mesh.vertices, mesh.faces, process=False)
+    assert tm.is_watertight
+    assert tm.bounds[0][:2] == pytest.approx([-0.3, -0.3], abs=0.01)
+    assert tm.bounds[1][:2] == pytest.approx([0.3, 0.3], abs=0.01)
+    assert np.array_equal(grid.values > 0, dense.values > 0)
+    assert grid.evaluations < dense.evaluations / 4
+
+
+def test_progress_and_cancel():
+    fractions = []
+    mise(sphere, 32, 2, progress=fractions.append, batch_points=4096)
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and len(fractions) > 5
+    calls = []
+
+    def cancel_after_three():
+        calls.append(1)
+        return len(calls) > 3
+
+    from backend.errors import Cancelled
+    with pytest.raises(Cancelled):
+        mise(sphere, 32, 2, batch_points=4096, should_cancel=cancel_after_three)
+    assert len(calls) == 4  # checked between batches, stopped at the first check that said so
+
+
+def test_empty_grid_gives_empty_mesh():
+    grid = mise(lambda p: -torch.ones(len(p)), 32, 1)
+    mesh = grid_to_mesh(grid.values, 0.0, grid.box_min, grid.spacing)
+    assert mesh.faces.shape == (0, 3)
+    assert grid.evaluations == 33 ** 3  # nothing to refine
+
+
+def test_simplify_to_face_budget():
+    pytest.importorskip("fast_simplification")
+    grid = mise(torus, 32, 2)
+    mesh = grid_to_mesh(grid.values, 0.0, grid.box_min, grid.spacing)
+    small = simplify_mesh(mesh, 2000)
+    assert 1000 < len(small.faces) <= 2000
+    assert np.abs(small.vertices).max() < 0.45
