@@ -45,9 +45,12 @@ def reconstruct_command(args) -> int:
     bar = tqdm(total=100, unit="%", file=sys.stderr, disable=args.quiet, leave=False,
                bar_format="{desc:<16}{percentage:3.0f}%|{bar}| {elapsed}")
 
+    shown = {"stage": None, "percent": None}
+
     def progress(stage: str, fraction: float) -> None:
         percent = round(100 * fraction)
-        if stage != bar.desc or percent != bar.n:
+        if (stage, percent) != (shown["stage"], shown["percent"]):
+            shown.update(stage=stage, percent=percent)
             bar.set_description_str(stage, refresh=False)
             bar.n = percent
             bar.refresh()

@@ -1,0 +1,145 @@
+"""Model shapes, the checkpoint round trip and the refusal of checkpoints that do not fit."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from backend.checkpoint import load_checkpoint, read_header, save_checkpoint
+from backend.errors import CheckpointError
+from backend.models import PRESETS, build_model, preset
+
+
+def example_input(config, batch=2):
+    if config["input"]["kind"] == "image":
+        size = config["input"]["image_size"]
+        return torch.rand(batch, 3, size, size)
+    return torch.rand(batch, 300, 3) - 0.5
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_maps_points_to_one_logit_each(name):
+    config = preset(name)
+    model = build_model(config).eval()
+    p = torch.rand(2, 123, 3) * 1.1 - 0.55
+    with torch.no_grad():
+        logits = model(p, example_input(config))
+    assert logits.shape == (2, 123)
+    assert torch.isfinite(logits).all()
+
+
+def test_paper_models_have_the_papers_sizes():
+    image = build_model(preset("onet_image"))
+    assert image.encoder.fc.out_features == 256
+    assert len(image.decoder.blocks) == 5 and image.decoder.fc_p.out_channels == 256
+    points = build_model(preset("onet_points"))
+    assert points.encoder.fc_c.out_features == 512 and len(points.encoder.blocks) == 5
+    with torch.no_grad():
+        c = points.encode(torch.rand(1, 300, 3))
+    assert c.shape == (1, 512)
+
+
+def test_local_model_produces_three_feature_planes():
+    config = preset("local_points")
+    model = build_model(config).eval()
+    with torch.no_grad():
+        planes = model.encode(torch.rand(1, 3000, 3) - 0.5)
+    assert sorted(planes) == ["xy", "xz", "yz"]
+    assert all(p.shape == (1, 32, 64, 64) for p in planes.values())
+
+
+def test_local_features_are_local():
+    """Moving input points in one corner changes the occupancy far away only a little."""
+    torch.manual_seed(0)
+    model = build_model(preset("local_points")).eval()
+    pts = torch.rand(1, 2000, 3) - 0.5
+    moved = pts.clone()
+    corner = (pts[0] > 0.3).all(dim=1)
+    moved[0, corner] += 0.05
+    probes = torch.tensor([[[0.4, 0.4, 0.4], [-0.45, -0.45, -0.45]]])
+    with torch.no_grad():
+        change = (model(probes, pts) - model(probes, moved)).abs()[0]
+    near, far = change.tolist()
+    # Group norm and the U-Net's receptive field leak a trace; the effect stays where the points moved.
+    assert near > 20 * far
+
+
+def test_unknown_or_inconsistent_configs_are_refused():
+    config = preset("local_points")
+    config["encoder"]["name"] = "resnet18"
+    with pytest.raises(ValueError, match="cannot take points input|produces global features"):
+        build_model(config)
+    config = preset("local_points")
+    config["decoder"]["name"] = "nope"
+    with pytest.raises(ValueError, match="unknown decoder 'nope'"):
+        build_model(config)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    config = preset("tiny_points")
+    model = build_model(config).eval()
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, model, config, metadata={"epochs": 3})
+    loaded, loaded_config, metadata = load_checkpoint(path)
+    assert loaded_config == config and metadata["epochs"] == 3
+    assert not loaded.training
+    p, x = torch.rand(1, 50, 3) - 0.5, torch.rand(1, 100, 3) - 0.5
+    with torch.no_grad():
+        assert torch.equal(model(p, x), loaded(p, x))
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_half_precision_checkpoint_loads_as_float32(tmp_path):
+    config = preset("tiny_image")
+    model = build_model(config).eval()
+    save_checkpoint(tmp_path / "h.safetensors", model, config, dtype=torch.float16)
+    loaded, _, _ = load_checkpoint(tmp_path / "h.safetensors")
+    assert all(t.dtype == torch.float32 for t in loaded.state_dict().values() if t.is_floating_point())
+
+
+def test_mismatched_checkpoint_is_refused_naming_the_tensor(tmp_path):
+    config = preset("tiny_points")
+    model = build_model(config)
+    wider = preset("tiny_points")
+    wider["decoder"]["hidden"] = 16
+    save_checkpoint(tmp_path / "bad.safetensors", model, wider)
+    with pytest.raises(CheckpointError, match=r"wrong shape \(e.g. decoder\.\S+: configuration wants \[16"):
+        load_checkpoint(tmp_path / "bad.safetensors")
+
+
+def test_missing_tensors_are_named(tmp_path):
+    config = preset("tiny_points")
+    state = {k: v for k, v in build_model(config).state_dict().items() if not k.startswith("decoder.fc_out")}
+    header = {"format": "occnet-checkpoint/1", "config": json.dumps(config), "metadata": "{}"}
+    save_file(state, tmp_path / "partial.safetensors", metadata=header)
+    with pytest.raises(CheckpointError, match="missing tensors .*decoder.fc_out"):
+        load_checkpoint(tmp_path / "partial.safetensors")
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "not a safetensors checkpoint"),
+    (b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all", "not a safetensors checkpoint"),
+    (None, "does not exist"),
+])
+def test_broken_files_are_refused(tmp_path, content, message):
+    path = tmp_path / "x.safetensors"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
+
+
+def test_foreign_safetensors_file_is_refused(tmp_path):
+    save_file({"w": torch.zeros(3)}, tmp_path / "foreign.safetensors")
+    with pytest.raises(CheckpointError, match="not an occnet checkpoint"):
+        read_header(tmp_path / "foreign.safetensors")
+
+
+def test_truncated_checkpoint_is_refused(tmp_path):
+    config = preset("tiny_points")
+    save_checkpoint(tmp_path / "m.safetensors", build_model(config), config)
+    data = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "m.safetensors").write_bytes(data[: len(data) - 100])
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "m.safetensors")
