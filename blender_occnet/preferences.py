@@ -133,6 +133,8 @@ def _run_setup(base_python, target, requirements, system_site_packages):
         cmd = [base_python, "-m", "venv"]
         if system_site_packages:
             cmd.append("--system-site-packages")
+        if not requirements:
+            cmd.append("--without-pip")
         run(cmd + [target])
         py = venv_python(target)
         if requirements:

@@ -78,3 +78,14 @@ def pid_alive(pid):
         except OSError:
             return False
 # --- end of add-on fixtures ----------------------------------------------------------------
+
+
+def edges_watertight(faces):
+    """Every undirected edge of a closed 2-manifold triangle mesh is used by exactly 2 faces."""
+    import numpy as np
+
+    faces = np.asarray(faces)
+    e = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
+    e.sort(axis=1)
+    _, counts = np.unique(e, axis=0, return_counts=True)
+    return len(faces) > 0 and bool((counts == 2).all())

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from blender_occnet import wire
-from conftest import REPO_ROOT, backend_env, pid_alive
+from conftest import REPO_ROOT, backend_env, edges_watertight, pid_alive
 
 
 class Conn:
@@ -105,14 +105,6 @@ def reconstruct_points(c, points, **options):
     rid = c.request("reconstruct", input="points", options=options,
                     arrays={"points": np.asarray(points, np.float32)})
     return rid
-
-
-def edges_watertight(faces):
-    """Every undirected edge of a closed 2-manifold triangle mesh is used by exactly 2 faces."""
-    e = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
-    e.sort(axis=1)
-    _, counts = np.unique(e, axis=0, return_counts=True)
-    return bool((counts == 2).all())
 
 
 def test_ping_and_info(conn, tiny_checkpoints):

@@ -1,0 +1,337 @@
+"""The Blender add-on with the real bpy module and a real backend child process (tiny models)."""
+
+import os
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+bpy = pytest.importorskip("bpy")
+import addon_utils  # noqa: E402  (ships with bpy)
+
+from conftest import edges_watertight, pid_alive  # noqa: E402
+
+ADDON = "blender_occnet"
+
+
+def mesh_arrays(obj):
+    me = obj.data
+    v = np.empty(len(me.vertices) * 3, np.float32)
+    me.vertices.foreach_get("co", v)
+    f = np.empty(len(me.loops), np.int32)
+    me.loops.foreach_get("vertex_index", f)
+    assert all(p.loop_total == 3 for p in me.polygons[:10])
+    return v.reshape(-1, 3), f.reshape(-1, 3)
+
+
+def world_vertices(obj):
+    v, _ = mesh_arrays(obj)
+    m = np.array(obj.matrix_world)
+    return v @ m[:3, :3].T + m[:3, 3]
+
+
+@pytest.fixture(scope="module")
+def addon(tiny_checkpoints):
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    mod = addon_utils.enable(ADDON, default_set=True, handle_error=None)
+    assert mod is not None, "the add-on failed to enable"
+    prefs = bpy.context.preferences.addons[ADDON].preferences
+    prefs.checkpoint_points = str(tiny_checkpoints["points"])
+    prefs.checkpoint_image = str(tiny_checkpoints["image"])
+    prefs.default_resolution = 64
+    prefs.device = "CPU"
+    from blender_occnet import operators
+    yield operators
+    pid = operators.runtime.client.proc.pid if operators.runtime.client and operators.runtime.client.proc else None
+    addon_utils.disable(ADDON, default_set=True)
+    if pid is not None:
+        assert not pid_alive(pid), "disabling the add-on left the backend running"
+
+
+@pytest.fixture
+def scene(addon):
+    """An empty scene for each test (objects removed, no running job)."""
+    for obj in list(bpy.data.objects):
+        bpy.data.objects.remove(obj)
+    for me in list(bpy.data.meshes):
+        bpy.data.meshes.remove(me)
+    bpy.context.scene.cursor.location = (0, 0, 0)
+    assert addon.runtime.job is None
+    return bpy.context.scene
+
+
+def test_register_unregister_cycle(addon):
+    assert hasattr(bpy.ops.occnet, "mesh_from_points")
+    for name in ("OCCNET_OT_mesh_from_points", "OCCNET_OT_mesh_from_image"):
+        cls = getattr(bpy.types, name)
+        assert {"REGISTER", "UNDO"} <= set(cls.bl_options)
+    assert hasattr(bpy.types, "OCCNET_PT_panel")
+    addon_utils.disable(ADDON, default_set=True)
+    assert not hasattr(bpy.types, "OCCNET_PT_panel")
+    assert not hasattr(bpy.types, "OCCNET_OT_mesh_from_points")
+    assert ADDON not in bpy.context.preferences.addons
+    mod = addon_utils.enable(ADDON, default_set=True, handle_error=None)
+    assert mod is not None and hasattr(bpy.types, "OCCNET_PT_panel")
+    # the preferences were reset by the disable: restore them for the other tests
+    prefs = bpy.context.preferences.addons[ADDON].preferences
+    prefs.default_resolution = 64
+    prefs.device = "CPU"
+
+
+def _prefs(tiny_checkpoints):
+    prefs = bpy.context.preferences.addons[ADDON].preferences
+    prefs.checkpoint_points = str(tiny_checkpoints["points"])
+    prefs.checkpoint_image = str(tiny_checkpoints["image"])
+    prefs.default_resolution = 64
+    prefs.device = "CPU"
+    return prefs
+
+
+def test_mesh_from_selected_objects_world_space_with_modifiers(scene, tiny_checkpoints):
+    _prefs(tiny_checkpoints)
+    bpy.ops.mesh.primitive_cube_add(size=2.0, location=(5.0, 1.0, -2.0))
+    cube = bpy.context.active_object
+    cube.scale = (1.0, 2.0, 1.0)
+    mod = cube.modifiers.new("Array", "ARRAY")  # doubles the extent along x: 4 x 4 x 2 in world space
+    mod.count = 2
+    mod.relative_offset_displace = (1.0, 0.0, 0.0)
+    bpy.ops.object.pointcloud_random_add(location=(4.0, -3.0, 0.0))  # points in [-1, 1]^3 around it
+    pc = bpy.context.active_object
+    cube.select_set(True)
+    bpy.context.view_layer.update()
+    dg = bpy.context.evaluated_depsgraph_get()
+    from blender_occnet.operators import object_points
+    cube_pts = object_points(cube, dg)
+    assert len(cube_pts) == 16  # two cubes: the array modifier was applied
+    np.testing.assert_allclose(cube_pts.max(0), [8.0, 3.0, -1.0], atol=1e-5)  # world space
+    np.testing.assert_allclose(cube_pts.min(0), [4.0, -1.0, -3.0], atol=1e-5)
+    pts = np.concatenate([cube_pts, object_points(pc, dg)])
+    lo, hi = pts.min(0), pts.max(0)
+    n_before = len(bpy.data.objects)
+    names_before = {o.name for o in bpy.data.objects}
+    bpy.ops.ed.undo_push(message="before")  # background mode starts without an undo system
+
+    res = bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", source="SELECTED")
+    assert res == {"FINISHED"}
+    obj = bpy.context.active_object
+    assert obj.name.startswith("PointCloud_occnet")
+    assert len(bpy.data.objects) == n_before + 1
+    assert obj.select_get() and not cube.select_get() and not pc.select_get()
+    assert obj.name in bpy.context.view_layer.active_layer_collection.collection.objects
+    v, f = mesh_arrays(obj)
+    assert len(v) > 100 and edges_watertight(f)
+    assert all(p.use_smooth for p in obj.data.polygons[:100])
+    center = (lo + hi) / 2
+    np.testing.assert_allclose(obj.location, center, atol=1e-4)
+    wv = world_vertices(obj)
+    scale = (hi - lo).max()
+    np.testing.assert_allclose((wv.min(0) + wv.max(0)) / 2, center, atol=0.02 * scale)
+    np.testing.assert_allclose(wv.max(0) - wv.min(0), [0.8 * scale] * 3, rtol=0.04)
+    assert (np.abs(wv - center) <= 0.55 * scale).all()  # inside the padded canonical box
+
+    # one undo step removes the result and nothing else. Headless Blender does not push undo steps
+    # for operators by itself (the UI does, for REGISTER | UNDO operators): push it like the UI.
+    bpy.ops.ed.undo_push(message="Mesh from Point Cloud")
+    bpy.ops.ed.undo()
+    assert len(bpy.data.objects) == n_before
+    assert {o.name for o in bpy.data.objects} == names_before
+    assert not any(o.name.startswith("PointCloud_occnet") for o in bpy.data.objects)
+
+
+def test_mesh_from_curve_and_point_file(scene, tiny_checkpoints, tmp_path):
+    _prefs(tiny_checkpoints)
+    bpy.ops.curve.primitive_bezier_circle_add(radius=3.0, location=(0.0, 0.0, 7.0))
+    circle = bpy.context.active_object
+    res = bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", resolution=32)
+    assert res == {"FINISHED"}
+    obj = bpy.context.active_object
+    assert obj.type == "MESH" and obj.name.startswith(circle.name + "_occnet")
+    assert abs(obj.location.z - 7.0) < 1e-4
+
+    pts = np.random.default_rng(0).uniform(-1, 1, (500, 3)) + [0.0, 20.0, 0.0]
+    path = tmp_path / "cloud.xyz"
+    np.savetxt(path, pts)
+    res = bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", source="FILE", filepath=str(path),
+                                          resolution=32)
+    assert res == {"FINISHED"}
+    obj = bpy.context.active_object
+    assert obj.name.startswith("cloud_occnet")
+    np.testing.assert_allclose(obj.location, (pts.min(0) + pts.max(0)) / 2, atol=1e-4)
+
+
+def test_bad_inputs_are_reported_without_objects(scene, tiny_checkpoints, tmp_path):
+    _prefs(tiny_checkpoints)
+    n = len(bpy.data.objects)
+    with pytest.raises(RuntimeError, match="Select mesh"):
+        bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", source="SELECTED")
+    bad = tmp_path / "bad.ply"
+    bad.write_bytes(b"ply\nformat ascii 1.0\nelement face 3\nend_header\n")
+    with pytest.raises(RuntimeError, match="vertex"):
+        bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", source="FILE", filepath=str(bad))
+    with pytest.raises(RuntimeError, match="does not exist"):
+        bpy.ops.occnet.mesh_from_image("EXEC_DEFAULT", source="FILE", filepath=str(tmp_path / "nope.png"))
+    assert len(bpy.data.objects) == n and len(bpy.data.images) == 0
+
+
+def test_mesh_from_image_datablock_and_file(scene, tiny_checkpoints, tmp_path):
+    _prefs(tiny_checkpoints)
+    img = bpy.data.images.new("photo", 48, 32, alpha=True)
+    px = np.zeros((32, 48, 4), np.float32)
+    px[4:28, 8:40] = (0.8, 0.3, 0.2, 1.0)
+    img.pixels.foreach_set(px.ravel())
+    scene.cursor.location = (1.0, 2.0, 3.0)
+    res = bpy.ops.occnet.mesh_from_image("EXEC_DEFAULT", source="IMAGE", image="photo", resolution=32)
+    assert res == {"FINISHED"}
+    obj = bpy.context.active_object
+    assert obj.name.startswith("photo_occnet")
+    np.testing.assert_allclose(obj.location, (1.0, 2.0, 3.0), atol=1e-6)
+    v, f = mesh_arrays(obj)
+    assert edges_watertight(f)
+    assert np.abs(v).max() < 0.56  # canonical box around the cursor
+
+    img.filepath_raw = str(tmp_path / "photo.png")
+    img.file_format = "PNG"
+    img.save()
+    n_images = len(bpy.data.images)
+    res = bpy.ops.occnet.mesh_from_image("EXEC_DEFAULT", source="FILE",
+                                         filepath=str(tmp_path / "photo.png"), resolution=32)
+    assert res == {"FINISHED"}
+    assert len(bpy.data.images) == n_images  # the file was read without leaving a datablock
+
+
+def _busy_job(ops, resolution=256):
+    pts = np.random.default_rng(7).normal(size=(400, 3)).astype(np.float32)
+    from blender_occnet import wire
+    opts = wire.options_dict(resolution=resolution, device="cpu",
+                             checkpoint=bpy.context.preferences.addons[ADDON].preferences.checkpoint_points)
+    return ops.start_job(bpy.context, "points", pts, opts, "busy", origin=np.zeros(3), label="test")
+
+
+def _pump_until(ops, cond, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        ops.pump()
+        time.sleep(0.01)
+
+
+def test_cancel_while_busy_greys_out_generate(scene, addon, tiny_checkpoints):
+    ops = addon
+    _prefs(tiny_checkpoints)
+    n = len(bpy.data.objects)
+    job = _busy_job(ops)
+    assert not bpy.ops.occnet.mesh_from_points.poll()  # greyed out while busy
+    assert not bpy.ops.occnet.mesh_from_image.poll()
+    assert bpy.ops.occnet.cancel.poll()
+    _pump_until(ops, lambda: job.request.stage == "extract")
+    t0 = time.monotonic()
+    bpy.ops.occnet.cancel()
+    _pump_until(ops, lambda: job.request.done, timeout=10)
+    assert time.monotonic() - t0 < 1.0
+    obj, err = ops.finish_job(bpy.context)
+    assert obj is None and err == "cancelled"
+    assert len(bpy.data.objects) == n and "busy" not in bpy.data.meshes
+    assert bpy.ops.occnet.mesh_from_points.poll() and not bpy.ops.occnet.cancel.poll()
+
+
+def test_backend_killed_mid_request_then_recovers(scene, addon, tiny_checkpoints):
+    ops = addon
+    _prefs(tiny_checkpoints)
+    bpy.ops.mesh.primitive_ico_sphere_add(location=(0.0, 0.0, 2.0))
+    sphere = bpy.context.active_object
+    n = len(bpy.data.objects)
+    job = _busy_job(ops)
+    old_pid = ops.runtime.client.proc.pid
+    _pump_until(ops, lambda: job.request.stage == "extract")
+    os.kill(old_pid, 9)
+    _pump_until(ops, lambda: job.request.done, timeout=10)
+    obj, err = ops.finish_job(bpy.context)
+    assert obj is None
+    assert "killed by signal 9" in err and "backend_exited" in err
+    assert "killed" in ops.runtime.last_error
+    assert len(bpy.data.objects) == n
+    assert not pid_alive(old_pid)
+    # the next request starts a fresh backend
+    sphere.select_set(True)
+    bpy.context.view_layer.objects.active = sphere
+    assert bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", resolution=32) == {"FINISHED"}
+    assert ops.runtime.client.proc.pid != old_pid
+    assert ops.runtime.last_error == ""
+
+
+def test_killed_during_exec_reports_error(scene, addon, tiny_checkpoints):
+    """EXEC path (scripts, background): the operator fails with the reason, no half-built object."""
+    ops = addon
+    cl = ops.get_client(_prefs(tiny_checkpoints))
+    bpy.ops.mesh.primitive_monkey_add()
+    cl.start()
+    pid = cl.proc.pid
+    n = len(bpy.data.objects)
+
+    def killer():
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            job = ops.runtime.job
+            if job is not None and job.request.stage == "extract":
+                os.kill(pid, 9)
+                return
+            time.sleep(0.01)
+
+    t = threading.Thread(target=killer)
+    t.start()
+    with pytest.raises(RuntimeError, match="killed"):
+        bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", resolution=256)
+    t.join()
+    assert len(bpy.data.objects) == n and ops.runtime.job is None
+
+
+def test_malformed_frame_does_not_break_the_addon(scene, addon, tiny_checkpoints):
+    ops = addon
+    cl = ops.get_client(_prefs(tiny_checkpoints))
+    cl.start()
+    pid = cl.proc.pid
+    cl.send_raw(struct.pack("<4sIQ", b"OCNF", 5, 0) + b"{oops")
+    _pump_until(ops, lambda: any(e.get("code") == "protocol_error" for e in cl.take_unattributed_errors()))
+    bpy.ops.mesh.primitive_cube_add()
+    assert bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", resolution=32) == {"FINISHED"}
+    assert cl.proc.pid == pid  # same backend, still serving
+
+
+def test_bad_checkpoint_reported(scene, addon, tiny_checkpoints, tmp_path):
+    _prefs(tiny_checkpoints)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\0" * 64)
+    bpy.ops.mesh.primitive_cube_add()
+    with pytest.raises(RuntimeError, match="bad.safetensors"):
+        bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", checkpoint=str(bad))
+    assert "bad_checkpoint" in addon.runtime.last_error
+    assert len(bpy.data.objects) == 1
+
+
+def test_check_and_setup_environment(addon, tmp_path):
+    prefs = bpy.context.preferences.addons[ADDON].preferences
+    assert bpy.ops.occnet.detect_python() == {"FINISHED"}
+    assert os.path.isfile(prefs.python_path)
+    assert bpy.ops.occnet.check_python() == {"FINISHED"}
+    from blender_occnet import preferences
+    res = preferences.check_state["result"]
+    assert res["ok"] and res["torch"].startswith("2.") and res["device"] == "cpu"
+
+    prefs.python_path = str(tmp_path / "no-such-python")
+    with pytest.raises(RuntimeError, match="does not exist"):
+        bpy.ops.occnet.check_python()
+
+    # a venv that reuses this interpreter's packages (no download in tests)
+    target = tmp_path / "venv"
+    res = bpy.ops.occnet.setup_environment(base_python=sys.executable, target=str(target),
+                                           requirements="", system_site_packages=True)
+    assert res == {"FINISHED"}, preferences.setup_state
+    assert prefs.python_path == preferences.venv_python(str(target))
+    cp = subprocess.run([prefs.python_path, "-c", "import sys; print(sys.prefix)"],
+                        capture_output=True, text=True, check=True)
+    assert cp.stdout.strip() == str(target)
+    prefs.python_path = ""
