@@ -54,25 +54,42 @@ def evaluate_in_batches(evaluate: Evaluate, points: torch.Tensor, batch_points: 
     return out
 
 
+def cell_any(mask: torch.Tensor) -> torch.Tensor:
+    """Grid points (n+1,)^3 bool -> cells (n,)^3 bool: does any of the cell's 8 corners hold?"""
+    x = mask[:-1] | mask[1:]
+    x = x[:, :-1] | x[:, 1:]
+    return x[:, :, :-1] | x[:, :, 1:]
+
+
+def cell_all(mask: torch.Tensor) -> torch.Tensor:
+    """Grid points (n+1,)^3 bool -> cells (n,)^3 bool: do all 8 corners hold?"""
+    x = mask[:-1] & mask[1:]
+    x = x[:, :-1] & x[:, 1:]
+    return x[:, :, :-1] & x[:, :, 1:]
+
+
 def active_cells(values: torch.Tensor, level: float, margin: float | None) -> torch.Tensor:
     """Cells (n, n, n) bool of a value grid (n+1, n+1, n+1) whose corners disagree about the
     level, or come within margin of it."""
-    inside = (values > level).to(torch.float32)[None, None]
-    any_in = F.max_pool3d(inside, 2, stride=1)
-    any_out = F.max_pool3d(1.0 - inside, 2, stride=1)
-    active = (any_in * any_out)[0, 0] > 0
+    inside = values > level
+    active = cell_any(inside) & ~cell_all(inside)
     if margin is not None:
-        near = ((values - level).abs() < margin).to(torch.float32)[None, None]
-        active |= F.max_pool3d(near, 2, stride=1)[0, 0] > 0
+        active |= cell_any((values - level).abs() < margin)
     return active
 
 
 def dilate(cells: torch.Tensor, radius: int) -> torch.Tensor:
     """Grow a (n, n, n) bool cell mask by radius cells in every direction (26-neighbourhood)."""
-    if radius <= 0:
-        return cells
-    grown = F.max_pool3d(cells.to(torch.float32)[None, None], 2 * radius + 1, stride=1, padding=radius)
-    return grown[0, 0] > 0
+    out = cells.clone()
+    for _ in range(radius):
+        for axis in range(3):
+            src = out.clone()
+            lo = [slice(None)] * 3
+            hi = [slice(None)] * 3
+            lo[axis], hi[axis] = slice(None, -1), slice(1, None)
+            out[tuple(lo)] |= src[tuple(hi)]
+            out[tuple(hi)] |= src[tuple(lo)]
+    return out
 
 
 def cells_containing(points: torch.Tensor, n_cells: int, box: tuple[float, float]) -> torch.Tensor:
@@ -87,14 +104,25 @@ def cells_containing(points: torch.Tensor, n_cells: int, box: tuple[float, float
 
 def corners_of_cells(cells: torch.Tensor) -> torch.Tensor:
     """Cells (n, n, n) of one level -> bool (2n+1,)^3 of the next level's grid points that lie in
-    or on those cells (the 3x3x3 points of each subdivided cell)."""
-    n = cells.shape[0]
-    out = torch.zeros((2 * n + 1,) * 3, dtype=torch.bool, device=cells.device)
-    for di in range(3):
-        for dj in range(3):
-            for dk in range(3):
-                out[di:di + 2 * n:2, dj:dj + 2 * n:2, dk:dk + 2 * n:2] |= cells
+    or on those cells (the 3x3x3 points of each subdivided cell). Separable: one axis at a time."""
+    out = cells
+    for axis in range(3):
+        n = out.shape[axis]
+        shape = list(out.shape)
+        shape[axis] = 2 * n + 1
+        grown = torch.zeros(shape, dtype=torch.bool, device=cells.device)
+        for offset in range(3):
+            index = [slice(None)] * 3
+            index[axis] = slice(offset, offset + 2 * n, 2)
+            grown[tuple(index)] |= out
+        out = grown
     return out
+
+
+def parent_cells(fine_cells: torch.Tensor) -> torch.Tensor:
+    """Cells (2n,)^3 of a level -> their parents (n,)^3 on the level above: any child holds."""
+    n = fine_cells.shape[0] // 2
+    return fine_cells.reshape(n, 2, n, 2, n, 2).any(dim=5).any(dim=3).any(dim=1)
 
 
 def upsample(grid: torch.Tensor) -> torch.Tensor:
@@ -149,6 +177,7 @@ def mise(evaluate: Evaluate, resolution0: int = 32, upsampling_steps: int = 2, l
         known_up[::2, ::2, ::2] = known
         known = known_up
         refined = torch.zeros_like(known)
+        refined_cells = cells.clone()
         n *= 2
         while True:
             new_points = corners_of_cells(cells) & ~refined
@@ -160,12 +189,11 @@ def mise(evaluate: Evaluate, resolution0: int = 32, upsampling_steps: int = 2, l
                 evaluations += todo.shape[0]
             # A surface cell that reaches a point we did not refine runs on into a coarse cell whose
             # corners all agreed: refine that cell too, until the surface is closed inside refined cells.
-            touches_unrefined = F.max_pool3d((~refined).to(torch.float32)[None, None], 2, stride=1)[0, 0] > 0
-            frontier = active_cells(values, level, None) & touches_unrefined
-            parents = F.max_pool3d(frontier.to(torch.float32)[None, None], 2, stride=2)[0, 0] > 0
-            cells = parents & ~(refined[:-1:2, :-1:2, :-1:2] & refined[1::2, 1::2, 1::2])
+            frontier = active_cells(values, level, None) & cell_any(~refined)
+            cells = parent_cells(frontier) & ~refined_cells
             if not cells.any():
                 break
+            refined_cells |= cells
 
     if progress is not None:
         progress(1.0)
