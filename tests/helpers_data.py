@@ -82,7 +82,8 @@ def write_shape(folder: Path, shape: dict, shape_id: str, rng: np.random.Generat
     np.savez(folder / "pointcloud.npz", points=surface, normals=normals)
     (folder / "shape.json").write_text(json.dumps({
         "id": shape_id, "source": "synthetic", "class": shape["kind"], "center": [0.0, 0.0, 0.0],
-        "scale": 1.0, "watertight_input": True}))
+        "scale": 1.0, "watertight_input": True,
+        "synthetic": {"kind": shape["kind"], "half": [float(v) for v in shape["half"]]}}))
     if views:
         (folder / "images").mkdir(exist_ok=True)
         for view in range(views):
