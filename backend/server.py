@@ -185,8 +185,10 @@ class Server:
                             f"unknown request type {mtype!r}; expected one of {', '.join(wire.REQUEST_TYPES)}")
 
     def send_info(self, req_id):
+        import backend
         info = {"type": "info", "id": req_id, **self.versions(),
-                "python": platform.python_version(), "pid": os.getpid()}
+                "python": platform.python_version(), "python_executable": sys.executable,
+                "pid": os.getpid(), "backend_path": os.path.dirname(os.path.abspath(backend.__file__))}
         try:
             r = self.reconstructor()
             info.update({k: v for k, v in r.info().items() if k not in ("type", "id")})
