@@ -172,6 +172,15 @@ def test_mesh_validation_messages():
         meshprep.validate_mesh(np.zeros((3, 3)), np.array([[0, 1, 3]]))
 
 
+def test_glb_scene_is_merged_into_one_mesh(tmp_path):
+    box = trimesh.creation.box()
+    ball = trimesh.creation.icosphere(subdivisions=1).apply_translation([3.0, 0.0, 0.0])
+    trimesh.Scene([box, ball]).export(tmp_path / "two.glb")
+    vertices, faces = meshprep.load_mesh(tmp_path / "two.glb")
+    assert len(faces) == len(box.faces) + len(ball.faces)
+    assert np.allclose(vertices.min(axis=0), [-0.5, -1.0, -1.0]) and np.allclose(vertices.max(axis=0), [4.0, 1.0, 1.0])
+
+
 def test_inverted_mesh_still_has_inside():
     sphere = trimesh.creation.icosphere(subdivisions=2, radius=0.4)
     queries = np.array([[0.0, 0.0, 0.0], [0.1, 0.1, 0.0], [0.45, 0.0, 0.0]])
