@@ -79,10 +79,14 @@ def compare(name, evaluate, level, resolution, device, run_dense: bool):
         dense, t_dense = timed(lambda: dense_grid(evaluate, resolution, batch_points=BATCH, device=device), device)
         a = grid_to_mesh(sparse.values, level, sparse.box_min, sparse.spacing)
         b = grid_to_mesh(dense.values, level, dense.box_min, dense.spacing)
-        identical = bool(np.array_equal(a.faces, b.faces) and np.allclose(a.vertices, b.vertices, atol=1e-5))
+        same_triangles = bool(np.array_equal(a.faces, b.faces))
+        # Batched matrix products round differently from one batch size to the next, so vertices
+        # agree up to float noise; measured in voxels of the final grid.
+        offset = float(np.abs(a.vertices - b.vertices).max() / sparse.spacing) if same_triangles else None
         row.update(dense_evaluations=dense.evaluations, dense_seconds=round(t_dense, 3),
                    evaluation_ratio=round(dense.evaluations / sparse.evaluations, 1),
-                   speedup=round(t_dense / t_sparse, 1), identical_mesh=identical,
+                   speedup=round(t_dense / t_sparse, 1), same_triangles=same_triangles,
+                   max_vertex_offset_voxels=offset,
                    same_signs=bool(np.array_equal(sparse.values > level, dense.values > level)), faces=len(a.faces))
     else:
         dense_evals = (resolution + 1) ** 3
