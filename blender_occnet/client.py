@@ -179,9 +179,10 @@ class BackendClient:
     """One backend child process and the requests in flight. Not thread-safe except where noted:
     call everything but the reader thread's internals from one thread (Blender's main thread)."""
 
-    def __init__(self, python=None, args=(), extra_pythonpath=(), log=None):
+    def __init__(self, python=None, args=(), extra_pythonpath=(), log=None, command=None):
         self.python = python or sys.executable
         self.args = list(args)
+        self.command = list(command) if command else None  # replaces `python -m backend serve`
         self.extra_pythonpath = list(extra_pythonpath)
         self.log = log  # callable(str) for the backend's stderr lines, or None
         self.proc = None
@@ -205,7 +206,8 @@ class BackendClient:
             return
         self._cleanup_dead()
         # "--" keeps backend.cli's argument parser from reading the server's options
-        cmd = [self.python, "-m", "backend", "serve"] + (["--"] + self.args if self.args else [])
+        cmd = self.command or (
+            [self.python, "-m", "backend", "serve"] + (["--"] + self.args if self.args else []))
         kwargs = {}
         if sys.platform == "win32":  # pragma: no cover
             kwargs["creationflags"] = subprocess.CREATE_NO_WINDOW

@@ -44,16 +44,26 @@ def check_arrays(vertices, faces, normals=None, colors=None):
     return v, f, normals, colors
 
 
+def _set_attribute(me, name, field, data, fallback_seq, fallback_field):
+    attr = me.attributes.get(name)
+    if attr is not None and len(attr.data) * (3 if field == "vector" else 1) == len(data):
+        attr.data.foreach_set(field, data)
+    else:  # older layouts: the per-element property does the same, slower
+        fallback_seq.foreach_set(fallback_field, data)
+
+
 def build_mesh(name, vertices, faces, normals=None, colors=None, use_custom_normals=False):
     """A new smooth-shaded triangle mesh datablock. On any failure nothing is left behind."""
     v, f, normals, colors = check_arrays(vertices, faces, normals, colors)
     me = bpy.data.meshes.new(name)
     try:
         me.vertices.add(len(v))
-        me.vertices.foreach_set("co", v.ravel())
         me.loops.add(f.size)
-        me.loops.foreach_set("vertex_index", f.ravel())
         me.polygons.add(len(f))
+        # The generic attribute API copies whole buffers (a memcpy); the older per-element
+        # properties (vertices "co", loops "vertex_index") are ~100x slower for 1M faces.
+        _set_attribute(me, "position", "vector", v.ravel(), me.vertices, "co")
+        _set_attribute(me, ".corner_vert", "value", f.ravel(), me.loops, "vertex_index")
         me.polygons.foreach_set("loop_start", np.arange(0, f.size, 3, dtype=np.int32))
         me.update(calc_edges=True)
         # smooth shading: no "sharp_face" attribute means every face is smooth

@@ -61,7 +61,9 @@ def scene(addon):
         bpy.data.meshes.remove(me)
     bpy.context.scene.cursor.location = (0, 0, 0)
     assert addon.runtime.job is None
-    return bpy.context.scene
+    yield bpy.context.scene
+    if addon.runtime.job is not None:  # a failed test must not leave the next one busy
+        addon.shutdown_backend()
 
 
 def test_register_unregister_cycle(addon):
@@ -231,7 +233,8 @@ def test_cancel_while_busy_greys_out_generate(scene, addon, tiny_checkpoints):
     t0 = time.monotonic()
     bpy.ops.occnet.cancel()
     _pump_until(ops, lambda: job.request.done, timeout=10)
-    assert time.monotonic() - t0 < 1.0
+    elapsed = time.monotonic() - t0
+    assert elapsed < 1.5, f"cancel took {elapsed:.2f} s"  # a full run takes several seconds
     obj, err = ops.finish_job(bpy.context)
     assert obj is None and err == "cancelled"
     assert len(bpy.data.objects) == n and "busy" not in bpy.data.meshes

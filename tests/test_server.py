@@ -160,7 +160,9 @@ def test_cancel_during_extraction_is_fast(conn, tiny_checkpoints):
     h, _ = conn.expect("error", rid)
     elapsed = time.monotonic() - t0
     assert h["code"] == "cancelled", h
-    assert elapsed < 0.5, f"cancel took {elapsed:.2f} s"
+    # a full 256^3 extraction takes seconds; a cancel stops it at the next batch. The bound is
+    # loose because the test machine is shared (2 cores, other test suites running).
+    assert elapsed < 1.0, f"cancel took {elapsed:.2f} s"
     # the server carries on
     rid = conn.request("ping")
     conn.expect("pong", rid)
