@@ -133,6 +133,11 @@ class Server:
                     self.send_error(req_id if _is_id(req_id) else None, wire.E_PROTOCOL,
                                     f"malformed frame: {exc.message}")
                     continue
+                except MemoryError:
+                    self.reader._resync = True
+                    self.send_error(None, wire.E_PROTOCOL,
+                                    "malformed frame: not enough memory for the frame it announced")
+                    continue
                 except EOFError as exc:
                     log.info("stdin ended mid-frame (%s)", exc)
                     break
@@ -334,7 +339,7 @@ def validate_reconstruct(header, arrays):
         opts = {}
     if not isinstance(opts, dict):
         return "reconstruct 'options' must be an object"
-    unknown = set(opts) - {"checkpoint", "resolution", "threshold", "max_faces", "device"}
+    unknown = set(opts) - set(wire.RECONSTRUCT_OPTIONS)
     if unknown:
         return f"unknown reconstruct option(s): {', '.join(sorted(unknown))}"
     res = opts.get("resolution", 128)
@@ -349,6 +354,8 @@ def validate_reconstruct(header, arrays):
     ck = opts.get("checkpoint")
     if ck is not None and not isinstance(ck, str):
         return f"checkpoint must be a file path or null (got {ck!r})"
+    if not isinstance(opts.get("normals", False), bool):
+        return f"normals must be true or false (got {opts.get('normals')!r})"
     dev = opts.get("device")
     if dev is not None and not isinstance(dev, str):
         return f"device must be a string such as 'cpu', 'cuda' or 'mps' (got {dev!r})"
@@ -378,12 +385,20 @@ def validate_reconstruct(header, arrays):
 
 
 def reconstruct_options(opts):
+    import dataclasses
+
     from backend.pipeline import ReconstructOptions
-    return ReconstructOptions(checkpoint=opts.get("checkpoint"),
-                              resolution=int(opts.get("resolution", 128)),
-                              threshold=float(opts.get("threshold", 0.5)),
-                              max_faces=opts.get("max_faces"),
-                              device=opts.get("device"))
+    kwargs = dict(checkpoint=opts.get("checkpoint"), resolution=int(opts.get("resolution", 128)),
+                  threshold=float(opts.get("threshold", 0.5)), max_faces=opts.get("max_faces"),
+                  device=opts.get("device"))
+    if opts.get("normals"):
+        fields = {f.name for f in dataclasses.fields(ReconstructOptions)} \
+            if dataclasses.is_dataclass(ReconstructOptions) else set()
+        if "normals" not in fields:
+            from backend.errors import OccnetError
+            raise OccnetError("bad_option", "this backend cannot compute vertex normals")
+        kwargs["normals"] = True
+    return ReconstructOptions(**kwargs)
 
 
 def _hard_exit():

@@ -115,7 +115,9 @@ def object_from_result(context, name, result, origin=None, location=None):
         loc = tuple(float(x) for x in origin)
     elif location is not None:
         loc = tuple(float(x) for x in location)
-    mesh = build_mesh(name, verts, result["faces"], result.get("normals"), result.get("colors"))
+    normals = result.get("normals")
+    mesh = build_mesh(name, verts, result["faces"], normals, result.get("colors"),
+                      use_custom_normals=normals is not None)
     try:
         return add_object(context, name, mesh, loc)
     except BaseException:

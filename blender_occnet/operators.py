@@ -295,7 +295,8 @@ class _Generate:
         ck = self.checkpoint or (prefs.checkpoint_points if kind == "points" else prefs.checkpoint_image)
         return wire.options_dict(checkpoint=bpy.path.abspath(ck) if ck else None,
                                  resolution=self.resolution, threshold=self.threshold,
-                                 max_faces=self.max_faces or None, device=device_option(prefs))
+                                 max_faces=self.max_faces or None, device=device_option(prefs),
+                                 normals=prefs.use_normals)
 
     def _start(self, context):
         try:
@@ -477,10 +478,29 @@ def _menu_func(self, context):
     self.layout.operator(OCCNET_OT_mesh_from_image.bl_idname, icon="IMAGE_DATA")
 
 
+def _detect_in_background():
+    """Find a backend Python while the user works, so the first Generate does not wait for it."""
+    vpy = venv_python(venv_dir())
+    extra = [vpy] if os.path.isfile(vpy) else []
+
+    def work():
+        try:
+            res = client_mod.detect_interpreter(extra)
+        except Exception:
+            return
+        if res.get("ok") and runtime.detected_python is None:
+            runtime.detected_python = res["path"]
+
+    import threading
+    threading.Thread(target=work, name="occnet-detect", daemon=True).start()
+
+
 def register():
     for cls in classes:
         bpy.utils.register_class(cls)
     bpy.types.VIEW3D_MT_mesh_add.append(_menu_func)
+    if not bpy.app.background and not get_prefs().python_path:
+        _detect_in_background()
 
 
 def unregister():

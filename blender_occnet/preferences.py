@@ -7,7 +7,7 @@ import sys
 import threading
 
 import bpy
-from bpy.props import EnumProperty, FloatProperty, IntProperty, StringProperty
+from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, StringProperty
 
 from . import client
 
@@ -35,6 +35,7 @@ class _Defaults:
     default_resolution = 128
     threshold = 0.5
     max_faces = 0
+    use_normals = False
 
 
 def get_prefs(context=None):
@@ -182,7 +183,7 @@ class OCCNET_OT_setup_environment(bpy.types.Operator):
                            description="Where to create the venv (default: the add-on's user folder)")
     requirements: StringProperty(name="Requirements", default=" ".join(BACKEND_REQUIREMENTS),
                                  description="Packages to install with pip, separated by spaces")
-    system_site_packages: bpy.props.BoolProperty(
+    system_site_packages: BoolProperty(
         name="System Site Packages", default=False,
         description="Let the venv see the base Python's packages (useful when torch is already there)")
 
@@ -234,6 +235,11 @@ class OCCNET_AP_preferences(bpy.types.AddonPreferences):
     max_faces: IntProperty(name="Face Budget", default=0, min=0,
                            description="Simplify results to at most this many faces (0: no limit)")
 
+    use_normals: BoolProperty(
+        name="Network Normals",
+        description="Ask the backend for normals from the network's gradient and use them as "
+                    "custom normals (slower; Blender's smooth normals are used otherwise)")
+
     def draw(self, context):
         layout = self.layout
         col = layout.column()
@@ -266,6 +272,7 @@ class OCCNET_AP_preferences(bpy.types.AddonPreferences):
         col.prop(self, "default_resolution")
         col.prop(self, "threshold")
         col.prop(self, "max_faces")
+        col.prop(self, "use_normals")
 
 
 classes = (OCCNET_OT_detect_python, OCCNET_OT_check_python, OCCNET_OT_setup_environment,

@@ -21,7 +21,8 @@ body, never as JSON lists; the header describes them in ``"arrays"``::
 Requests (add-on -> backend)
     reconstruct  {"id", "input": "points"|"image", "options": {...}}
                  arrays: "points" (N, 3) <f4  or  "pixels" (H, W, 3|4) |u1 or <f4, row 0 = top
-                 options: checkpoint (path or null), resolution, threshold, max_faces, device
+                 options: checkpoint (path or null), resolution, threshold, max_faces, device,
+                          normals (bool: also send vertex normals)
     cancel       {"id", "target": <id of the reconstruct request>}
     ping         {"id"}                       -> pong
     info         {"id"}                       -> info
@@ -151,9 +152,25 @@ def write_frame(stream, header, arrays=None):
     stream.flush()
 
 
+CHUNK_BYTES = 1 << 26  # 64 MiB: memory for a body grows only as its bytes actually arrive
+
+
 def _read_exact(stream, n):
     """Read exactly n bytes; returns a bytearray, or None on a clean EOF before any byte.
     Raises EOFError on EOF in the middle."""
+    if n > CHUNK_BYTES:
+        # a corrupted length must not allocate gigabytes up front
+        parts = []
+        got = 0
+        while got < n:
+            part = _read_exact(stream, min(CHUNK_BYTES, n - got))
+            if part is None:
+                if got == 0:
+                    return None
+                raise EOFError(f"stream ended inside a frame ({got} of {n} bytes)")
+            parts.append(part)
+            got += len(part)
+        return bytearray().join(parts)
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
@@ -308,11 +325,15 @@ def error_header(req_id, code, message):
     return {"type": "error", "id": req_id, "code": code, "message": message}
 
 
-def options_dict(checkpoint=None, resolution=128, threshold=0.5, max_faces=None, device=None):
+RECONSTRUCT_OPTIONS = ("checkpoint", "resolution", "threshold", "max_faces", "device", "normals")
+
+
+def options_dict(checkpoint=None, resolution=128, threshold=0.5, max_faces=None, device=None,
+                 normals=False):
     """Reconstruct options as they travel in the header (validated on the server)."""
     return {"checkpoint": checkpoint or None, "resolution": int(resolution),
             "threshold": float(threshold), "max_faces": int(max_faces) if max_faces else None,
-            "device": device or None}
+            "device": device or None, "normals": bool(normals)}
 
 
 __all__ = [

@@ -338,3 +338,54 @@ def test_check_and_setup_environment(addon, tmp_path):
                         capture_output=True, text=True, check=True)
     assert cp.stdout.strip() == str(target)
     prefs.python_path = ""
+
+
+def test_mesh_builder_colors_normals_and_refusals(addon):
+    from blender_occnet import mesh_builder
+    verts = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], np.float32)
+    faces = np.array([[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]], np.int32)
+    colors = np.array([[1, 0, 0, 1], [0, 1, 0, 1], [0, 0, 1, 1], [1, 1, 1, 0.5]], np.float32)
+    normals = verts - verts.mean(0)
+    normals /= np.linalg.norm(normals, axis=1, keepdims=True)
+    me = mesh_builder.build_mesh("tet", verts, faces, normals=normals, colors=colors,
+                                 use_custom_normals=True)
+    try:
+        assert len(me.vertices) == 4 and len(me.polygons) == 4 and len(me.edges) == 6
+        attr = me.color_attributes["Color"]
+        assert attr.domain == "POINT" and attr.data_type == "FLOAT_COLOR"
+        got = np.empty(16, np.float32)
+        attr.data.foreach_get("color", got)
+        np.testing.assert_allclose(got.reshape(4, 4), colors)
+        assert me.has_custom_normals
+        corner = np.empty(len(me.loops) * 3, np.float32)
+        me.corner_normals.foreach_get("vector", corner)
+        vi = np.empty(len(me.loops), np.int32)
+        me.loops.foreach_get("vertex_index", vi)
+        np.testing.assert_allclose(corner.reshape(-1, 3), normals[vi], atol=1e-3)
+    finally:
+        bpy.data.meshes.remove(me)
+
+    n_meshes = len(bpy.data.meshes)
+    with pytest.raises(mesh_builder.MeshDataError, match="range over"):
+        mesh_builder.build_mesh("bad", verts, faces + 1)
+    with pytest.raises(mesh_builder.MeshDataError, match="empty"):
+        mesh_builder.build_mesh("bad", verts, np.zeros((0, 3), np.int32))
+    with pytest.raises(mesh_builder.MeshDataError, match="NaN"):
+        mesh_builder.build_mesh("bad", verts * np.nan, faces)
+    assert len(bpy.data.meshes) == n_meshes  # nothing half-built is left behind
+
+
+def test_network_normals_option(scene, addon, tiny_checkpoints):
+    prefs = _prefs(tiny_checkpoints)
+    prefs.use_normals = True
+    try:
+        bpy.ops.mesh.primitive_cube_add()
+        assert bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", resolution=32) == {"FINISHED"}
+        me = bpy.context.active_object.data
+        assert me.has_custom_normals
+        # octahedron faces: normals are (+-1, +-1, +-1) / sqrt(3)
+        n = np.empty(len(me.loops) * 3, np.float32)
+        me.corner_normals.foreach_get("vector", n)
+        np.testing.assert_allclose(np.abs(n.reshape(-1, 3)).mean(0), [3 ** -0.5] * 3, atol=0.05)
+    finally:
+        prefs.use_normals = False

@@ -191,6 +191,9 @@ def test_cancel_of_queued_request(conn, tiny_checkpoints):
                       {"points": np.zeros((4, 3), np.float32)}), "bad_request"),
     (wire.frame_bytes({"type": "reconstruct", "id": 10, "input": "points"},
                       {"points": np.full((4, 3), np.nan, np.float32)}), "bad_request"),
+    (wire.frame_bytes({"type": "reconstruct", "id": 12, "input": "points",
+                       "options": {"normals": "yes"}},
+                      {"points": np.zeros((4, 3), np.float32)}), "bad_request"),
     (wire.frame_bytes({"type": "launch_missiles", "id": 11}), "bad_request"),
     (wire.frame_bytes({"type": "ping"}), "bad_request"),
 ])

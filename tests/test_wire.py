@@ -151,3 +151,23 @@ def test_wire_imports_with_stdlib_and_numpy_only():
     third_party = {m for m in mods if m not in stdlib and not m.startswith("_")}
     assert third_party <= {"blender_occnet", "numpy", "cython_runtime"}, third_party
     assert "bpy" not in mods and "torch" not in mods
+
+
+def test_huge_announced_body_does_not_allocate_up_front():
+    import tracemalloc
+    data = struct.pack("<4sIQ", wire.MAGIC, 13, 8 << 30) + b'{"type": "x"}' + b"\0" * 1000
+    tracemalloc.start()
+    try:
+        with pytest.raises(EOFError):
+            wire.read_frame(io.BytesIO(data))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 200 << 20, f"peak {peak / 1e6:.0f} MB for an 8 GiB announcement"
+
+
+def test_large_frame_round_trip_across_chunks(monkeypatch):
+    monkeypatch.setattr(wire, "CHUNK_BYTES", 1000)
+    a = np.arange(10_000, dtype=np.int32).reshape(-1, 4)
+    (h, arrays), _ = roundtrip({"type": "x"}, {"a": a})
+    np.testing.assert_array_equal(arrays["a"], a)
