@@ -389,3 +389,85 @@ def test_network_normals_option(scene, addon, tiny_checkpoints):
         np.testing.assert_allclose(np.abs(n.reshape(-1, 3)).mean(0), [3 ** -0.5] * 3, atol=0.05)
     finally:
         prefs.use_normals = False
+
+
+class _Recorder:
+    """Stands in for a UILayout: records every call, accepts attribute assignments."""
+
+    def __init__(self, log):
+        self.__dict__["_log"] = log
+
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            self._log.append((name, args, kwargs))
+            return _Recorder(self._log)
+        return call
+
+    def __setattr__(self, name, value):
+        self._log.append(("set", (name, value), {}))
+
+
+def test_panel_draws_progress_while_busy_and_errors(scene, addon, tiny_checkpoints):
+    from blender_occnet.panel import OCCNET_PT_panel
+    ops = addon
+    _prefs(tiny_checkpoints)
+
+    def draw():
+        log = []
+        fake = type("P", (), {"layout": _Recorder(log)})()
+        OCCNET_PT_panel.draw(fake, bpy.context)
+        return log
+
+    idle = draw()
+    assert not any(name == "progress" for name, _, _ in idle)
+    assert ("set", ("source", "SELECTED"), {}) in idle
+    job = _busy_job(ops)
+    try:
+        _pump_until(ops, lambda: job.request.stage == "extract")
+        busy = draw()
+        prog = [kw for name, _, kw in busy if name == "progress"]
+        assert prog and 0.0 <= prog[0]["factor"] <= 1.0 and "extract" in prog[0]["text"]
+        assert any(name == "operator" and args[0] == "occnet.cancel" for name, args, _ in busy)
+    finally:
+        bpy.ops.occnet.cancel()
+        _pump_until(ops, lambda: job.request.done)
+        ops.finish_job(bpy.context)
+    ops.runtime.last_error = "the backend was killed by signal 9 during the request. [backend_exited]"
+    err = draw()
+    labels = " ".join(kw.get("text", "") for name, _, kw in err if name == "label")
+    assert "killed by signal 9" in labels
+    ops.runtime.last_error = ""
+
+
+def test_modal_path_pumps_and_builds_one_object(scene, addon, tiny_checkpoints):
+    """The UI path: invoke starts the job, a timer event calls modal() which pumps frames and
+    finally builds the object. Headless Blender cannot invoke, so drive modal() directly."""
+    from types import SimpleNamespace
+    ops = addon
+    _prefs(tiny_checkpoints)
+    reports = []
+
+    class FakeOp(ops._Generate):
+        def report(self, kind, msg):
+            reports.append((kind, msg))
+
+    pts = np.random.default_rng(9).normal(size=(300, 3)).astype(np.float32) + [0.0, 0.0, 4.0]
+    from blender_occnet import wire
+    opts = wire.options_dict(resolution=64, checkpoint=str(tiny_checkpoints["points"]))
+    ops.start_job(bpy.context, "points", pts, opts, "modal_test",
+                  origin=(pts.min(0) + pts.max(0)) / 2, label="Mesh from Point Cloud")
+    op = FakeOp()
+    n = len(bpy.data.objects)
+    ticks = 0
+    while True:
+        assert ops.runtime.busy
+        assert op.modal(bpy.context, SimpleNamespace(type="MOUSEMOVE")) == {"PASS_THROUGH"}
+        res = op.modal(bpy.context, SimpleNamespace(type="TIMER"))
+        ticks += 1
+        if res != {"PASS_THROUGH"}:
+            break
+        time.sleep(0.02)
+        assert ticks < 3000
+    assert res == {"FINISHED"}, reports
+    assert len(bpy.data.objects) == n + 1 and bpy.context.active_object.name == "modal_test"
+    assert not ops.runtime.busy and reports[-1][0] == {"INFO"}
