@@ -138,6 +138,8 @@ def _run_setup(base_python, target, requirements, system_site_packages):
             cmd.append("--without-pip")
         run(cmd + [target])
         py = venv_python(target)
+        if system_site_packages:
+            _link_parent_site_packages(base_python, py, lines)
         if requirements:
             run([py, "-m", "pip", "install", "--upgrade", "pip"])
             run([py, "-m", "pip", "install"] + list(requirements))
@@ -151,6 +153,31 @@ def _run_setup(base_python, target, requirements, system_site_packages):
         setup_state["error"] = str(exc)
     finally:
         setup_state["done"] = True
+
+
+def _link_parent_site_packages(base_python, py, lines):
+    """``venv --system-site-packages`` only sees the *base* installation's packages. When the base
+    Python is itself a venv (or conda env) with torch, add a .pth file so the new venv sees its
+    site-packages too."""
+    import json
+    code = ("import json, os, site, sys; print(json.dumps(site.getsitepackages() + [p for p in sys.path "
+            "if os.path.basename(p) in ('site-packages', 'dist-packages')]))")
+    try:
+        parent = json.loads(subprocess.run([base_python, "-c", code], capture_output=True, text=True,
+                                           check=True, env=client.child_env()).stdout)
+        own = json.loads(subprocess.run([py, "-c", code], capture_output=True, text=True,
+                                        check=True, env=client.child_env()).stdout)
+    except (OSError, ValueError, subprocess.CalledProcessError) as exc:
+        lines.append(f"(could not list {base_python}'s site-packages: {exc})")
+        return
+    dirs = []
+    for d in parent:
+        if os.path.isdir(d) and d not in dirs and d not in own:
+            dirs.append(d)
+    if own and dirs:
+        with open(os.path.join(own[0], "occnet_parent_site.pth"), "w", encoding="utf-8") as f:
+            f.write("\n".join(dirs) + "\n")
+        lines.append("reusing packages from " + ", ".join(dirs))
 
 
 def _finish_setup():
