@@ -36,7 +36,8 @@ def build_parser():
                                    "(a relative path is inside --out)")
     p.add_argument("--format", choices=("glb", "obj", "ply"),
                    help="write one mesh file per input (default: glb when --blend is not given)")
-    p.add_argument("--resolution", type=int, default=128, help="grid resolution (32..512)")
+    p.add_argument("--resolution", type=int, default=128, choices=(32, 64, 128, 256, 512),
+                   help="grid resolution per axis (default 128)")
     p.add_argument("--threshold", type=float, default=0.5, help="surface occupancy probability")
     p.add_argument("--max-faces", type=int, default=None, help="face budget per mesh")
     p.add_argument("--checkpoint-points", help="point-cloud model (default: the shipped one)")

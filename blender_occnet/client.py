@@ -204,6 +204,10 @@ class BackendClient:
     def start(self):
         if self.alive:
             return
+        if self._requests:  # the previous process died before its exit was polled
+            code = self.proc.poll() if self.proc is not None else None
+            self._fail_all(wire.E_BACKEND_EXITED,
+                           f"the backend exited with code {code} during the request.{self._tail_text()}")
         self._cleanup_dead()
         # "--" keeps backend.cli's argument parser from reading the server's options
         cmd = self.command or (

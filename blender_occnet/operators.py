@@ -269,8 +269,8 @@ def _redraw(context):
 class _Generate:
     """Shared by the two generate operators (subclasses implement ``gather``)."""
 
-    resolution: IntProperty(name="Resolution", default=128, min=16, max=1024,
-                            description="Marching-cubes grid resolution per axis "
+    resolution: IntProperty(name="Resolution", default=128, min=32, max=512,
+                            description="Marching-cubes grid resolution per axis: 32, 64, 128, 256 or 512 "
                                         "(default from the add-on preferences)")
     threshold: FloatProperty(name="Threshold", default=0.5, min=0.01, max=0.99,
                              description="Occupancy probability of the surface")

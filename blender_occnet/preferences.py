@@ -255,8 +255,8 @@ class OCCNET_AP_preferences(bpy.types.AddonPreferences):
         name="Image Checkpoint", subtype="FILE_PATH",
         description="Model for images (.safetensors); empty: the shipped default")
     device: EnumProperty(name="Device", items=DEVICE_ITEMS, default="AUTO")
-    default_resolution: IntProperty(name="Default Resolution", default=128, min=16, max=1024,
-                                    description="Marching-cubes grid resolution per axis")
+    default_resolution: IntProperty(name="Default Resolution", default=128, min=32, max=512,
+                                    description="Marching-cubes grid resolution per axis: 32, 64, 128, 256 or 512")
     threshold: FloatProperty(name="Threshold", default=0.5, min=0.01, max=0.99,
                              description="Occupancy probability of the surface")
     max_faces: IntProperty(name="Face Budget", default=0, min=0,

@@ -275,3 +275,29 @@ def test_stdout_carries_frames_only():
     assert cp.returncode == 0, cp.stderr
     assert cp.stdout == wire.frame_bytes({"type": "pong", "id": 1})
     assert b"stray print" in cp.stderr and b"raw fd write" in cp.stderr
+
+
+def test_client_restarts_after_crash_and_fails_the_lost_request(tiny_checkpoints):
+    """The add-on's client: a request lost with a killed backend ends with a clear error, even
+    when the next request starts a fresh backend before the exit was noticed."""
+    from blender_occnet.client import BackendClient
+    cl = BackendClient()
+    try:
+        opts = wire.options_dict(checkpoint=str(tiny_checkpoints["points"]), resolution=256)
+        pts = np.random.default_rng(6).normal(size=(300, 3))
+        first = cl.reconstruct("points", pts, opts)
+        while first.stage != "extract":
+            cl.poll(timeout=0.05)
+        old = cl.proc
+        old.kill()
+        old.wait()
+        second = cl.reconstruct("points", pts, dict(opts, resolution=32))  # no poll in between
+        assert first.done and first.error.code == wire.E_BACKEND_EXITED
+        assert "-9" in first.error.message or "signal 9" in first.error.message
+        cl.wait(second, timeout=120)
+        assert second.error is None and len(second.result["faces"]) > 0
+        assert cl.proc.pid != old.pid
+        pid = cl.proc.pid
+    finally:
+        cl.stop()
+    assert not pid_alive(pid)
