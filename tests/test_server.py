@@ -301,3 +301,25 @@ def test_client_restarts_after_crash_and_fails_the_lost_request(tiny_checkpoints
     finally:
         cl.stop()
     assert not pid_alive(pid)
+
+
+def test_pythonpath_for_an_addon_folder_with_another_name(tmp_path, monkeypatch):
+    """Installed under a different folder name, the child still imports blender_occnet.wire
+    (through a shim folder) and the bundled backend."""
+    import shutil
+
+    from blender_occnet import client
+    addon = tmp_path / "occnet_renamed"
+    shutil.copytree(REPO_ROOT / "blender_occnet", addon,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO_ROOT / "backend", addon / "bundled" / "backend",
+                    ignore=shutil.ignore_patterns("__pycache__", "weights"))
+    monkeypatch.setattr(client, "ADDON_DIR", str(addon))
+    paths = client.backend_pythonpath()
+    assert paths[0] == str(addon / "bundled")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    code = "import backend, blender_occnet.wire as w; print(backend.__file__, w.PROTOCOL_VERSION)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out[0].startswith(str(addon / "bundled" / "backend")) and out[1] == str(wire.PROTOCOL_VERSION)
