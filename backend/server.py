@@ -429,6 +429,10 @@ def main(argv=None):
     if argv[:1] == ["--"]:
         argv = argv[1:]
     args = build_parser().parse_args(argv)
+    # Ctrl-C in the terminal that started Blender reaches the whole process group: the add-on
+    # controls this process through its stdin (shutdown / EOF), so ignore it.
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     frames_out = redirect_stdout_to_stderr()
     logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
                         format="[occnet-backend %(process)d] %(levelname)s %(message)s")

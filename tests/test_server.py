@@ -207,6 +207,16 @@ def test_malformed_frame_gets_error_reply_and_server_survives(conn, payload, cod
     assert conn.proc.poll() is None
 
 
+def test_sigint_is_ignored(conn):
+    """Ctrl-C in Blender's terminal must not kill the backend; stdin controls its life."""
+    import signal
+    os.kill(conn.proc.pid, signal.SIGINT)
+    time.sleep(0.2)
+    rid = conn.request("ping")
+    conn.expect("pong", rid)
+    assert conn.proc.poll() is None
+
+
 def test_bad_checkpoint_is_reported_and_next_request_works(conn, tiny_checkpoints, tmp_path):
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(b"definitely not safetensors")
