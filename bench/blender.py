@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from blender_occnet import wire  # noqa: E402
-from blender_occnet.client import BackendClient, child_env  # noqa: E402
+from blender_occnet.client import BackendClient  # noqa: E402
 
 RESULTS = []
 

@@ -1,8 +1,6 @@
 """Shared pytest fixtures."""
 # --- blender-occnet add-on / server fixtures (owner: add-on) ---------------------------------
 import os as _os
-import subprocess as _subprocess
-import sys as _sys
 from pathlib import Path as _Path
 
 import pytest as _pytest
