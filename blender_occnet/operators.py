@@ -165,6 +165,11 @@ def image_pixels(image):
     buf = np.empty(w * h * c, np.float32)
     image.pixels.foreach_get(buf)
     px = buf.reshape(h, w, c)[::-1]
+    if image.is_float and c >= 3:
+        # float buffers hold scene-linear values; the models were trained on sRGB images
+        rgb = np.clip(px[:, :, :3], 0.0, 1.0)
+        rgb = np.where(rgb <= 0.0031308, rgb * 12.92, 1.055 * np.power(rgb, 1 / 2.4) - 0.055)
+        px = np.concatenate([rgb, px[:, :, 3:]], axis=2)
     if c == 1:
         px = np.repeat(px, 3, axis=2)
     elif c == 2:

@@ -471,3 +471,26 @@ def test_modal_path_pumps_and_builds_one_object(scene, addon, tiny_checkpoints):
     assert res == {"FINISHED"}, reports
     assert len(bpy.data.objects) == n + 1 and bpy.context.active_object.name == "modal_test"
     assert not ops.runtime.busy and reports[-1][0] == {"INFO"}
+
+
+def test_image_pixels_orientation_and_colour(addon):
+    ops = addon
+    img = bpy.data.images.new("orient", 4, 3, alpha=True)
+    px = np.zeros((3, 4, 4), np.float32)  # Blender rows: 0 = bottom
+    px[0, :, :] = (1.0, 0.0, 0.0, 1.0)  # bottom row red
+    px[2, :, :] = (0.0, 0.0, 1.0, 0.5)  # top row blue, half transparent
+    img.pixels.foreach_set(px.ravel())
+    try:
+        out = ops.image_pixels(img)
+        assert out.dtype == np.uint8 and out.shape == (3, 4, 4)
+        assert tuple(out[0, 0]) == (0, 0, 255, 128)  # row 0 = top
+        assert tuple(out[2, 0]) == (255, 0, 0, 255)
+    finally:
+        bpy.data.images.remove(img)
+    img = bpy.data.images.new("linear", 2, 2, alpha=True, float_buffer=True)
+    img.pixels.foreach_set(np.full(16, 0.2140411, np.float32))  # linear 0.214 = sRGB 0.5
+    try:
+        out = ops.image_pixels(img)
+        assert abs(int(out[0, 0, 0]) - 128) <= 1 and abs(int(out[0, 0, 3]) - 55) <= 1
+    finally:
+        bpy.data.images.remove(img)
