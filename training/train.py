@@ -41,7 +41,8 @@ from .train_state import load_train_state, save_train_state
 DEFAULTS = {
     "name": None,
     "notes": "",
-    "data_dir": "/work/data/prepared",
+    "data_dir": "data/prepared",      # relative to the working directory
+    "exclude_shapes": [],             # shape ids left out of training and validation (bad labels)
     "out_dir": None,                  # default: runs/<name>
     "model": "local_points",          # preset name or a model configuration dict
     "seed": 0,
@@ -233,8 +234,9 @@ class Trainer:
         data_dir = Path(cfg["data_dir"])
         kind = cfg["model"]["input"]["kind"]
         flags = dict(surface=kind == "points", normals=False, images=kind == "image")
-        train_ids = read_split(data_dir, "train")
-        val_ids = read_split(data_dir, "val")
+        excluded = set(cfg["exclude_shapes"])
+        train_ids = [i for i in read_split(data_dir, "train") if i not in excluded]
+        val_ids = [i for i in read_split(data_dir, "val") if i not in excluded]
         if cfg["val_max_shapes"]:
             val_ids = val_ids[: int(cfg["val_max_shapes"])]
         if not train_ids:
