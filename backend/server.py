@@ -91,6 +91,8 @@ class Server:
         self.cancelled_ids = set()  # cancel requests for jobs that have not started yet
         self.state_lock = threading.Lock()
         self.stopping = threading.Event()
+        self.warm_done = threading.Event()
+        self.warm_done.set()  # set again by main() when a warm-up thread runs
         self._import_error = None
 
     # -- the reconstructor is created lazily (importing torch takes a while) -------------------
@@ -104,13 +106,31 @@ class Server:
                     self._reconstructor = Reconstructor(device=self.default_device)
             return self._reconstructor
 
-    def warm_up(self):
-        """Import torch and the pipeline while the add-on prepares its first request."""
+    def warm_up(self, preload=()):
+        """Import torch and the pipeline, and load the models named in ``preload`` ("points",
+        "image", or "kind:path"), while the add-on prepares its first request."""
         try:
-            self.reconstructor()
-        except BaseException as exc:  # reported when a request needs it
-            self._import_error = exc
-            log.error("backend start-up failed:\n%s", traceback.format_exc())
+            try:
+                r = self.reconstructor()
+            except BaseException as exc:  # reported when a request needs it
+                self._import_error = exc
+                log.error("backend start-up failed:\n%s", traceback.format_exc())
+                return
+            from backend.pipeline import ReconstructOptions
+            for item in preload:
+                kind, _, path = item.partition(":")
+                if kind not in ("points", "image"):
+                    log.warning("--preload %r: the kind must be 'points' or 'image'", item)
+                    continue
+                try:
+                    t0 = time.perf_counter()
+                    r.model_for(kind, ReconstructOptions(checkpoint=path or None))
+                    log.info("preloaded the %s model %s in %.2f s", kind, path or "(default)",
+                             time.perf_counter() - t0)
+                except Exception as exc:  # the request that needs it reports the problem
+                    log.info("could not preload the %s model %s: %s", kind, path or "(default)", exc)
+        finally:
+            self.warm_done.set()
 
     # -- replies ------------------------------------------------------------------------------
     def send_error(self, req_id, code, message):
@@ -256,6 +276,10 @@ class Server:
         h = job.header
         try:
             progress("starting", 0.0)
+            # let the warm-up finish loading models (no double loads, no racing on the cache)
+            while not self.warm_done.wait(0.05):
+                if job.cancel.is_set():
+                    raise Cancelled()
             if self._import_error is not None and self._reconstructor is None:
                 raise self._import_error
             r = self.reconstructor()
@@ -417,6 +441,9 @@ def build_parser():
     p.add_argument("--device", default="auto",
                    help="torch device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--preload", action="append", default=[], metavar="KIND[:PATH]",
+                   help="load a model at start-up: 'points' / 'image' (the shipped default) or "
+                        "'points:/path/model.safetensors'; repeatable")
     p.add_argument("--no-warm-up", action="store_true",
                    help="do not import torch and the pipeline before the first request")
     return p
@@ -444,7 +471,9 @@ def main(argv=None):
     reader = threading.Thread(target=server.read_loop, name="occnet-reader", daemon=True)
     reader.start()
     if not args.no_warm_up:
-        threading.Thread(target=server.warm_up, name="occnet-warmup", daemon=True).start()
+        server.warm_done.clear()
+        threading.Thread(target=server.warm_up, args=(args.preload,), name="occnet-warmup",
+                         daemon=True).start()
     try:
         server.work_loop()
     except KeyboardInterrupt:

@@ -169,6 +169,7 @@ class Request:
         self.error = None  # BackendError
         self.done = False
         self.started = time.monotonic()
+        self.on_progress = None  # callable(request), called by poll() for every progress frame
 
     def __repr__(self):
         state = "done" if self.done else f"{self.stage} {self.fraction:.0%}"
@@ -427,6 +428,8 @@ class BackendClient:
         if t == "progress":
             req.stage = str(header.get("stage", ""))
             req.fraction = float(header.get("fraction", 0.0))
+            if req.on_progress is not None:
+                req.on_progress(req)
         elif t == "result":
             res = {"vertices": arrays.get("vertices"), "faces": arrays.get("faces"),
                    "normals": arrays.get("normals"), "colors": arrays.get("colors"),
@@ -445,12 +448,10 @@ class BackendClient:
     def wait(self, req, timeout=None, on_progress=None):
         """Block until ``req`` is done (synchronous callers: batch, background mode)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        last = None
+        if on_progress is not None:
+            req.on_progress = on_progress
         while not req.done:
             self.poll(timeout=0.1)
-            if on_progress is not None and (req.stage, round(req.fraction, 2)) != last:
-                last = (req.stage, round(req.fraction, 2))
-                on_progress(req)
             if deadline is not None and time.monotonic() > deadline and not req.done:
                 self.cancel(req)
                 self._finish(req, error=BackendError(

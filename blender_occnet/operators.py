@@ -84,6 +84,14 @@ def resolve_python(prefs):
     return res["path"]
 
 
+def server_args(prefs):
+    """Start-up options for the backend: load the configured models while it waits."""
+    args = []
+    for kind, ck in (("points", prefs.checkpoint_points), ("image", prefs.checkpoint_image)):
+        args += ["--preload", f"{kind}:{bpy.path.abspath(ck)}" if ck else kind]
+    return args
+
+
 def get_client(prefs):
     python = resolve_python(prefs)
     if runtime.client is not None and runtime.client.python != python:
@@ -91,7 +99,28 @@ def get_client(prefs):
         runtime.client = None
     if runtime.client is None:
         runtime.client = BackendClient(python=python, log=_log_backend)
+    if not runtime.client.alive:
+        runtime.client.args = server_args(prefs)
     return runtime.client
+
+
+PRESTART_WAIT_S = 120.0
+_prestart_deadline = [0.0]
+
+
+def _prestart_timer():
+    """UI only: start the backend soon after Blender starts, so the first request does not pay
+    for Python + torch start-up and model loading. Waits for the interpreter detection."""
+    prefs = get_prefs()
+    if not getattr(prefs, "start_with_blender", False) or runtime.client is not None:
+        return None
+    if not prefs.python_path and runtime.detected_python is None:
+        return 0.5 if time.monotonic() < _prestart_deadline[0] else None
+    try:
+        get_client(prefs).start()
+    except BackendError as exc:  # shown when the user generates something
+        _log_backend(f"prestart failed: {exc}")
+    return None
 
 
 def shutdown_backend():
@@ -504,11 +533,16 @@ def register():
     for cls in classes:
         bpy.utils.register_class(cls)
     bpy.types.VIEW3D_MT_mesh_add.append(_menu_func)
-    if not bpy.app.background and not get_prefs().python_path:
-        _detect_in_background()
+    if not bpy.app.background:
+        if not get_prefs().python_path:
+            _detect_in_background()
+        _prestart_deadline[0] = time.monotonic() + PRESTART_WAIT_S
+        bpy.app.timers.register(_prestart_timer, first_interval=1.0, persistent=True)
 
 
 def unregister():
+    if bpy.app.timers.is_registered(_prestart_timer):
+        bpy.app.timers.unregister(_prestart_timer)
     bpy.types.VIEW3D_MT_mesh_add.remove(_menu_func)
     shutdown_backend()
     for cls in reversed(classes):

@@ -36,6 +36,7 @@ class _Defaults:
     threshold = 0.5
     max_faces = 0
     use_normals = False
+    start_with_blender = False
 
 
 def get_prefs(context=None):
@@ -262,6 +263,10 @@ class OCCNET_AP_preferences(bpy.types.AddonPreferences):
     max_faces: IntProperty(name="Face Budget", default=0, min=0,
                            description="Simplify results to at most this many faces (0: no limit)")
 
+    start_with_blender: BoolProperty(
+        name="Start Backend with Blender", default=True,
+        description="Start the backend and load the models in the background when Blender "
+                    "starts, so the first reconstruction does not wait for them")
     use_normals: BoolProperty(
         name="Network Normals",
         description="Ask the backend for normals from the network's gradient and use them as "
@@ -300,6 +305,7 @@ class OCCNET_AP_preferences(bpy.types.AddonPreferences):
         col.prop(self, "threshold")
         col.prop(self, "max_faces")
         col.prop(self, "use_normals")
+        col.prop(self, "start_with_blender")
 
 
 classes = (OCCNET_OT_detect_python, OCCNET_OT_check_python, OCCNET_OT_setup_environment,

@@ -494,3 +494,32 @@ def test_image_pixels_orientation_and_colour(addon):
         assert abs(int(out[0, 0, 0]) - 128) <= 1 and abs(int(out[0, 0, 3]) - 55) <= 1
     finally:
         bpy.data.images.remove(img)
+
+
+def test_prestart_starts_backend_with_preloaded_models(scene, addon, tiny_checkpoints):
+    """What the UI's start-up timer does (timers never fire headless: call it directly)."""
+    ops = addon
+    prefs = _prefs(tiny_checkpoints)
+    ops.shutdown_backend()
+    prefs.start_with_blender = False
+    assert ops._prestart_timer() is None and ops.runtime.client is None
+    prefs.start_with_blender = True
+    prefs.python_path = sys.executable
+    try:
+        ops._prestart_deadline[0] = time.monotonic() + 10
+        assert ops._prestart_timer() is None
+        cl = ops.runtime.client
+        assert cl is not None and cl.alive
+        assert cl.args == ["--preload", f"points:{prefs.checkpoint_points}",
+                           "--preload", f"image:{prefs.checkpoint_image}"]
+        deadline = time.monotonic() + 60
+        while not any(m["checkpoint"].endswith("octa_points.safetensors")
+                      for m in cl.info()["loaded_models"]):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        bpy.ops.mesh.primitive_cube_add()
+        assert bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", resolution=32) == {"FINISHED"}
+        assert ops._prestart_timer() is None and ops.runtime.client is cl  # started once
+    finally:
+        prefs.python_path = ""
+        prefs.start_with_blender = True

@@ -333,3 +333,31 @@ def test_pythonpath_for_an_addon_folder_with_another_name(tmp_path, monkeypatch)
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True,
                          text=True, check=True).stdout.split()
     assert out[0].startswith(str(addon / "bundled" / "backend")) and out[1] == str(wire.PROTOCOL_VERSION)
+
+
+def test_preload_loads_models_before_the_first_request(tiny_checkpoints):
+    ck = str(tiny_checkpoints["points"])
+    c = Conn("--preload", f"points:{ck}", "--preload", "image:/no/such/model.safetensors",
+             "--preload", "voxels")
+    try:
+        c.expect("hello", skip=())
+        deadline = time.monotonic() + 60
+        while True:
+            rid = c.request("info")
+            h, _ = c.expect("info", rid)
+            if any(m["checkpoint"] == os.path.realpath(ck) for m in h["loaded_models"]):
+                break
+            assert time.monotonic() < deadline, h
+            time.sleep(0.1)
+        assert len(h["loaded_models"]) == 1  # the missing file and the bad kind were skipped
+        rid = reconstruct_points(c, np.random.default_rng(8).normal(size=(200, 3)), checkpoint=ck,
+                                 resolution=32)
+        c.expect("result", rid)
+        # the missing model is reported when a request needs it
+        rid = c.request("reconstruct", input="image",
+                        options={"checkpoint": "/no/such/model.safetensors", "resolution": 32},
+                        arrays={"pixels": np.full((8, 8, 3), 200, np.uint8)})
+        h, _ = c.expect("error", rid)
+        assert "/no/such/model.safetensors" in h["message"]
+    finally:
+        c.close()
