@@ -26,15 +26,19 @@ def square_crop_box(alpha: np.ndarray, margin: float = 0.08) -> tuple[int, int, 
             int(round(cx + side / 2)), int(round(cy + side / 2)))
 
 
-def image_to_model_input(rgba: np.ndarray, size: int, crop_to_object: bool = True) -> np.ndarray:
+def image_to_model_input(rgba: np.ndarray, size: int, background=(1.0, 1.0, 1.0),
+                         crop_to_object: bool = True) -> np.ndarray:
     """(H, W, 4) float RGBA in [0, 1] -> (3, size, size) float32 RGB: object cropped to a square
-    (using alpha as the mask), composited on white, resized with antialiasing."""
-    rgb = composite_on_background(rgba)
+    (using alpha as the mask), composited on the background colour (3,) in [0, 1] (white at
+    inference; training varies it), resized with antialiasing."""
+    background = np.asarray(background, dtype=np.float32)
+    rgb = composite_on_background(rgba, background)
     box = square_crop_box(rgba[..., 3]) if crop_to_object else square_crop_box(np.ones(rgba.shape[:2]))
     img = Image.fromarray((rgb * 255.0 + 0.5).astype(np.uint8))
-    # crop() pads with black outside the image: paste onto white instead.
+    # crop() pads with black outside the image: paste onto the background instead.
     left, top, right, bottom = box
-    canvas = Image.new("RGB", (right - left, bottom - top), (255, 255, 255))
+    fill = tuple(int(v) for v in (background * 255.0 + 0.5).astype(np.uint8))
+    canvas = Image.new("RGB", (right - left, bottom - top), fill)
     canvas.paste(img, (-left, -top))
     canvas = canvas.resize((size, size), Image.Resampling.LANCZOS)
     return np.asarray(canvas, np.float32).transpose(2, 0, 1) / 255.0

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from backend.preprocess import composite_on_background, square_crop_box
+from backend.inputs import normalisation
+from backend.preprocess import image_to_model_input
 
 # Half the edge of the padded query box, [-0.55, 0.55]^3 for the contract's padding 0.1.
 DEFAULT_PADDING = 0.1
@@ -94,9 +95,10 @@ def random_axis_scales(scale_range: tuple[float, float], rng: np.random.Generato
 
 
 def bounding_box_fit(points: np.ndarray) -> tuple[np.ndarray, float]:
-    """Canonical-box normalisation of points (N, 3): (bbox centre (3,), longest bbox edge)."""
-    lo, hi = points.min(axis=0), points.max(axis=0)
-    return (lo + hi) / 2.0, float(max((hi - lo).max(), 1e-9))
+    """Canonical-box normalisation of points (N, 3): (bbox centre (3,), longest bbox edge), the
+    very function inference uses."""
+    center, scale = normalisation(points)
+    return center, max(scale, 1e-9)
 
 
 @dataclass(frozen=True)
@@ -186,20 +188,9 @@ def decode_view(png: bytes) -> np.ndarray:
 
 
 def image_input(rgba: np.ndarray, size: int, background: np.ndarray) -> np.ndarray:
-    """RGBA (H, W, 4) float in [0, 1] -> model input (3, size, size) float32.
-
-    Exactly backend.preprocess.image_to_model_input (object cropped to a square by its mask,
-    composited, LANCZOS-resized) except that the background colour (3,) in [0, 1] is a choice,
-    so training sees inputs prepared the way inference prepares them."""
-    background = np.asarray(background, dtype=np.float32)
-    rgb = composite_on_background(rgba, background)
-    left, top, right, bottom = square_crop_box(rgba[..., 3])
-    img = Image.fromarray((rgb * 255.0 + 0.5).astype(np.uint8))
-    fill = tuple(int(v) for v in (background * 255.0 + 0.5).astype(np.uint8))
-    canvas = Image.new("RGB", (right - left, bottom - top), fill)
-    canvas.paste(img, (-left, -top))
-    canvas = canvas.resize((size, size), Image.Resampling.LANCZOS)
-    return np.asarray(canvas, np.float32).transpose(2, 0, 1) / 255.0
+    """RGBA (H, W, 4) float in [0, 1] -> model input (3, size, size) float32, prepared exactly as
+    inference prepares it (backend.preprocess), on a background colour (3,) that training varies."""
+    return image_to_model_input(rgba, size, background=background)
 
 
 def pick_background(mode: str, rng: np.random.Generator) -> np.ndarray:
