@@ -87,3 +87,27 @@ def edges_watertight(faces):
     e.sort(axis=1)
     _, counts = np.unique(e, axis=0, return_counts=True)
     return len(faces) > 0 and bool((counts == 2).all())
+
+
+def import_bpy():
+    """Import the bpy module in the test process, or skip. bpy *prepends* Blender's script folders
+    to sys.path; one of them holds Blender's internal ``bpy`` package, so a process spawned later
+    (multiprocessing "spawn" copies sys.path) would import that one and fail on ``_bpy``. Move
+    those folders behind site-packages: same modules in this process, the real bpy in children."""
+    import sys
+
+    before = list(sys.path)
+    bpy = _pytest.importorskip("bpy")
+    added = [p for p in sys.path if p not in before]
+    if added:
+        rest = [p for p in sys.path if p not in added]
+        sys.path[:] = rest + added
+    return bpy
+
+
+def require_bpy():
+    """Skip unless the bpy module is installed, without importing it here."""
+    import importlib.util
+
+    if importlib.util.find_spec("bpy") is None:
+        _pytest.skip("the bpy module is not installed (pip install bpy==5.0.1)", allow_module_level=True)

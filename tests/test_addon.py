@@ -10,10 +10,10 @@ import time
 import numpy as np
 import pytest
 
-bpy = pytest.importorskip("bpy")
-import addon_utils  # noqa: E402  (ships with bpy)
+from conftest import edges_watertight, import_bpy, pid_alive  # noqa: E402
 
-from conftest import edges_watertight, pid_alive  # noqa: E402
+bpy = import_bpy()
+import addon_utils  # noqa: E402  (ships with bpy)
 
 ADDON = "blender_occnet"
 

@@ -10,10 +10,11 @@ import zlib
 import numpy as np
 import pytest
 
-pytest.importorskip("bpy")
 trimesh = pytest.importorskip("trimesh")
 
-from conftest import REPO_ROOT, backend_env, edges_watertight, pid_alive  # noqa: E402
+from conftest import REPO_ROOT, backend_env, edges_watertight, pid_alive, require_bpy  # noqa: E402
+
+require_bpy()
 
 
 def write_png(path, rgba):

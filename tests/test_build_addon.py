@@ -9,9 +9,10 @@ import zipfile
 
 import pytest
 
-pytest.importorskip("bpy")
 
-from conftest import REPO_ROOT, pid_alive  # noqa: E402
+from conftest import REPO_ROOT, pid_alive, require_bpy  # noqa: E402
+
+require_bpy()
 
 sys.path.insert(0, str(REPO_ROOT))
 import build_addon  # noqa: E402
