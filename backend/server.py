@@ -217,6 +217,10 @@ class Server:
         try:
             r = self.reconstructor()
             info.update({k: v for k, v in r.info().items() if k not in ("type", "id")})
+            torch = sys.modules.get("torch")
+            if torch is not None:
+                info.setdefault("torch_threads", torch.get_num_threads())
+            info.setdefault("omp_wait_policy", os.environ.get("OMP_WAIT_POLICY"))
         except BaseException as exc:
             self.send_error(req_id, wire.E_INTERNAL, f"the backend cannot start its models: {exc}")
             return
@@ -444,6 +448,8 @@ def build_parser():
     p.add_argument("--preload", action="append", default=[], metavar="KIND[:PATH]",
                    help="load a model at start-up: 'points' / 'image' (the shipped default) or "
                         "'points:/path/model.safetensors'; repeatable")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-warm-up", action="store_true",
                    help="do not import torch and the pipeline before the first request")
     return p
@@ -456,6 +462,15 @@ def main(argv=None):
     if argv[:1] == ["--"]:
         argv = argv[1:]
     args = build_parser().parse_args(argv)
+    # OpenMP threads that spin while waiting for work burn the CPU that Blender and every other
+    # process need; on a busy machine that made requests 3-10x slower (see bench/blender.py).
+    # Must be set before torch (libgomp) loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if args.threads > 0:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(args.threads)
+    if "torch" in sys.modules:
+        log.warning("torch was imported before the server set its thread policy")
     # Ctrl-C in the terminal that started Blender reaches the whole process group: the add-on
     # controls this process through its stdin (shutdown / EOF), so ignore it.
     import signal

@@ -80,6 +80,8 @@ def child_env(extra_paths=()):
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONIOENCODING"] = "utf-8"
     env.setdefault("TQDM_DISABLE", "1")
+    # idle OpenMP threads sleep instead of spinning: Blender keeps its CPU (see backend/server.py)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
 
 

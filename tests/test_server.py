@@ -244,6 +244,22 @@ def test_image_request(conn, tiny_checkpoints):
     assert np.abs(v).max() < 0.55  # canonical box, centred at the origin
 
 
+def test_thread_policy():
+    """Idle OpenMP threads must not spin (they starve Blender); --threads caps torch's pool."""
+    env_before = os.environ.pop("OMP_WAIT_POLICY", None)
+    try:
+        c = Conn("--threads", "1")
+    finally:
+        if env_before is not None:
+            os.environ["OMP_WAIT_POLICY"] = env_before
+    try:
+        rid = c.request("info")
+        h, _ = c.expect("info", rid)
+        assert h["omp_wait_policy"] == "PASSIVE" and h["torch_threads"] == 1
+    finally:
+        c.close()
+
+
 def test_shutdown_replies_bye_and_exits():
     c = Conn("--no-warm-up")
     c.expect("hello", skip=())
