@@ -25,9 +25,13 @@ _registered = []
 def register():
     from . import operators, panel, preferences
 
-    for mod in (preferences, operators, panel):
-        mod.register()
-        _registered.append(mod)
+    try:
+        for mod in (preferences, operators, panel):
+            mod.register()
+            _registered.append(mod)
+    except BaseException:
+        unregister()  # leave nothing half-registered behind
+        raise
 
 
 def unregister():
