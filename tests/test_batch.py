@@ -91,3 +91,15 @@ def test_batch_usage_errors(tmp_path):
     cp = subprocess.run([sys.executable, "-m", "blender_occnet.batch", "--out", "x"], cwd=REPO_ROOT,
                         env=backend_env(), capture_output=True, text=True, timeout=120)
     assert cp.returncode == 2 and "INPUT" in cp.stderr
+
+
+def test_arguments_after_double_dash_when_run_inside_blender(monkeypatch):
+    """`blender -b --python-expr "...main()" -- INPUTS --out DIR`: Blender's own options are skipped."""
+    from blender_occnet import batch
+    monkeypatch.setattr(sys, "argv", ["blender", "-b", "--python-expr", "x", "--", "a.ply", "b",
+                                      "--out", "o", "--format", "obj"])
+    args = batch.build_parser().parse_args(batch._argv_from_blender())
+    assert args.inputs == ["a.ply", "b"] and args.out == "o" and args.format == "obj"
+    monkeypatch.setattr(sys, "argv", ["python -m blender_occnet.batch", "c.xyz", "--out", "p"])
+    args = batch.build_parser().parse_args(batch._argv_from_blender())
+    assert args.inputs == ["c.xyz"] and args.out == "p" and args.resolution == 128
