@@ -260,6 +260,13 @@ class BackendClient:
                 continue
             except (EOFError, OSError, ValueError):
                 frame = None
+            except MemoryError:
+                self._inbox.put(("protocol", gen, "a frame too large for this machine's memory"))
+                try:
+                    proc.kill()  # the stream position is lost: start afresh on the next request
+                except OSError:
+                    pass
+                frame = None
             if frame is None:
                 break
             self._inbox.put(("frame", gen, frame))
