@@ -22,8 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--faces", type=int, default=None, help="decimate to at most this many faces")
     rec.add_argument("--normals", action="store_true", help="write vertex normals from the network's gradient")
     rec.add_argument("--quiet", action="store_true", help="no progress bar")
-    serve = sub.add_parser("serve", help="answer requests over stdin/stdout (used by the Blender add-on)")
-    serve.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("serve", help="answer requests over stdin/stdout (used by the Blender add-on); "
+                                 "see python -m backend serve --help")
     return parser
 
 
@@ -69,10 +69,11 @@ def reconstruct_command(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "serve":
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:  # the server parses its own options
         from . import server
-        return server.main(args.rest)
+        return server.main(argv[1:])
+    args = build_parser().parse_args(argv)
     try:
         return reconstruct_command(args)
     except OccnetError as exc:

@@ -457,10 +457,6 @@ def build_parser():
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    # `python -m backend serve -- --device cpu`: backend.cli passes everything after "serve"
-    # (argparse's REMAINDER does not take leading options, so callers put "--" first)
-    if argv[:1] == ["--"]:
-        argv = argv[1:]
     args = build_parser().parse_args(argv)
     # OpenMP threads that spin while waiting for work burn the CPU that Blender and every other
     # process need; on a busy machine that made requests 3-10x slower (see bench/blender.py).

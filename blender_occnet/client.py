@@ -214,7 +214,7 @@ class BackendClient:
         self._cleanup_dead()
         # "--" keeps backend.cli's argument parser from reading the server's options
         cmd = self.command or (
-            [self.python, "-m", "backend", "serve"] + (["--"] + self.args if self.args else []))
+            [self.python, "-m", "backend", "serve", *self.args])
         kwargs = {}
         if sys.platform == "win32":  # pragma: no cover
             kwargs["creationflags"] = subprocess.CREATE_NO_WINDOW

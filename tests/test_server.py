@@ -21,7 +21,7 @@ class Conn:
 
     def __init__(self, *args):
         self.proc = subprocess.Popen([sys.executable, "-m", "backend", "serve",
-                                      *(["--", *args] if args else [])],
+                                      *args],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env=backend_env(), cwd=REPO_ROOT)
         self.frames = queue.Queue()
