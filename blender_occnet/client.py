@@ -212,7 +212,6 @@ class BackendClient:
             self._fail_all(wire.E_BACKEND_EXITED,
                            f"the backend exited with code {code} during the request.{self._tail_text()}")
         self._cleanup_dead()
-        # "--" keeps backend.cli's argument parser from reading the server's options
         cmd = self.command or (
             [self.python, "-m", "backend", "serve", *self.args])
         kwargs = {}
