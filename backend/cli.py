@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     rec.add_argument("--faces", type=int, default=None, help="decimate to at most this many faces")
     rec.add_argument("--normals", action="store_true", help="write vertex normals from the network's gradient")
+    rec.add_argument("--no-refine", action="store_true",
+                     help="point clouds: keep the network's surface as extracted (no pull onto the points, no smoothing)")
     rec.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.add_parser("serve", help="answer requests over stdin/stdout (used by the Blender add-on); "
                                  "see python -m backend serve --help")
@@ -39,7 +41,7 @@ def reconstruct_command(args) -> int:
     kind = input_kind(args.input)
     data = load_points(args.input) if kind == "points" else load_image(args.input)
     options = ReconstructOptions(checkpoint=args.checkpoint, resolution=args.resolution, threshold=args.threshold,
-                                 max_faces=args.faces, normals=args.normals)
+                                 max_faces=args.faces, normals=args.normals, refine=not args.no_refine)
     options.validate()
     reconstructor = Reconstructor(args.device)
     bar = tqdm(total=100, unit="%", file=sys.stderr, disable=args.quiet, leave=False,

@@ -19,6 +19,7 @@ from .defaults import default_checkpoint, installed_defaults
 from .device import resolve_device
 from .errors import Cancelled, OccnetError
 from .extraction import MeshArrays, grid_to_mesh, mise, simplify_mesh
+from .extraction.refine import refine_to_points
 from .inputs import normalisation, validate_image, validate_points
 from .preprocess import image_to_model_input, subsample_points
 
@@ -36,6 +37,7 @@ class ReconstructOptions:
     max_faces: int | None = None       # decimate to this face budget
     device: str | None = None          # None: the Reconstructor's device
     normals: bool = False              # vertex normals from the network's gradient
+    refine: bool = True                # point clouds: pull the surface onto the input points, smooth
     batch_points: int = 65536          # points per network batch (bounds memory)
 
     def validate(self) -> None:
@@ -111,6 +113,11 @@ class Reconstructor:
             code = model.encode(inputs)
         mesh, evaluations = self._extract(model, code, device, options, timer, progress, should_cancel,
                                           seed_points=inputs[0])
+        if options.refine:
+            if progress is not None:
+                progress("refine", 0.0)
+            with timer("refine"):
+                mesh = MeshArrays(refine_to_points(mesh.vertices, mesh.faces, canonical), mesh.faces)
         result = self._finish(model, code, device, mesh, options, timer)
         result.vertices = (result.vertices.astype(np.float64) * scale + center).astype(np.float32)
         result.stats.update(evaluations=evaluations, input_points=len(points), encoder_points=len(encoder_points),

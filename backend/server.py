@@ -413,20 +413,11 @@ def validate_reconstruct(header, arrays):
 
 
 def reconstruct_options(opts):
-    import dataclasses
-
     from backend.pipeline import ReconstructOptions
-    kwargs = dict(checkpoint=opts.get("checkpoint"), resolution=int(opts.get("resolution", 128)),
-                  threshold=float(opts.get("threshold", 0.5)), max_faces=opts.get("max_faces"),
-                  device=opts.get("device"))
-    if opts.get("normals"):
-        fields = {f.name for f in dataclasses.fields(ReconstructOptions)} \
-            if dataclasses.is_dataclass(ReconstructOptions) else set()
-        if "normals" not in fields:
-            from backend.errors import OccnetError
-            raise OccnetError("bad_option", "this backend cannot compute vertex normals")
-        kwargs["normals"] = True
-    return ReconstructOptions(**kwargs)
+    return ReconstructOptions(checkpoint=opts.get("checkpoint"), resolution=int(opts.get("resolution", 128)),
+                              threshold=float(opts.get("threshold", 0.5)), max_faces=opts.get("max_faces"),
+                              device=opts.get("device"), normals=bool(opts.get("normals", False)),
+                              refine=bool(opts.get("refine", True)))
 
 
 def _hard_exit():

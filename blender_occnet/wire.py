@@ -325,15 +325,16 @@ def error_header(req_id, code, message):
     return {"type": "error", "id": req_id, "code": code, "message": message}
 
 
-RECONSTRUCT_OPTIONS = ("checkpoint", "resolution", "threshold", "max_faces", "device", "normals")
+RECONSTRUCT_OPTIONS = ("checkpoint", "resolution", "threshold", "max_faces", "device", "normals", "refine")
 
 
 def options_dict(checkpoint=None, resolution=128, threshold=0.5, max_faces=None, device=None,
-                 normals=False):
-    """Reconstruct options as they travel in the header (validated on the server)."""
+                 normals=False, refine=True):
+    """Reconstruct options as they travel in the header (validated on the server).
+    refine: for point clouds, pull the surface onto the input points and smooth it."""
     return {"checkpoint": checkpoint or None, "resolution": int(resolution),
             "threshold": float(threshold), "max_faces": int(max_faces) if max_faces else None,
-            "device": device or None, "normals": bool(normals)}
+            "device": device or None, "normals": bool(normals), "refine": bool(refine)}
 
 
 __all__ = [
