@@ -77,14 +77,12 @@ def test_image_to_mesh(tmp_path, image_octahedron):
     assert trimesh.load(tmp_path / "out.obj", process=False).is_watertight
 
 
-def test_no_default_model_is_a_clear_error(tmp_path, monkeypatch):
+def test_no_default_model_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    from backend import cli, defaults
     np.save(tmp_path / "p.npy", cube_points())
-    from backend import defaults
-    if defaults.DEFAULT_CHECKPOINTS["points"].is_file():
-        pytest.skip("a default point-cloud model is installed; its absence cannot be tested here")
-    proc = run_cli(tmp_path / "p.npy", "-o", tmp_path / "o.obj")
-    assert proc.returncode == 1
-    assert "no default point-cloud model is installed" in proc.stderr
+    monkeypatch.setitem(defaults.DEFAULT_CHECKPOINTS, "points", tmp_path / "not_installed.safetensors")
+    assert cli.main(["reconstruct", str(tmp_path / "p.npy"), "-o", str(tmp_path / "o.obj"), "--quiet"]) == 1
+    assert "no default point-cloud model is installed" in capsys.readouterr().err
 
 
 def write(path: Path, content) -> Path:
