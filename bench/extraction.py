@@ -56,6 +56,28 @@ def random_decoder(name: str, device):
     return evaluate, level
 
 
+def trained_point_model(device):
+    """The shipped default point-cloud model on the example point cloud (examples/chair_points.xyz),
+    or None when no default model is installed."""
+    from backend.defaults import DEFAULT_CHECKPOINTS
+    from backend.checkpoint import load_checkpoint
+    from backend.inputs import load_points, normalisation
+
+    path = DEFAULT_CHECKPOINTS["points"]
+    if not path.is_file():
+        return None
+    model, _, _ = load_checkpoint(path, device)
+    points = load_points(Path(__file__).resolve().parents[1] / "examples" / "chair_points.xyz")
+    center, scale = normalisation(points)
+    with torch.inference_mode():
+        code = model.encode(torch.from_numpy((points - center) / scale).float().to(device)[None])
+
+    def evaluate(p):
+        return model.decode(p[None], code)[0]
+
+    return evaluate
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -133,6 +155,9 @@ def main():
     for model_name, label in (("onet_points", "cbn_decoder_random"), ("local_points", "local_decoder_random")):
         evaluate, level = random_decoder(model_name, device)
         functions.append((label, evaluate, level))
+    trained = trained_point_model(device)
+    if trained is not None:
+        functions.append(("local_decoder_trained_chair", trained, 0.0))
     for resolution in args.resolutions:
         for name, evaluate, level in functions:
             slow = name == "cbn_decoder_random" and resolution >= 256 and device.type == "cpu"
