@@ -9,6 +9,7 @@ canonical frame, which is the frame the cameras are given in).
 """
 
 import argparse
+import tempfile
 import json
 import sys
 from pathlib import Path
@@ -74,8 +75,7 @@ def main(argv=None) -> int:
     reconstructor = Reconstructor("cpu")
     renderer = BlenderRenderer(TILE)
     rows = []
-    work = args.out.parent / (args.out.stem + "_tiles")
-    work.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="occnet_gallery_"))  # Blender renders to files
     for shape_id in pick_shapes(args.data_dir, args.count, exclude):
         shape_dir = args.data_dir / shape_id
         info = json.loads((shape_dir / "shape.json").read_text())
