@@ -43,6 +43,9 @@ def init_distributed(device_type: str) -> DistInfo:
 
 def shutdown_distributed(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
+        # Leave together: a rank that tears gloo down while rank 0 is still writing checkpoints
+        # can abort in gloo's threads ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
 
 
