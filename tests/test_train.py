@@ -83,13 +83,17 @@ def test_dataset_examples_are_reproducible_and_shaped(data_dir):
     assert img.shape == (3, 48, 48) and 0.0 <= float(img.min()) and float(img.max()) <= 1.0
 
 
-def test_image_input_matches_inference_preprocessing_on_white():
-    rng = np.random.default_rng(0)
-    rgba = np.zeros((80, 100, 4), np.float32)
-    rgba[20:50, 30:70, :3] = rng.random((30, 40, 3))
-    rgba[20:50, 30:70, 3] = 1.0
-    ours = ds.image_input(rgba, 32, np.ones(3))
-    assert np.array_equal(ours, image_to_model_input(rgba, 32))
+def test_image_background_fills_the_padding_of_the_crop():
+    """Training varies the background; the square crop around a wide object pads beyond the image,
+    and that padding must be the background colour too, not black."""
+    rgba = np.zeros((40, 100, 4), np.float32)
+    rgba[15:25, 5:95] = (1.0, 0.0, 0.0, 1.0)          # a wide red bar: its square crop exceeds the image
+    background = np.array([0.0, 0.0, 1.0])
+    image = image_to_model_input(rgba, 32, background)
+    assert np.allclose(image[:, 0, 16], background, atol=0.02)   # top rows: padding beyond the image
+    assert np.allclose(image[:, 16, 16], (1.0, 0.0, 0.0), atol=0.02)
+    white = image_to_model_input(rgba, 32)
+    assert np.allclose(white[:, 0, 16], 1.0, atol=0.02)
 
 
 def test_learning_rate_schedules():

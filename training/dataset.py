@@ -187,12 +187,6 @@ def decode_view(png: bytes) -> np.ndarray:
         return np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0
 
 
-def image_input(rgba: np.ndarray, size: int, background: np.ndarray) -> np.ndarray:
-    """RGBA (H, W, 4) float in [0, 1] -> model input (3, size, size) float32, prepared exactly as
-    inference prepares it (backend.preprocess), on a background colour (3,) that training varies."""
-    return image_to_model_input(rgba, size, background=background)
-
-
 def pick_background(mode: str, rng: np.random.Generator) -> np.ndarray:
     """Background colour (3,) in [0, 1]: "white", "random" (uniform RGB), or "mixed" (half each)."""
     if mode == "white" or (mode == "mixed" and rng.random() < 0.5):
@@ -359,7 +353,7 @@ class OccupancyDataset(torch.utils.data.Dataset):
         else:
             view = s.view if s.view is not None else int(rng.integers(0, len(shape.views)))
             rgba = decode_view(shape.views[view % len(shape.views)])
-            inputs_t = torch.from_numpy(image_input(rgba, s.image_size, pick_background(s.background, rng)))
+            inputs_t = torch.from_numpy(image_to_model_input(rgba, s.image_size, pick_background(s.background, rng)))
         n_near = int(round(s.query_points * s.near_fraction))
         n_uniform = s.query_points - n_near
         parts_p, parts_o = [], []

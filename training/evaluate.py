@@ -28,7 +28,9 @@ import torch
 from backend.checkpoint import load_checkpoint
 from backend.extraction import grid_to_mesh, mise
 
-from .dataset import (ShapeArrays, ShapeStore, decode_view, image_input, read_split, sample_surface_input)
+from backend.preprocess import image_to_model_input
+
+from .dataset import ShapeArrays, ShapeStore, decode_view, read_split, sample_surface_input
 from .metrics import mesh_metrics, occupancy_iou, sample_mesh_surface
 
 QUERY_BOX = (-0.55, 0.55)
@@ -48,7 +50,7 @@ def model_input(model, config: dict, shape: ShapeArrays, rng: np.random.Generato
     if model.input_kind == "points":
         return torch.from_numpy(sample_surface_input(shape.surface_points, num_points, noise, rng))[None]
     rgba = decode_view(shape.views[view % len(shape.views)])
-    return torch.from_numpy(image_input(rgba, int(config["input"]["image_size"]), np.ones(3)))[None]
+    return torch.from_numpy(image_to_model_input(rgba, int(config["input"]["image_size"])))[None]
 
 
 @torch.no_grad()
