@@ -6,6 +6,7 @@ models between calls, reports progress and checks for cancellation between netwo
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -201,21 +202,16 @@ def gradient_normals(model, code, vertices: np.ndarray, device, batch_points: in
 
 
 class StageTimer:
-    """Wall-clock seconds per named stage, plus their total."""
+    """Wall-clock seconds per named stage, plus their total: `with timer("extract"): ...`."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
 
+    @contextmanager
     def __call__(self, stage: str):
-        timer = self
-
-        class _Stage:
-            def __enter__(self):
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                elapsed = time.perf_counter() - self.start
-                timer.seconds[stage] = timer.seconds.get(stage, 0.0) + elapsed
-                timer.seconds["total"] = sum(v for k, v in timer.seconds.items() if k != "total")
-
-        return _Stage()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+            self.seconds["total"] = sum(v for k, v in self.seconds.items() if k != "total")
