@@ -123,6 +123,22 @@ def test_a_few_steps_lower_the_loss_and_write_a_loadable_checkpoint(data_dir, tm
     assert 0.0 <= info["val_iou"] <= 1.0 and info["hardware"]
 
 
+def test_init_weights_starts_from_a_model_checkpoint_and_refuses_another_architecture(data_dir, tmp_path):
+    first = config("test_tiny_points.json", data_dir, tmp_path / "first", max_steps=None,
+                   schedule={"epochs": 1, "decay": "constant", "warmup_steps": 0})
+    Trainer(first, resume=False, command="pytest").run()
+    source = tmp_path / "first" / "model_last.safetensors"
+    tuned = config("test_tiny_points.json", data_dir, tmp_path / "tuned", init_weights=str(source), seed=7)
+    trainer = Trainer(tuned, resume=False, command="pytest")
+    expected = load_file(str(source))
+    for key, value in trainer.module.state_dict().items():
+        assert torch.equal(value, expected[key]), key  # not the seed-7 initialisation
+    wider = config("test_tiny_points.json", data_dir, tmp_path / "wider", init_weights=str(source))
+    wider["model"]["decoder"]["hidden"] += 8
+    with pytest.raises(SystemExit, match="differs"):
+        Trainer(wider, resume=False, command="pytest")
+
+
 def test_time_budget_stops_cleanly_with_a_checkpoint(data_dir, tmp_path):
     cfg = config("test_tiny_points.json", data_dir, tmp_path, max_minutes=1e-6)
     result = Trainer(cfg, resume=False, command="pytest").run()

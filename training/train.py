@@ -45,6 +45,7 @@ DEFAULTS = {
     "exclude_shapes": [],             # shape ids left out of training and validation (bad labels)
     "out_dir": None,                  # default: runs/<name>
     "model": "local_points",          # preset name or a model configuration dict
+    "init_weights": None,             # model checkpoint to start from (fine-tuning); same architecture
     "seed": 0,
     "batch_size": 16,                 # global batch (split over DDP processes)
     "query_points": 2048,             # query points per shape
@@ -267,6 +268,9 @@ class Trainer:
             else:
                 self.log(f"--resume: no {self.state_path} yet, starting fresh")
 
+        if cfg["init_weights"] and not self.progress["step"]:
+            self.load_initial_weights(cfg["init_weights"])
+
         self.model = self.module
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -278,6 +282,18 @@ class Trainer:
                 self.writer = SummaryWriter(str(self.out / "tb"), purge_step=self.progress["step"] or None)
             except ImportError:
                 self.writer = None
+
+    def load_initial_weights(self, path) -> None:
+        """Start from a model checkpoint's weights; its architecture must be this run's, because
+        a silently partial load would look like training from scratch."""
+        from backend.checkpoint import load_checkpoint
+
+        source, source_cfg, _ = load_checkpoint(path, self.device)
+        if source_cfg.get("encoder") != self.cfg["model"].get("encoder") or \
+                source_cfg.get("decoder") != self.cfg["model"].get("decoder"):
+            raise SystemExit(f"init_weights {path}: its encoder/decoder configuration differs from this run's model")
+        self.module.load_state_dict(source.state_dict(), strict=True)
+        self.log(f"initial weights from {path}")
 
     # -- small utilities -----------------------------------------------------------------------
     def log(self, message: str) -> None:
