@@ -139,6 +139,19 @@ def test_init_weights_starts_from_a_model_checkpoint_and_refuses_another_archite
         Trainer(wider, resume=False, command="pytest")
 
 
+def test_image_training_leaves_out_shapes_prepared_without_renders(data_dir, tmp_path, capsys):
+    import shutil
+    mixed = tmp_path / "mixed"
+    shutil.copytree(data_dir, mixed)
+    bare = ds.read_split(mixed, "train")[0]
+    shutil.rmtree(mixed / bare / "images")  # as `training.prepare --views 0` leaves a shape
+    image_trainer = Trainer(config("test_tiny_image.json", mixed, tmp_path / "image"), resume=False, command="pytest")
+    assert bare not in image_trainer.train_store.shape_ids and len(image_trainer.train_store) == 7
+    assert "left out 1 shapes without rendered views" in capsys.readouterr().out
+    points_trainer = Trainer(config("test_tiny_points.json", mixed, tmp_path / "points"), resume=False, command="pytest")
+    assert bare in points_trainer.train_store.shape_ids
+
+
 def test_time_budget_stops_cleanly_with_a_checkpoint(data_dir, tmp_path):
     cfg = config("test_tiny_points.json", data_dir, tmp_path, max_minutes=1e-6)
     result = Trainer(cfg, resume=False, command="pytest").run()

@@ -259,6 +259,14 @@ def load_shape(shape_dir: Path, surface: bool, normals: bool, images: bool) -> S
     return arrays
 
 
+def split_by_renders(data_dir, shape_ids: list[str]) -> tuple[list[str], list[str]]:
+    """(ids with rendered views, ids without): a folder may mix shapes prepared with and without
+    renders (procedural solids are prepared for point-cloud training only)."""
+    data_dir = Path(data_dir)
+    rendered = [i for i in shape_ids if any((data_dir / i / "images").glob("*.png"))]
+    return rendered, [i for i in shape_ids if i not in set(rendered)]
+
+
 class ShapeStore:
     """Cached access to the shapes of a prepared folder. The cache lives in the process that
     fills it: call preload() before DataLoader workers fork to share one copy among them."""

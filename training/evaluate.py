@@ -30,7 +30,7 @@ from backend.extraction import grid_to_mesh, mise
 
 from backend.preprocess import image_to_model_input
 
-from .dataset import ShapeArrays, ShapeStore, decode_view, read_split, sample_surface_input
+from .dataset import ShapeArrays, ShapeStore, decode_view, read_split, sample_surface_input, split_by_renders
 from .metrics import mesh_metrics, occupancy_iou, sample_mesh_surface
 
 QUERY_BOX = (-0.55, 0.55)
@@ -169,6 +169,10 @@ def main(argv=None) -> int:
                           ("cpu" if args.device == "auto" else args.device))
     model, config, _ = load_checkpoint(args.checkpoint, device)
     ids = read_split(Path(args.data_dir), args.split)
+    if model.input_kind == "image":
+        ids, bare = split_by_renders(args.data_dir, ids)
+        if bare:
+            print(f"left out {len(bare)} shapes without rendered views", file=sys.stderr)
     if args.max_shapes:
         ids = ids[: args.max_shapes]
     if not ids:

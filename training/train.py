@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from backend.checkpoint import save_checkpoint
 from backend.models import build_model, preset
 
-from .dataset import OccupancyDataset, SamplingConfig, ShapeStore, read_split
+from .dataset import OccupancyDataset, SamplingConfig, ShapeStore, read_split, split_by_renders
 from .distributed import (DistInfo, ResumableBatchSampler, all_reduce_sum, broadcast_flag, init_distributed,
                           shutdown_distributed)
 from .metrics import occupancy_iou
@@ -238,6 +238,12 @@ class Trainer:
         excluded = set(cfg["exclude_shapes"])
         train_ids = [i for i in read_split(data_dir, "train") if i not in excluded]
         val_ids = [i for i in read_split(data_dir, "val") if i not in excluded]
+        if flags["images"]:
+            train_ids, train_bare = split_by_renders(data_dir, train_ids)
+            val_ids, val_bare = split_by_renders(data_dir, val_ids)
+            if train_bare or val_bare:
+                self.log(f"left out {len(train_bare) + len(val_bare)} shapes without rendered views "
+                         f"(an image model needs them)")
         if cfg["val_max_shapes"]:
             val_ids = val_ids[: int(cfg["val_max_shapes"])]
         if not train_ids:
