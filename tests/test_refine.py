@@ -1,12 +1,13 @@
-"""Test-time refinement pulls a mesh onto the input points where they are dense and leaves it
-alone where there are none; the mesh stays closed."""
+"""Test-time refinement shrink-wraps a mesh onto the input points where they are, leaves it alone
+where there are none, never moves a vertex further than allowed, and keeps the mesh closed."""
 
 import numpy as np
-import torch
 import trimesh
+from scipy.spatial import cKDTree
 
 from backend.extraction import grid_to_mesh, mise
-from backend.extraction.refine import project_onto_points, refine_to_points
+from backend.extraction.refine import (RefineSettings, mesh_laplacian, plane_projection, refine_to_points,
+                                       taubin_steps)
 
 
 def sphere_mesh(radius):
@@ -21,30 +22,44 @@ def sphere_points(radius, count, noise, seed=0):
     return directions * radius + rng.normal(scale=noise, size=(count, 3))
 
 
-def test_vertices_move_onto_dense_points():
-    mesh = sphere_mesh(0.30)                       # the network's surface: 0.01 too small
-    points = sphere_points(0.31, 5000, noise=0.003)
-    moved = project_onto_points(mesh.vertices.astype(np.float64), points)
-    before = np.abs(np.linalg.norm(mesh.vertices, axis=1) - 0.31).mean()
-    after = np.abs(np.linalg.norm(moved, axis=1) - 0.31).mean()
-    assert before > 0.008 and after < 0.003
+def radial_error(vertices, radius):
+    return np.abs(np.linalg.norm(vertices, axis=1) - radius).mean()
+
+
+def test_a_surface_several_cells_off_is_pulled_onto_noisy_points():
+    mesh = sphere_mesh(0.30)                       # the network's surface: 0.04 too small
+    points = sphere_points(0.34, 3000, noise=0.005)
+    refined = refine_to_points(mesh.vertices, mesh.faces, points)
+    assert radial_error(mesh.vertices, 0.34) > 0.035 and radial_error(refined, 0.34) < 0.004
 
 
 def test_vertices_far_from_any_point_stay():
     mesh = sphere_mesh(0.30)
-    half = sphere_points(0.31, 5000, noise=0.0)
-    half = half[half[:, 2] > 0.1]                  # only the top cap was scanned
-    moved = project_onto_points(mesh.vertices.astype(np.float64), half)
+    cap = sphere_points(0.31, 5000, noise=0.0)
+    cap = cap[cap[:, 2] > 0.1]                     # only the top cap was scanned
+    settings = RefineSettings(radius=0.05)
+    move = plane_projection(mesh.vertices.astype(np.float64), cKDTree(cap), cap, settings)
     bottom = mesh.vertices[:, 2] < -0.1
-    assert np.array_equal(moved[bottom], mesh.vertices[bottom].astype(np.float64))
-    assert np.abs(moved[~bottom] - mesh.vertices[~bottom]).max() > 0.005
+    assert not move[bottom].any()
+    assert np.abs(move[~bottom]).max() > 0.005
 
 
-def test_moves_are_bounded_and_mesh_stays_closed():
+def test_moves_are_capped_per_round_and_the_mesh_stays_closed():
     mesh = sphere_mesh(0.30)
-    points = sphere_points(0.40, 5000, noise=0.0)  # far off: every move is capped
-    refined = refine_to_points(mesh.vertices, mesh.faces, points)
-    step = np.linalg.norm(project_onto_points(mesh.vertices.astype(np.float64), points) - mesh.vertices, axis=1)
-    assert step.max() <= 0.015 + 1e-9
+    points = sphere_points(0.45, 5000, noise=0.0)  # far off: every move is capped
+    settings = RefineSettings()
+    step = np.linalg.norm(plane_projection(mesh.vertices.astype(np.float64), cKDTree(points), points, settings), axis=1)
+    assert step.max() <= settings.max_move + 1e-9
+    refined = refine_to_points(mesh.vertices, mesh.faces, points, settings)
+    assert np.linalg.norm(refined, axis=1).max() <= 0.31 + settings.rounds * settings.max_move
     assert trimesh.Trimesh(refined, mesh.faces, process=False).is_watertight
     assert refined.dtype == np.float32 and refined.shape == mesh.vertices.shape
+
+
+def test_taubin_steps_match_trimesh():
+    mesh = sphere_mesh(0.30)
+    noisy = mesh.vertices + np.random.default_rng(1).normal(scale=0.003, size=mesh.vertices.shape)
+    ours = taubin_steps(noisy.astype(np.float64), mesh_laplacian(mesh.faces, len(noisy)), 5)
+    reference = trimesh.Trimesh(noisy, mesh.faces, process=False)
+    trimesh.smoothing.filter_taubin(reference, iterations=5)
+    assert np.allclose(ours, reference.vertices, atol=1e-9)
