@@ -45,7 +45,9 @@ def test_point_cloud_to_mesh_lands_where_the_points_were(tmp_path, octahedron, s
     else:
         trimesh.PointCloud(points).export(src)
     out = tmp_path / "mesh.ply"
-    proc = run_cli(src, "-o", out, "--checkpoint", octahedron, "--resolution", "64")
+    # --no-refine: this checks where the network's own surface lands (the refinement would pull it
+    # onto these points, which fill a volume rather than sample a surface).
+    proc = run_cli(src, "-o", out, "--checkpoint", octahedron, "--resolution", "64", "--no-refine")
     assert proc.returncode == 0, proc.stderr
     assert "faces" in proc.stdout and "network evaluations" in proc.stdout
     mesh = trimesh.load(out, process=False)
