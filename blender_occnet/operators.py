@@ -330,7 +330,7 @@ class _Generate:
         return wire.options_dict(checkpoint=bpy.path.abspath(ck) if ck else None,
                                  resolution=self.resolution, threshold=self.threshold,
                                  max_faces=self.max_faces or None, device=device_option(prefs),
-                                 normals=prefs.use_normals)
+                                 normals=prefs.use_normals, refine=prefs.refine_points)
 
     def _start(self, context):
         try:

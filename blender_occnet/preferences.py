@@ -36,6 +36,7 @@ class _Defaults:
     threshold = 0.5
     max_faces = 0
     use_normals = False
+    refine_points = True
     start_with_blender = False
 
 
@@ -267,6 +268,10 @@ class OCCNET_AP_preferences(bpy.types.AddonPreferences):
         name="Start Backend with Blender", default=True,
         description="Start the backend and load the models in the background when Blender "
                     "starts, so the first reconstruction does not wait for them")
+    refine_points: BoolProperty(
+        name="Refine onto Points", default=True,
+        description="Point clouds: pull the surface onto the input points and smooth it. Turn off "
+                    "for partial scans, where it would bend unscanned parts towards the scanned ones")
     use_normals: BoolProperty(
         name="Network Normals",
         description="Ask the backend for normals from the network's gradient and use them as "
@@ -304,6 +309,7 @@ class OCCNET_AP_preferences(bpy.types.AddonPreferences):
         col.prop(self, "default_resolution")
         col.prop(self, "threshold")
         col.prop(self, "max_faces")
+        col.prop(self, "refine_points")
         col.prop(self, "use_normals")
         col.prop(self, "start_with_blender")
 

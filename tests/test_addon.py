@@ -391,6 +391,37 @@ def test_network_normals_option(scene, addon, tiny_checkpoints):
         prefs.use_normals = False
 
 
+def test_refine_preference_reaches_the_backend(scene, addon, tiny_checkpoints):
+    """The test model is an exact octahedron; the selected object's vertices (dense points on a
+    slightly larger octahedron) pull the refined surface outwards, unless refinement is off."""
+    prefs = _prefs(tiny_checkpoints)
+    rng = np.random.default_rng(0)
+    p = rng.exponential(size=(3000, 3)) * rng.choice([-1.0, 1.0], size=(3000, 3))
+    p = p / np.abs(p).sum(axis=1, keepdims=True)
+    me = bpy.data.meshes.new("scan")
+    me.from_pydata(p.tolist(), [], [])
+    bpy.context.collection.objects.link(obj := bpy.data.objects.new("scan", me))
+    spreads = {}
+    try:
+        for refine in (False, True):
+            prefs.refine_points = refine
+            for o in bpy.context.selected_objects:
+                o.select_set(False)
+            obj.select_set(True)
+            bpy.context.view_layer.objects.active = obj
+            assert bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", resolution=32) == {"FINISHED"}
+            result = bpy.context.active_object
+            v = np.empty(len(result.data.vertices) * 3, np.float32)
+            result.data.vertices.foreach_get("co", v)
+            world = np.asarray(result.matrix_world)
+            v = v.reshape(-1, 3) @ world[:3, :3].T + world[:3, 3]
+            spreads[refine] = np.abs(v).sum(axis=1).mean()  # the octahedron's "radius"
+    finally:
+        prefs.refine_points = True
+    # The scan's canonical box has edge 2, so the network's octahedron 0.4 lands at 0.8; the scan is at 1.
+    assert abs(spreads[False] - 0.8) < 0.03 and abs(spreads[True] - 1.0) < 0.03, spreads
+
+
 class _Recorder:
     """Stands in for a UILayout: records every call, accepts attribute assignments."""
 
