@@ -263,8 +263,8 @@ def split_by_renders(data_dir, shape_ids: list[str]) -> tuple[list[str], list[st
     """(ids with rendered views, ids without): a folder may mix shapes prepared with and without
     renders (procedural solids are prepared for point-cloud training only)."""
     data_dir = Path(data_dir)
-    rendered = [i for i in shape_ids if any((data_dir / i / "images").glob("*.png"))]
-    return rendered, [i for i in shape_ids if i not in set(rendered)]
+    has_views = {i: any((data_dir / i / "images").glob("*.png")) for i in shape_ids}
+    return [i for i in shape_ids if has_views[i]], [i for i in shape_ids if not has_views[i]]
 
 
 class ShapeStore:

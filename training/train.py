@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backend.checkpoint import save_checkpoint
+from backend.checkpoint import load_checkpoint, save_checkpoint
 from backend.models import build_model, preset
 
 from .dataset import OccupancyDataset, SamplingConfig, ShapeStore, read_split, split_by_renders
@@ -292,8 +292,6 @@ class Trainer:
     def load_initial_weights(self, path) -> None:
         """Start from a model checkpoint's weights; its architecture must be this run's, because
         a silently partial load would look like training from scratch."""
-        from backend.checkpoint import load_checkpoint
-
         source, source_cfg, _ = load_checkpoint(path, self.device)
         if source_cfg.get("encoder") != self.cfg["model"].get("encoder") or \
                 source_cfg.get("decoder") != self.cfg["model"].get("decoder"):
