@@ -6,8 +6,7 @@ import trimesh
 from scipy.spatial import cKDTree
 
 from backend.extraction import grid_to_mesh, mise
-from backend.extraction.refine import (RefineSettings, mesh_laplacian, plane_projection, refine_to_points,
-                                       taubin_steps)
+from backend.extraction.refine import RefineSettings, plane_projection, refine_to_points
 
 
 def sphere_mesh(radius):
@@ -54,15 +53,6 @@ def test_moves_are_capped_per_round_and_the_mesh_stays_closed():
     assert np.linalg.norm(refined, axis=1).max() <= 0.31 + settings.rounds * settings.max_move
     assert trimesh.Trimesh(refined, mesh.faces, process=False).is_watertight
     assert refined.dtype == np.float32 and refined.shape == mesh.vertices.shape
-
-
-def test_taubin_steps_match_trimesh():
-    mesh = sphere_mesh(0.30)
-    noisy = mesh.vertices + np.random.default_rng(1).normal(scale=0.003, size=mesh.vertices.shape)
-    ours = taubin_steps(noisy.astype(np.float64), mesh_laplacian(mesh.faces, len(noisy)), 5)
-    reference = trimesh.Trimesh(noisy, mesh.faces, process=False)
-    trimesh.smoothing.filter_taubin(reference, iterations=5)
-    assert np.allclose(ours, reference.vertices, atol=1e-9)
 
 
 def octahedron_points(radius, count, seed=0):

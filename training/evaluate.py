@@ -27,7 +27,6 @@ import torch
 
 from backend.checkpoint import load_checkpoint
 from backend.extraction import grid_to_mesh, mise
-
 from backend.preprocess import image_to_model_input
 
 from .dataset import ShapeArrays, ShapeStore, decode_view, read_split, sample_surface_input, split_by_renders

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .dataset import random_rotation
+
 GRID_HALF_EXTENT = 0.6  # the field is sampled on [-0.6, 0.6]^3; primitives stay well inside
 
 
@@ -75,18 +77,10 @@ def smooth_subtraction(a: np.ndarray, b: np.ndarray, k: float) -> np.ndarray:
     return -smooth_union(-a, b, k)
 
 
-def random_rotation(rng: np.random.Generator) -> np.ndarray:
-    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
-    q *= np.sign(np.diag(r))
-    if np.linalg.det(q) < 0:
-        q[:, 0] = -q[:, 0]
-    return q
-
-
 def random_primitive(rng: np.random.Generator, size: float):
     """A closure field(points (M, 3)) -> (M,) for one randomly placed, rotated primitive."""
     kind = rng.choice(["ellipsoid", "round_box", "capsule", "torus", "cylinder"], p=[0.35, 0.25, 0.15, 0.1, 0.15])
-    rotation = random_rotation(rng)
+    rotation = random_rotation("so3", 2, rng)
     center = rng.uniform(-0.25, 0.25, size=3)
     if kind == "ellipsoid":
         radii = size * rng.uniform(0.35, 1.0, size=3)
@@ -195,10 +189,11 @@ def make_shape(seed: int, index: int, resolution: int = 96, max_faces: int = 200
 
 
 def write_obj(path: Path, vertices: np.ndarray, faces: np.ndarray) -> None:
-    lines = [f"v {x:.6f} {y:.6f} {z:.6f}" for x, y, z in vertices]
-    lines += [f"f {a + 1} {b + 1} {c + 1}" for a, b, c in faces]
+    """Write atomically, so an interrupted run never leaves a half-written mesh to be prepared."""
+    import trimesh
+
     temp = path.with_suffix(".tmp")
-    temp.write_text("\n".join(lines) + "\n")
+    trimesh.Trimesh(vertices, faces, process=False).export(temp, file_type="obj")
     temp.replace(path)
 
 

@@ -8,7 +8,7 @@ are measured data. So, a few rounds of:
   * move every vertex with enough input points around it onto a moving-least-squares plane of
     those points (Gaussian weights at the scale of the nearest few points, so the plane is local
     even where the neighbourhood is wide), by at most `max_move` per round;
-  * a few steps of Taubin smoothing (no shrinkage), so neighbouring vertices move together and
+  * a few steps of Taubin smoothing (trimesh's, no shrinkage), so neighbouring vertices move together and
     the mesh stays a clean surface rather than a set of independently snapped points.
 Faces never change, so the mesh stays watertight. Parameters were chosen on the validation split
 of our own training data (never on the benchmark meshes); see backend/weights/MODEL_CARD.md.
@@ -17,7 +17,6 @@ of our own training data (never on the benchmark meshes); see backend/weights/MO
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse
 from scipy.spatial import cKDTree
 
 
@@ -30,28 +29,6 @@ class RefineSettings:
     weight_rank: int = 4         # Gaussian weight width = distance to this nearest neighbour
     min_neighbours: int = 6      # fewer points within radius: the vertex keeps the network's position
     smoothing_steps: int = 3     # Taubin steps per round
-
-
-def mesh_laplacian(faces: np.ndarray, vertex_count: int) -> scipy.sparse.csr_matrix:
-    """Uniform Laplacian averaging operator (V, V): row v averages v's edge neighbours."""
-    edges = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
-    edges = np.concatenate([edges, edges[:, ::-1]])
-    adjacency = scipy.sparse.coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])),
-                                        shape=(vertex_count, vertex_count)).tocsr()
-    adjacency.data[:] = 1.0  # duplicate edges (shared by two faces) count once
-    degree = np.asarray(adjacency.sum(axis=1)).ravel()
-    return scipy.sparse.diags(1.0 / np.maximum(degree, 1.0)) @ adjacency
-
-
-def taubin_steps(vertices: np.ndarray, averaging: scipy.sparse.csr_matrix, steps: int,
-                 shrink: float = 0.5, inflate: float = 0.5) -> np.ndarray:
-    """Taubin lambda/mu smoothing (V, 3) -> (V, 3): alternately shrink by lambda and inflate by mu,
-    as trimesh.smoothing.filter_taubin does, with the averaging operator built once."""
-    out = vertices.copy()
-    for step in range(steps):
-        delta = averaging @ out - out
-        out += shrink * delta if step % 2 == 0 else -inflate * delta
-    return out
 
 
 def plane_projection(vertices: np.ndarray, tree: cKDTree, points: np.ndarray, settings: RefineSettings) -> np.ndarray:
@@ -83,13 +60,16 @@ def refine_to_points(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray
                      settings: RefineSettings = RefineSettings()) -> np.ndarray:
     """Canonical vertices (V, 3) of a mesh with faces (F, 3) and input points (P, 3) -> refined
     vertices (V, 3) float32; faces are unchanged."""
-    out = np.asarray(vertices, dtype=np.float64).copy()
+    import trimesh
+
     points = np.asarray(points, dtype=np.float64)
-    if len(out) == 0 or len(points) < settings.min_neighbours:
-        return out.astype(np.float32)
+    if len(vertices) == 0 or len(points) < settings.min_neighbours:
+        return np.asarray(vertices, dtype=np.float32).copy()
+    mesh = trimesh.Trimesh(np.asarray(vertices, dtype=np.float64), faces, process=False)
+    averaging = trimesh.smoothing.laplacian_calculation(mesh)  # built once, used every round
     tree = cKDTree(points)
-    averaging = mesh_laplacian(np.asarray(faces, dtype=np.int64), len(out))
     for _ in range(settings.rounds):
-        out += plane_projection(out, tree, points, settings)
-        out = taubin_steps(out, averaging, settings.smoothing_steps)
-    return out.astype(np.float32)
+        moved = np.asarray(mesh.vertices) + plane_projection(np.asarray(mesh.vertices), tree, points, settings)
+        mesh.vertices = moved
+        trimesh.smoothing.filter_taubin(mesh, iterations=settings.smoothing_steps, laplacian_operator=averaging)
+    return np.asarray(mesh.vertices, dtype=np.float32)
