@@ -1,25 +1,37 @@
-"""Command line: `python -m backend reconstruct ...` and `python -m backend serve`."""
+"""Command line: `python -m backend reconstruct ...` and `python -m backend serve`.
+
+The one place that turns failures into how the process ends: one line `error: ...` on stderr and
+exit code 1 (2 for a usage error, 130 when interrupted); library code raises typed errors."""
 
 import argparse
 import sys
 import time
 
-from .errors import Cancelled, OccnetError
+from .errors import Cancelled, MissingPackageError, OccnetError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+USAGE_ERROR_CODES = ("bad_option",)  # OccnetError codes that mean the command line itself is wrong
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line `error: ...` (exit code 2) like every failure."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m backend", description="Occupancy-network reconstruction.")
+    parser = OneLineParser(prog="python -m backend", description="Occupancy-network reconstruction.")
     sub = parser.add_subparsers(dest="command", required=True)
     rec = sub.add_parser("reconstruct", help="image or point cloud -> mesh file")
-    rec.add_argument("input", help="point cloud (.ply .obj .off .xyz .txt .pts .npy .npz) or image (.png .jpg ...)")
+    rec.add_argument("input", help="point cloud (.ply .obj .off .xyz .txt .pts .csv .npy .npz) or image (.png .jpg ...)")
     rec.add_argument("-o", "--output", required=True, help="mesh file: .obj .ply .glb .stl .off")
     rec.add_argument("--checkpoint", help="model checkpoint (.safetensors); default: the shipped model for the input")
     rec.add_argument("--resolution", type=int, default=128, choices=(32, 64, 128, 256, 512))
     rec.add_argument("--threshold", type=float, default=0.5, help="occupancy probability of the surface (0..1)")
     rec.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    rec.add_argument("--faces", type=int, default=None, help="decimate to at most this many faces")
+    rec.add_argument("--faces", type=int, default=None,
+                     help="decimate to at most this many faces (needs the fast-simplification package)")
     rec.add_argument("--normals", action="store_true", help="write vertex normals from the network's gradient")
     rec.add_argument("--no-refine", action="store_true",
                      help="point clouds: keep the network's surface as extracted (no pull onto the points, no smoothing)")
@@ -27,6 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="answer requests over stdin/stdout (used by the Blender add-on); "
                                  "see python -m backend serve --help")
     return parser
+
+
+def require_decimation(faces: int | None) -> None:
+    """--faces needs fast-simplification: say so before minutes of reconstruction, not after."""
+    if faces is None:
+        return
+    try:
+        import fast_simplification  # noqa: F401
+    except ImportError as exc:
+        raise MissingPackageError("--faces", "fast-simplification") from exc
 
 
 def reconstruct_command(args) -> int:
@@ -37,12 +59,13 @@ def reconstruct_command(args) -> int:
     from .pipeline import Reconstructor, ReconstructOptions
 
     start = time.perf_counter()
-    check_output_path(args.output)
-    kind = input_kind(args.input)
-    data = load_points(args.input) if kind == "points" else load_image(args.input)
     options = ReconstructOptions(checkpoint=args.checkpoint, resolution=args.resolution, threshold=args.threshold,
                                  max_faces=args.faces, normals=args.normals, refine=not args.no_refine)
     options.validate()
+    require_decimation(args.faces)
+    check_output_path(args.output)
+    kind = input_kind(args.input)
+    data = load_points(args.input) if kind == "points" else load_image(args.input)
     reconstructor = Reconstructor(args.device)
     bar = tqdm(total=100, unit="%", file=sys.stderr, disable=args.quiet, leave=False,
                bar_format="{desc:<16}{percentage:3.0f}%|{bar}| {elapsed}")
@@ -80,7 +103,7 @@ def main(argv=None) -> int:
         return reconstruct_command(args)
     except OccnetError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_USAGE if exc.code in USAGE_ERROR_CODES else EXIT_FAILED
     except Cancelled:
         print("error: cancelled", file=sys.stderr)
         return EXIT_INTERRUPTED
