@@ -3,8 +3,9 @@
 import bpy
 from bpy.props import PointerProperty, StringProperty
 
-from .operators import runtime
+from . import ui_text
 from .preferences import get_prefs
+from .runtime import session
 
 
 class OCCNET_PT_panel(bpy.types.Panel):
@@ -47,7 +48,7 @@ class OCCNET_PT_panel(bpy.types.Panel):
 
         col = layout.column()
         col.label(text=f"Resolution {prefs.default_resolution}, device {prefs.device.lower()}")
-        job = runtime.job
+        job = session.job
         if job is not None:
             req = job.request
             stage = req.stage.replace("_", " ")
@@ -55,33 +56,18 @@ class OCCNET_PT_panel(bpy.types.Panel):
                          text=f"{job.label}: {stage} {req.fraction:.0%}")
             col.operator("occnet.cancel", text="Cancel", icon="CANCEL")
         else:
-            cl = runtime.client
-            status = "running" if cl is not None and cl.alive else "not started"
+            running = session.backend_running
             row = col.row()
-            row.label(text=f"Backend: {status}", icon="CHECKMARK" if cl is not None and cl.alive else "BLANK1")
-            if cl is not None and cl.alive:
+            row.label(text=f"Backend: {'running' if running else 'not started'}",
+                      icon="CHECKMARK" if running else "BLANK1")
+            if running:
                 row.operator("occnet.stop_backend", text="", icon="X")
-        if runtime.last_error:
+        if session.last_error:
             err = layout.box()
             err.alert = True
-            _wrapped(err, runtime.last_error, icon="ERROR")
-        elif runtime.last_info:
-            _wrapped(layout, runtime.last_info, icon="INFO")
-
-
-def _wrapped(layout, text, icon, width=48):
-    words = text.split()
-    lines, cur = [], ""
-    for w in words:
-        if cur and len(cur) + 1 + len(w) > width:
-            lines.append(cur)
-            cur = w
-        else:
-            cur = f"{cur} {w}" if cur else w
-    if cur:
-        lines.append(cur)
-    for i, line in enumerate(lines[:8]):
-        layout.label(text=line, icon=icon if i == 0 else "BLANK1")
+            ui_text.draw_wrapped(err, context, session.last_error, icon="ERROR")
+        elif session.last_info:
+            ui_text.draw_wrapped(layout, context, session.last_info, icon="INFO")
 
 
 def register():

@@ -1,17 +1,18 @@
-"""Add-on preferences: the Python that runs the backend, checkpoints, device, default resolution,
-and the operators that detect/check an interpreter and set up a backend environment."""
+"""Add-on preferences: the Python that runs the backend, checkpoints, device, request defaults, and
+the operators that detect/check an interpreter and set up a backend environment. The logic lives
+in interpreter.py and setup_env.py; this module is the Blender side of it."""
 
 import os
-import subprocess
 import sys
 import threading
 
 import bpy
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, StringProperty
 
-from . import client
+from . import interpreter, request_options, setup_env, ui_text
 
 ADDON_ID = __package__
+BATCH_LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "batch_launcher.py")
 
 DEVICE_ITEMS = [
     ("AUTO", "Automatic", "CUDA if available, then Apple MPS, then the CPU"),
@@ -19,10 +20,6 @@ DEVICE_ITEMS = [
     ("MPS", "MPS", "Apple silicon GPU"),
     ("CPU", "CPU", "The processor (slowest, always available)"),
 ]
-
-# What the backend needs in a fresh environment (the backend code itself ships with the add-on)
-BACKEND_REQUIREMENTS = ["torch", "numpy", "scikit-image", "trimesh", "pillow", "safetensors",
-                        "scipy", "tqdm"]
 
 
 class _Defaults:
@@ -32,9 +29,9 @@ class _Defaults:
     checkpoint_points = ""
     checkpoint_image = ""
     device = "AUTO"
-    default_resolution = 128
-    threshold = 0.5
-    max_faces = 0
+    default_resolution = str(request_options.DEFAULT_RESOLUTION)
+    threshold = request_options.DEFAULT_THRESHOLD
+    max_faces = request_options.NO_FACE_BUDGET
     use_normals = False
     refine_points = True
     start_with_blender = False
@@ -48,11 +45,6 @@ def get_prefs(context=None):
     return _Defaults()
 
 
-# Results of checks, shown in the preferences (module state: not saved in preferences)
-check_state = {"result": None, "running": False}
-setup_state = {"thread": None, "lines": [], "error": None, "done": False, "python": None}
-
-
 def venv_dir():
     if ADDON_ID.startswith("bl_ext."):
         try:
@@ -62,41 +54,72 @@ def venv_dir():
     return os.path.join(bpy.utils.user_resource("DATAFILES", path="blender_occnet", create=True), "venv")
 
 
-def venv_python(path):
-    if sys.platform == "win32":
-        return os.path.join(path, "Scripts", "python.exe")
-    return os.path.join(path, "bin", "python")
+def own_venv_pythons():
+    """The add-on's own venv, when Set Up Backend Environment made one."""
+    python = setup_env.venv_python(venv_dir())
+    return [python] if os.path.isfile(python) else []
 
 
 def device_option(prefs):
     return None if prefs.device == "AUTO" else prefs.device.lower()
 
 
+def snap_face_budget(owner, _context):
+    """Budgets of 1..3 faces cannot hold a closed mesh: snap them to the smallest one that can."""
+    if 0 < owner.max_faces < request_options.MIN_FACE_BUDGET:
+        owner.max_faces = request_options.MIN_FACE_BUDGET
+
+
+# What the last check found (a Probe), shown in the preferences; module state, never saved
+check_state = {"result": None, "checking": ""}
+
+
+def _redraw_preferences():
+    for window in getattr(bpy.context.window_manager, "windows", []):
+        for area in window.screen.areas:
+            if area.type == "PREFERENCES":
+                area.tag_redraw()
+
+
+def _probe_chosen_python(prefs, _context):
+    """Check a Backend Python as soon as it is chosen (in a thread: importing torch takes
+    seconds), so a Python without torch is flagged before the first request."""
+    python = bpy.path.abspath(prefs.python_path) if prefs.python_path else ""
+    if not python:
+        return
+    check_state["checking"] = python
+
+    def work():
+        found = interpreter.cached_probe(python)
+        if check_state["checking"] == python:
+            check_state["result"] = found
+            check_state["checking"] = ""
+
+    threading.Thread(target=work, name="occnet-probe", daemon=True).start()
+
+
 class OCCNET_OT_detect_python(bpy.types.Operator):
-    """Find a Python interpreter that has PyTorch and can run the backend"""
+    """Find a Python interpreter that has PyTorch and the backend's packages"""
     bl_idname = "occnet.detect_python"
     bl_label = "Detect Python"
     bl_options = {"INTERNAL"}
 
     def execute(self, context):
         prefs = get_prefs(context)
-        extra = []
-        vpy = venv_python(venv_dir())
-        if os.path.isfile(vpy):
-            extra.append(vpy)
-        res = client.detect_interpreter(extra)
-        check_state["result"] = res
-        if not res["ok"]:
-            self.report({"ERROR"}, res["error"])
+        try:
+            found = interpreter.find_usable(own_venv_pythons())
+        except interpreter.InterpreterProblem as exc:
+            self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
+        check_state["result"] = found
         if not isinstance(prefs, _Defaults):
-            prefs.python_path = res["path"]
-        self.report({"INFO"}, f"Backend Python: {res['path']} (torch {res['torch']}, {res['device']})")
+            prefs.python_path = found.python
+        self.report({"INFO"}, f"Backend Python: {found.python} ({found.summary()})")
         return {"FINISHED"}
 
 
 class OCCNET_OT_check_python(bpy.types.Operator):
-    """Run the chosen Python and show its PyTorch version and device"""
+    """Run the chosen Python and show its package versions and device"""
     bl_idname = "occnet.check_python"
     bl_label = "Check Python"
     bl_options = {"INTERNAL"}
@@ -105,103 +128,50 @@ class OCCNET_OT_check_python(bpy.types.Operator):
         prefs = get_prefs(context)
         python = bpy.path.abspath(prefs.python_path) if prefs.python_path else ""
         if not python:
-            self.report({"ERROR"}, "Set the backend Python first (or press Detect)")
+            self.report({"ERROR"}, "Set the Backend Python first (or press Detect)")
             return {"CANCELLED"}
-        res = client.check_interpreter(python)
-        check_state["result"] = res
-        if not res["ok"]:
-            self.report({"ERROR"}, res["error"])
+        interpreter.forget(python)  # an explicit check looks again
+        found = interpreter.cached_probe(python)
+        check_state["result"] = found
+        if not found.ok:
+            self.report({"ERROR"}, found.problem())
             return {"CANCELLED"}
-        self.report({"INFO"}, f"torch {res['torch']} on {res['device']}")
+        self.report({"INFO"}, found.summary())
         return {"FINISHED"}
 
 
-def _run_setup(base_python, target, requirements, system_site_packages):
-    """Worker thread: create the venv and pip-install the backend's requirements."""
-    lines = setup_state["lines"]
-
-    def run(cmd):
-        lines.append("$ " + " ".join(cmd))
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=client.child_env(), text=True,
-                                errors="replace")
-        for line in proc.stdout:
-            lines.append(line.rstrip())
-            del lines[:-200]
-        if proc.wait() != 0:
-            raise RuntimeError(f"{os.path.basename(cmd[0])} {' '.join(cmd[1:3])} failed with code "
-                               f"{proc.returncode}: {lines[-1] if lines else ''}")
-
-    try:
-        cmd = [base_python, "-m", "venv"]
-        if system_site_packages:
-            cmd.append("--system-site-packages")
-        if not requirements:
-            cmd.append("--without-pip")
-        run(cmd + [target])
-        py = venv_python(target)
-        if system_site_packages:
-            _link_parent_site_packages(base_python, py, lines)
-        if requirements:
-            run([py, "-m", "pip", "install", "--upgrade", "pip"])
-            run([py, "-m", "pip", "install"] + list(requirements))
-        res = client.check_interpreter(py, timeout=300)
-        if not res["ok"]:
-            raise RuntimeError(res["error"])
-        setup_state["python"] = py
-        check_state["result"] = res
-        lines.append(f"ready: torch {res['torch']} on {res['device']}")
-    except Exception as exc:
-        setup_state["error"] = str(exc)
-    finally:
-        setup_state["done"] = True
+# The setup in progress: its thread and its setup_env.Progress
+_setup = {"thread": None, "progress": None}
 
 
-def _link_parent_site_packages(base_python, py, lines):
-    """``venv --system-site-packages`` only sees the *base* installation's packages. When the base
-    Python is itself a venv (or conda env) with torch, add a .pth file so the new venv sees its
-    site-packages too."""
-    import json
-    code = ("import json, os, site, sys; print(json.dumps(site.getsitepackages() + [p for p in sys.path "
-            "if os.path.basename(p) in ('site-packages', 'dist-packages')]))")
-    try:
-        parent = json.loads(subprocess.run([base_python, "-c", code], capture_output=True, text=True,
-                                           check=True, env=client.child_env()).stdout)
-        own = json.loads(subprocess.run([py, "-c", code], capture_output=True, text=True,
-                                        check=True, env=client.child_env()).stdout)
-    except (OSError, ValueError, subprocess.CalledProcessError) as exc:
-        lines.append(f"(could not list {base_python}'s site-packages: {exc})")
-        return
-    dirs = []
-    for d in parent:
-        if os.path.isdir(d) and d not in dirs and d not in own:
-            dirs.append(d)
-    if own and dirs:
-        with open(os.path.join(own[0], "occnet_parent_site.pth"), "w", encoding="utf-8") as f:
-            f.write("\n".join(dirs) + "\n")
-        lines.append("reusing packages from " + ", ".join(dirs))
-
-
-def _finish_setup():
-    """Main thread: apply the result of the setup thread to the preferences."""
-    if not setup_state["done"]:
-        return 0.5
-    th = setup_state["thread"]
-    if th is not None:
-        th.join()
-    setup_state["thread"] = None
+def _poll_setup():
+    """Main thread (a timer, or the operator's loop in background mode): show the setup thread's
+    progress in the window manager's properties; at the end, use the new environment."""
+    progress = _setup["progress"]
+    wm = bpy.context.window_manager
+    status, fraction, _lines = progress.snapshot()
+    wm.occnet_setup_status = status
+    wm.occnet_setup_progress = fraction
+    _redraw_preferences()
+    if not progress.done:
+        return 0.2
+    _setup["thread"].join()
+    _setup["thread"] = None
     prefs = get_prefs()
-    if setup_state["python"] and not isinstance(prefs, _Defaults):
-        prefs.python_path = setup_state["python"]
-    for window in getattr(bpy.context.window_manager, "windows", []):
-        for area in window.screen.areas:
-            area.tag_redraw()
+    if progress.python and not isinstance(prefs, _Defaults):
+        prefs.python_path = progress.python
     return None
+
+
+def _download_text():
+    torch = setup_env.torch_build()
+    return (f"Downloads {torch.label}: {torch.download}, and the other packages: "
+            f"{setup_env.OTHER_PACKAGES_DOWNLOAD}")
 
 
 class OCCNET_OT_setup_environment(bpy.types.Operator):
     """Create a Python environment for the backend (a venv with PyTorch and the backend's
-    dependencies) and use it. Downloads several hundred MB"""
+    packages) and use it"""
     bl_idname = "occnet.setup_environment"
     bl_label = "Set Up Backend Environment"
     bl_options = {"INTERNAL"}
@@ -210,44 +180,88 @@ class OCCNET_OT_setup_environment(bpy.types.Operator):
                                 description="Python that creates the venv (default: Blender's)")
     target: StringProperty(name="Folder", subtype="DIR_PATH",
                            description="Where to create the venv (default: the add-on's user folder)")
-    requirements: StringProperty(name="Requirements", default=" ".join(BACKEND_REQUIREMENTS),
-                                 description="Packages to install with pip, separated by spaces")
+    install_packages: BoolProperty(
+        name="Install Packages", default=True,
+        description="Download and install PyTorch and the backend's packages with pip (off: only "
+                    "create the venv, e.g. with System Site Packages where torch already is)")
+    extra_requirements: StringProperty(
+        name="Extra Packages",
+        description="More packages to install, separated by commas, e.g. 'open3d>=0.18' "
+                    "(names and version specifiers only)")
     system_site_packages: BoolProperty(
         name="System Site Packages", default=False,
         description="Let the venv see the base Python's packages (useful when torch is already there)")
 
     @classmethod
+    def description(cls, context, properties):
+        return cls.__doc__ + ". " + _download_text()
+
+    @classmethod
     def poll(cls, context):
-        return setup_state["thread"] is None
+        return _setup["thread"] is None
 
     def execute(self, context):
-        base = self.base_python or sys.executable
-        target = self.target or venv_dir()
-        setup_state.update({"lines": [], "error": None, "done": False, "python": None})
-        args = (base, target, self.requirements.split(), self.system_site_packages)
-        if bpy.app.background:
-            _run_setup(*args)
-            setup_state["thread"] = None
-            _finish_setup()
-        else:
-            th = threading.Thread(target=_run_setup, args=args, daemon=True, name="occnet-setup")
-            setup_state["thread"] = th
-            th.start()
-            bpy.app.timers.register(_finish_setup, first_interval=0.5)
-            self.report({"INFO"}, f"Setting up the backend environment in {target}")
-            return {"FINISHED"}
-        if setup_state["error"]:
-            self.report({"ERROR"}, f"Backend environment setup failed: {setup_state['error']}")
+        try:
+            plan = self._plan()
+        except setup_env.SetupError as exc:
+            self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
-        self.report({"INFO"}, f"Backend environment ready: {setup_state['python']}")
+        progress = setup_env.Progress()
+        thread = threading.Thread(target=setup_env.run, args=(plan, progress), daemon=True,
+                                  name="occnet-setup")
+        _setup.update(thread=thread, progress=progress)
+        thread.start()
+        if not bpy.app.background:
+            bpy.app.timers.register(_poll_setup, first_interval=0.2)
+            self.report({"INFO"}, f"Setting up the backend environment in {plan.target}")
+            return {"FINISHED"}
+        while _poll_setup() is not None:  # no timers without the UI: poll here
+            thread.join(0.2)
+        if progress.error:
+            self.report({"ERROR"}, f"Backend environment setup failed: {progress.error}")
+            return {"CANCELLED"}
+        self.report({"INFO"}, f"Backend environment ready: {progress.python}")
         return {"FINISHED"}
+
+    def _plan(self):
+        extras = setup_env.parse_requirements(self.extra_requirements)
+        if not self.install_packages:
+            if extras:
+                raise setup_env.SetupError("Extra Packages need Install Packages")
+            requirements = []
+        elif not bpy.app.online_access:
+            raise setup_env.SetupError(
+                "Blender is set to work offline, so nothing can be downloaded: allow it in "
+                "Preferences > System > Network > Allow Online Access, or choose a Backend Python "
+                "that already has PyTorch")
+        else:
+            requirements = setup_env.backend_requirements() + extras
+        return setup_env.Plan(self.base_python or sys.executable, self.target or venv_dir(),
+                              requirements, setup_env.torch_build(), self.system_site_packages)
+
+
+class OCCNET_OT_copy_batch_command(bpy.types.Operator):
+    """Copy the command line that converts files headless with this add-on"""
+    bl_idname = "occnet.copy_batch_command"
+    bl_label = "Copy Batch Command"
+    bl_options = {"INTERNAL"}
+
+    def execute(self, context):
+        context.window_manager.clipboard = batch_command()
+        self.report({"INFO"}, "Copied: " + context.window_manager.clipboard)
+        return {"FINISHED"}
+
+
+def batch_command():
+    return (f'blender -b --python-exit-code 2 --python "{BATCH_LAUNCHER}" -- '
+            "INPUTS... --out DIR")
 
 
 class OCCNET_AP_preferences(bpy.types.AddonPreferences):
     bl_idname = ADDON_ID
 
     python_path: StringProperty(
-        name="Backend Python", subtype="FILE_PATH",
+        name="Backend Python", subtype="FILE_PATH", update=_probe_chosen_python,
         description="Python interpreter with PyTorch that runs the backend "
                     "(empty: detect automatically)")
     checkpoint_points: StringProperty(
@@ -257,11 +271,15 @@ class OCCNET_AP_preferences(bpy.types.AddonPreferences):
         name="Image Checkpoint", subtype="FILE_PATH",
         description="Model for images (.safetensors); empty: the shipped default")
     device: EnumProperty(name="Device", items=DEVICE_ITEMS, default="AUTO")
-    default_resolution: IntProperty(name="Default Resolution", default=128, min=32, max=512,
-                                    description="Marching-cubes grid resolution per axis: 32, 64, 128, 256 or 512")
-    threshold: FloatProperty(name="Threshold", default=0.5, min=0.01, max=0.99,
+    default_resolution: EnumProperty(
+        name="Default Resolution", items=request_options.resolution_items(),
+        default=str(request_options.DEFAULT_RESOLUTION),
+        description="Marching-cubes grid resolution per axis")
+    threshold: FloatProperty(name="Threshold", default=request_options.DEFAULT_THRESHOLD,
+                             min=request_options.THRESHOLD_MIN, max=request_options.THRESHOLD_MAX,
                              description="Occupancy probability of the surface")
-    max_faces: IntProperty(name="Face Budget", default=0, min=0,
+    max_faces: IntProperty(name="Face Budget", default=request_options.NO_FACE_BUDGET, min=0,
+                           update=snap_face_budget,
                            description="Simplify results to at most this many faces (0: no limit)")
 
     start_with_blender: BoolProperty(
@@ -278,53 +296,65 @@ class OCCNET_AP_preferences(bpy.types.AddonPreferences):
                     "custom normals (slower; Blender's smooth normals are used otherwise)")
 
     def draw(self, context):
-        layout = self.layout
-        col = layout.column()
+        col = self.layout.column()
         row = col.row(align=True)
         row.prop(self, "python_path")
         row.operator("occnet.detect_python", text="", icon="VIEWZOOM")
         row.operator("occnet.check_python", text="Check")
-        res = check_state["result"]
-        if res is not None:
-            box = col.box()
-            if res.get("ok"):
-                box.label(text=f"Python {res.get('python')}, torch {res.get('torch')}, "
-                               f"device: {res.get('device')}", icon="CHECKMARK")
-            else:
-                box.label(text=res.get("error", "failed"), icon="ERROR")
-        row = col.row()
-        row.operator("occnet.setup_environment", icon="CONSOLE")
-        if setup_state["thread"] is not None or setup_state["lines"]:
-            box = col.box()
-            if setup_state["thread"] is not None:
-                box.label(text="Setting up the backend environment...", icon="SORTTIME")
-            if setup_state["error"]:
-                box.label(text=setup_state["error"], icon="ERROR")
-            for line in setup_state["lines"][-4:]:
-                box.label(text=line[:120])
+        self._draw_check(col, context)
+        self._draw_setup(col, context.window_manager)
         col.separator()
-        col.prop(self, "checkpoint_points")
-        col.prop(self, "checkpoint_image")
-        col.prop(self, "device")
-        col.prop(self, "default_resolution")
-        col.prop(self, "threshold")
-        col.prop(self, "max_faces")
-        col.prop(self, "refine_points")
-        col.prop(self, "use_normals")
-        col.prop(self, "start_with_blender")
+        for prop in ("checkpoint_points", "checkpoint_image", "device", "default_resolution",
+                     "threshold", "max_faces", "refine_points", "use_normals",
+                     "start_with_blender"):
+            col.prop(self, prop)
+        col.separator()
+        row = col.row()
+        row.label(text="Headless: " + batch_command())
+        row.operator("occnet.copy_batch_command", text="", icon="COPYDOWN")
+
+    @staticmethod
+    def _draw_check(col, context):
+        if check_state["checking"]:
+            col.label(text=f"Checking {check_state['checking']}...", icon="SORTTIME")
+            return
+        found = check_state["result"]
+        if found is None:
+            return
+        box = col.box()
+        if found.ok:
+            box.label(text=found.summary(), icon="CHECKMARK")
+        else:
+            ui_text.draw_wrapped(box, context, found.problem(), icon="ERROR")
+
+    @staticmethod
+    def _draw_setup(col, wm):
+        col.operator("occnet.setup_environment", icon="CONSOLE")
+        col.label(text=_download_text(), icon="INFO")
+        if _setup["progress"] is None:
+            return
+        box = col.box()
+        box.progress(factor=wm.occnet_setup_progress, type="BAR", text=wm.occnet_setup_status)
+        for line in _setup["progress"].snapshot()[2]:
+            box.label(text=line[:120])
 
 
 classes = (OCCNET_OT_detect_python, OCCNET_OT_check_python, OCCNET_OT_setup_environment,
-           OCCNET_AP_preferences)
+           OCCNET_OT_copy_batch_command, OCCNET_AP_preferences)
 
 
 def register():
+    bpy.types.WindowManager.occnet_setup_status = StringProperty(name="Setup Status")
+    bpy.types.WindowManager.occnet_setup_progress = FloatProperty(
+        name="Setup Progress", min=0.0, max=1.0, subtype="FACTOR")
     for cls in classes:
         bpy.utils.register_class(cls)
 
 
 def unregister():
-    if bpy.app.timers.is_registered(_finish_setup):
-        bpy.app.timers.unregister(_finish_setup)
+    if bpy.app.timers.is_registered(_poll_setup):
+        bpy.app.timers.unregister(_poll_setup)
     for cls in reversed(classes):
         bpy.utils.unregister_class(cls)
+    del bpy.types.WindowManager.occnet_setup_status
+    del bpy.types.WindowManager.occnet_setup_progress

@@ -42,11 +42,12 @@ def addon(tiny_checkpoints):
     prefs = bpy.context.preferences.addons[ADDON].preferences
     prefs.checkpoint_points = str(tiny_checkpoints["points"])
     prefs.checkpoint_image = str(tiny_checkpoints["image"])
-    prefs.default_resolution = 64
+    prefs.default_resolution = "64"
     prefs.device = "CPU"
-    from blender_occnet import operators
-    yield operators
-    pid = operators.runtime.client.proc.pid if operators.runtime.client and operators.runtime.client.proc else None
+    from blender_occnet import runtime
+    yield runtime
+    client = runtime.session.client
+    pid = client.proc.pid if client and client.proc else None
     addon_utils.disable(ADDON, default_set=True)
     if pid is not None:
         assert not pid_alive(pid), "disabling the add-on left the backend running"
@@ -60,10 +61,10 @@ def scene(addon):
     for me in list(bpy.data.meshes):
         bpy.data.meshes.remove(me)
     bpy.context.scene.cursor.location = (0, 0, 0)
-    assert addon.runtime.job is None
+    assert addon.session.job is None
     yield bpy.context.scene
-    if addon.runtime.job is not None:  # a failed test must not leave the next one busy
-        addon.shutdown_backend()
+    if addon.session.job is not None:  # a failed test must not leave the next one busy
+        addon.session.shutdown()
 
 
 def test_register_unregister_cycle(addon):
@@ -80,7 +81,7 @@ def test_register_unregister_cycle(addon):
     assert mod is not None and hasattr(bpy.types, "OCCNET_PT_panel")
     # the preferences were reset by the disable: restore them for the other tests
     prefs = bpy.context.preferences.addons[ADDON].preferences
-    prefs.default_resolution = 64
+    prefs.default_resolution = "64"
     prefs.device = "CPU"
 
 
@@ -88,7 +89,7 @@ def _prefs(tiny_checkpoints):
     prefs = bpy.context.preferences.addons[ADDON].preferences
     prefs.checkpoint_points = str(tiny_checkpoints["points"])
     prefs.checkpoint_image = str(tiny_checkpoints["image"])
-    prefs.default_resolution = 64
+    prefs.default_resolution = "64"
     prefs.device = "CPU"
     return prefs
 
@@ -106,7 +107,7 @@ def test_mesh_from_selected_objects_world_space_with_modifiers(scene, tiny_check
     cube.select_set(True)
     bpy.context.view_layer.update()
     dg = bpy.context.evaluated_depsgraph_get()
-    from blender_occnet.operators import object_points
+    from blender_occnet.gather import object_points
     cube_pts = object_points(cube, dg)
     assert len(cube_pts) == 16  # two cubes: the array modifier was applied
     np.testing.assert_allclose(cube_pts.max(0), [8.0, 3.0, -1.0], atol=1e-5)  # world space
@@ -148,7 +149,7 @@ def test_mesh_from_curve_and_point_file(scene, tiny_checkpoints, tmp_path):
     _prefs(tiny_checkpoints)
     bpy.ops.curve.primitive_bezier_circle_add(radius=3.0, location=(0.0, 0.0, 7.0))
     circle = bpy.context.active_object
-    res = bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", resolution=32)
+    res = bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", resolution="32")
     assert res == {"FINISHED"}
     obj = bpy.context.active_object
     assert obj.type == "MESH" and obj.name.startswith(circle.name + "_occnet")
@@ -158,7 +159,7 @@ def test_mesh_from_curve_and_point_file(scene, tiny_checkpoints, tmp_path):
     path = tmp_path / "cloud.xyz"
     np.savetxt(path, pts)
     res = bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", source="FILE", filepath=str(path),
-                                          resolution=32)
+                                          resolution="32")
     assert res == {"FINISHED"}
     obj = bpy.context.active_object
     assert obj.name.startswith("cloud_occnet")
@@ -186,7 +187,7 @@ def test_mesh_from_image_datablock_and_file(scene, tiny_checkpoints, tmp_path):
     px[4:28, 8:40] = (0.8, 0.3, 0.2, 1.0)
     img.pixels.foreach_set(px.ravel())
     scene.cursor.location = (1.0, 2.0, 3.0)
-    res = bpy.ops.occnet.mesh_from_image("EXEC_DEFAULT", source="IMAGE", image="photo", resolution=32)
+    res = bpy.ops.occnet.mesh_from_image("EXEC_DEFAULT", source="IMAGE", image="photo", resolution="32")
     assert res == {"FINISHED"}
     obj = bpy.context.active_object
     assert obj.name.startswith("photo_occnet")
@@ -200,15 +201,15 @@ def test_mesh_from_image_datablock_and_file(scene, tiny_checkpoints, tmp_path):
     img.save()
     n_images = len(bpy.data.images)
     res = bpy.ops.occnet.mesh_from_image("EXEC_DEFAULT", source="FILE",
-                                         filepath=str(tmp_path / "photo.png"), resolution=32)
+                                         filepath=str(tmp_path / "photo.png"), resolution="32")
     assert res == {"FINISHED"}
     assert len(bpy.data.images) == n_images  # the file was read without leaving a datablock
 
 
 def _busy_job(ops, resolution=256):
     pts = np.random.default_rng(7).normal(size=(400, 3)).astype(np.float32)
-    from blender_occnet import wire
-    opts = wire.options_dict(resolution=resolution, device="cpu",
+    from blender_occnet import request_options
+    opts = request_options.make_options(resolution=resolution, device="cpu",
                              checkpoint=bpy.context.preferences.addons[ADDON].preferences.checkpoint_points)
     return ops.start_job(bpy.context, "points", pts, opts, "busy", origin=np.zeros(3), label="test")
 
@@ -217,7 +218,7 @@ def _pump_until(ops, cond, timeout=60):
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline, "timed out"
-        ops.pump()
+        ops.session.pump()
         time.sleep(0.01)
 
 
@@ -235,8 +236,8 @@ def test_cancel_while_busy_greys_out_generate(scene, addon, tiny_checkpoints):
     _pump_until(ops, lambda: job.request.done, timeout=10)
     elapsed = time.monotonic() - t0
     assert elapsed < 1.5, f"cancel took {elapsed:.2f} s"  # a full run takes several seconds
-    obj, err = ops.finish_job(bpy.context)
-    assert obj is None and err == "cancelled"
+    outcome = ops.session.finish_job(bpy.context)
+    assert outcome.obj is None and outcome.cancelled
     assert len(bpy.data.objects) == n and "busy" not in bpy.data.meshes
     assert bpy.ops.occnet.mesh_from_points.poll() and not bpy.ops.occnet.cancel.poll()
 
@@ -248,28 +249,28 @@ def test_backend_killed_mid_request_then_recovers(scene, addon, tiny_checkpoints
     sphere = bpy.context.active_object
     n = len(bpy.data.objects)
     job = _busy_job(ops)
-    old_pid = ops.runtime.client.proc.pid
+    old_pid = ops.session.client.proc.pid
     _pump_until(ops, lambda: job.request.stage == "extract")
     os.kill(old_pid, 9)
     _pump_until(ops, lambda: job.request.done, timeout=10)
-    obj, err = ops.finish_job(bpy.context)
-    assert obj is None
-    assert "killed by signal 9" in err and "backend_exited" in err
-    assert "killed" in ops.runtime.last_error
+    outcome = ops.session.finish_job(bpy.context)
+    assert outcome.obj is None
+    assert "killed by signal 9" in outcome.error and "backend_exited" in outcome.error
+    assert "killed" in ops.session.last_error
     assert len(bpy.data.objects) == n
     assert not pid_alive(old_pid)
     # the next request starts a fresh backend
     sphere.select_set(True)
     bpy.context.view_layer.objects.active = sphere
-    assert bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", resolution=32) == {"FINISHED"}
-    assert ops.runtime.client.proc.pid != old_pid
-    assert ops.runtime.last_error == ""
+    assert bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", resolution="32") == {"FINISHED"}
+    assert ops.session.client.proc.pid != old_pid
+    assert ops.session.last_error == ""
 
 
 def test_killed_during_exec_reports_error(scene, addon, tiny_checkpoints):
     """EXEC path (scripts, background): the operator fails with the reason, no half-built object."""
     ops = addon
-    cl = ops.get_client(_prefs(tiny_checkpoints))
+    cl = ops.client_for(_prefs(tiny_checkpoints))
     bpy.ops.mesh.primitive_monkey_add()
     cl.start()
     pid = cl.proc.pid
@@ -278,7 +279,7 @@ def test_killed_during_exec_reports_error(scene, addon, tiny_checkpoints):
     def killer():
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            job = ops.runtime.job
+            job = ops.session.job
             if job is not None and job.request.stage == "extract":
                 os.kill(pid, 9)
                 return
@@ -287,20 +288,20 @@ def test_killed_during_exec_reports_error(scene, addon, tiny_checkpoints):
     t = threading.Thread(target=killer)
     t.start()
     with pytest.raises(RuntimeError, match="killed"):
-        bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", resolution=256)
+        bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", resolution="256")
     t.join()
-    assert len(bpy.data.objects) == n and ops.runtime.job is None
+    assert len(bpy.data.objects) == n and ops.session.job is None
 
 
 def test_malformed_frame_does_not_break_the_addon(scene, addon, tiny_checkpoints):
     ops = addon
-    cl = ops.get_client(_prefs(tiny_checkpoints))
+    cl = ops.client_for(_prefs(tiny_checkpoints))
     cl.start()
     pid = cl.proc.pid
     cl.send_raw(struct.pack("<4sIQ", b"OCNF", 5, 0) + b"{oops")
     _pump_until(ops, lambda: any(e.get("code") == "protocol_error" for e in cl.take_unattributed_errors()))
     bpy.ops.mesh.primitive_cube_add()
-    assert bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", resolution=32) == {"FINISHED"}
+    assert bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", resolution="32") == {"FINISHED"}
     assert cl.proc.pid == pid  # same backend, still serving
 
 
@@ -311,7 +312,7 @@ def test_bad_checkpoint_reported(scene, addon, tiny_checkpoints, tmp_path):
     bpy.ops.mesh.primitive_cube_add()
     with pytest.raises(RuntimeError, match="bad.safetensors"):
         bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", checkpoint=str(bad))
-    assert "bad_checkpoint" in addon.runtime.last_error
+    assert "bad_checkpoint" in addon.session.last_error
     assert len(bpy.data.objects) == 1
 
 
@@ -320,9 +321,9 @@ def test_check_and_setup_environment(addon, tmp_path):
     assert bpy.ops.occnet.detect_python() == {"FINISHED"}
     assert os.path.isfile(prefs.python_path)
     assert bpy.ops.occnet.check_python() == {"FINISHED"}
-    from blender_occnet import preferences
+    from blender_occnet import preferences, setup_env
     res = preferences.check_state["result"]
-    assert res["ok"] and res["torch"].startswith("2.") and res["device"] == "cpu"
+    assert res.ok and res.versions["torch"].startswith("2.") and res.device == "cpu"
 
     prefs.python_path = str(tmp_path / "no-such-python")
     with pytest.raises(RuntimeError, match="does not exist"):
@@ -331,9 +332,11 @@ def test_check_and_setup_environment(addon, tmp_path):
     # a venv that reuses this interpreter's packages (no download in tests)
     target = tmp_path / "venv"
     res = bpy.ops.occnet.setup_environment(base_python=sys.executable, target=str(target),
-                                           requirements="", system_site_packages=True)
-    assert res == {"FINISHED"}, preferences.setup_state
-    assert prefs.python_path == preferences.venv_python(str(target))
+                                           install_packages=False, system_site_packages=True)
+    assert res == {"FINISHED"}, preferences._setup["progress"].lines
+    assert prefs.python_path == setup_env.venv_python(str(target))
+    wm = bpy.context.window_manager  # the main thread's copy of the worker's progress
+    assert wm.occnet_setup_status == "Ready" and wm.occnet_setup_progress == 1.0
     cp = subprocess.run([prefs.python_path, "-c", "import sys; print(sys.prefix)"],
                         capture_output=True, text=True, check=True)
     assert cp.stdout.strip() == str(target)
@@ -380,7 +383,7 @@ def test_network_normals_option(scene, addon, tiny_checkpoints):
     prefs.use_normals = True
     try:
         bpy.ops.mesh.primitive_cube_add()
-        assert bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", resolution=32) == {"FINISHED"}
+        assert bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", resolution="32") == {"FINISHED"}
         me = bpy.context.active_object.data
         assert me.has_custom_normals
         # octahedron faces: normals are (+-1, +-1, +-1) / sqrt(3)
@@ -409,7 +412,7 @@ def test_refine_preference_reaches_the_backend(scene, addon, tiny_checkpoints):
                 o.select_set(False)
             obj.select_set(True)
             bpy.context.view_layer.objects.active = obj
-            assert bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", resolution=32) == {"FINISHED"}
+            assert bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", resolution="32") == {"FINISHED"}
             result = bpy.context.active_object
             v = np.empty(len(result.data.vertices) * 3, np.float32)
             result.data.vertices.foreach_get("co", v)
@@ -462,12 +465,12 @@ def test_panel_draws_progress_while_busy_and_errors(scene, addon, tiny_checkpoin
     finally:
         bpy.ops.occnet.cancel()
         _pump_until(ops, lambda: job.request.done)
-        ops.finish_job(bpy.context)
-    ops.runtime.last_error = "the backend was killed by signal 9 during the request. [backend_exited]"
+        ops.session.finish_job(bpy.context)
+    ops.session.last_error = "the backend was killed by signal 9 during the request. [backend_exited]"
     err = draw()
     labels = " ".join(kw.get("text", "") for name, _, kw in err if name == "label")
     assert "killed by signal 9" in labels
-    ops.runtime.last_error = ""
+    ops.session.last_error = ""
 
 
 def test_modal_path_pumps_and_builds_one_object(scene, addon, tiny_checkpoints):
@@ -478,20 +481,22 @@ def test_modal_path_pumps_and_builds_one_object(scene, addon, tiny_checkpoints):
     _prefs(tiny_checkpoints)
     reports = []
 
-    class FakeOp(ops._Generate):
+    from blender_occnet.operators import _Generate
+
+    class FakeOp(_Generate):
         def report(self, kind, msg):
             reports.append((kind, msg))
 
     pts = np.random.default_rng(9).normal(size=(300, 3)).astype(np.float32) + [0.0, 0.0, 4.0]
-    from blender_occnet import wire
-    opts = wire.options_dict(resolution=64, checkpoint=str(tiny_checkpoints["points"]))
+    from blender_occnet import request_options
+    opts = request_options.make_options(resolution=64, checkpoint=str(tiny_checkpoints["points"]))
     ops.start_job(bpy.context, "points", pts, opts, "modal_test",
                   origin=(pts.min(0) + pts.max(0)) / 2, label="Mesh from Point Cloud")
     op = FakeOp()
     n = len(bpy.data.objects)
     ticks = 0
     while True:
-        assert ops.runtime.busy
+        assert ops.session.busy
         assert op.modal(bpy.context, SimpleNamespace(type="MOUSEMOVE")) == {"PASS_THROUGH"}
         res = op.modal(bpy.context, SimpleNamespace(type="TIMER"))
         ticks += 1
@@ -501,11 +506,11 @@ def test_modal_path_pumps_and_builds_one_object(scene, addon, tiny_checkpoints):
         assert ticks < 3000
     assert res == {"FINISHED"}, reports
     assert len(bpy.data.objects) == n + 1 and bpy.context.active_object.name == "modal_test"
-    assert not ops.runtime.busy and reports[-1][0] == {"INFO"}
+    assert not ops.session.busy and reports[-1][0] == {"INFO"}
 
 
 def test_image_pixels_orientation_and_colour(addon):
-    ops = addon
+    from blender_occnet import gather as ops
     img = bpy.data.images.new("orient", 4, 3, alpha=True)
     px = np.zeros((3, 4, 4), np.float32)  # Blender rows: 0 = bottom
     px[0, :, :] = (1.0, 0.0, 0.0, 1.0)  # bottom row red
@@ -531,15 +536,15 @@ def test_prestart_starts_backend_with_preloaded_models(scene, addon, tiny_checkp
     """What the UI's start-up timer does (timers never fire headless: call it directly)."""
     ops = addon
     prefs = _prefs(tiny_checkpoints)
-    ops.shutdown_backend()
+    ops.session.shutdown()
     prefs.start_with_blender = False
-    assert ops._prestart_timer() is None and ops.runtime.client is None
+    assert ops.prestart_timer() is None and ops.session.client is None
     prefs.start_with_blender = True
     prefs.python_path = sys.executable
     try:
         ops._prestart_deadline[0] = time.monotonic() + 10
-        assert ops._prestart_timer() is None
-        cl = ops.runtime.client
+        assert ops.prestart_timer() is None
+        cl = ops.session.client
         assert cl is not None and cl.alive
         assert cl.args == ["--preload", f"points:{prefs.checkpoint_points}",
                            "--preload", f"image:{prefs.checkpoint_image}"]
@@ -549,8 +554,8 @@ def test_prestart_starts_backend_with_preloaded_models(scene, addon, tiny_checkp
             assert time.monotonic() < deadline
             time.sleep(0.1)
         bpy.ops.mesh.primitive_cube_add()
-        assert bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", resolution=32) == {"FINISHED"}
-        assert ops._prestart_timer() is None and ops.runtime.client is cl  # started once
+        assert bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", resolution="32") == {"FINISHED"}
+        assert ops.prestart_timer() is None and ops.session.client is cl  # started once
     finally:
         prefs.python_path = ""
         prefs.start_with_blender = True
