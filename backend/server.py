@@ -1,6 +1,6 @@
 """The pipe server that the Blender add-on runs as a child process: ``python -m backend serve``.
 
-It speaks the frames of ``blender_occnet.wire`` on stdin/stdout and nothing else:
+It speaks the frames of ``backend.wire`` on stdin/stdout and nothing else:
 
 * stdout is reserved for frames. At start-up the real stdout file descriptor is duplicated for the
   frame writer and fd 1 (and ``sys.stdout``) are pointed at stderr, so a stray ``print``, a tqdm
@@ -11,7 +11,10 @@ It speaks the frames of ``blender_occnet.wire`` on stdin/stdout and nothing else
 * When stdin closes (Blender quit or crashed) the server cancels the running work and exits; a
   watchdog hard-exits the process if the work does not stop within a couple of seconds, so no
   orphan outlives Blender.
-* A malformed frame gets an ``error`` reply and the server carries on with the next frame.
+* A malformed frame gets an ``error`` reply and the server carries on with the next frame; so does
+  a request whose id is still in flight, and one whose body is over the request size limit.
+* Every progress report is also a cancellation point, so a cancel lands between pipeline stages
+  even where a stage does not check ``should_cancel`` itself.
 """
 
 import argparse
@@ -26,7 +29,7 @@ import traceback
 
 import numpy as np
 
-from blender_occnet import wire
+from . import wire
 
 log = logging.getLogger("occnet.server")
 
@@ -71,6 +74,8 @@ def redirect_stdout_to_stderr():
 
 
 class Job:
+    """A reconstruct request from the moment it is queued until its reply is sent."""
+
     def __init__(self, req_id, header, arrays):
         self.id = req_id
         self.header = header
@@ -80,15 +85,14 @@ class Job:
 
 class Server:
     def __init__(self, instream, outstream, device="auto", reconstructor_factory=None):
-        self.reader = wire.FrameReader(instream)
+        self.reader = wire.FrameReader(instream, max_body_bytes=wire.MAX_REQUEST_BODY_BYTES)
         self.out = FrameWriter(outstream)
         self.default_device = device
         self._factory = reconstructor_factory
         self._reconstructor = None
         self._recon_lock = threading.Lock()
         self.jobs = queue.Queue()
-        self.current = None  # the Job the worker is running
-        self.cancelled_ids = set()  # cancel requests for jobs that have not started yet
+        self.in_flight = {}  # id -> Job, queued or running, until its reply is sent
         self.state_lock = threading.Lock()
         self.stopping = threading.Event()
         self.warm_done = threading.Event()
@@ -150,11 +154,11 @@ class Server:
                     frame = self.reader.read()
                 except wire.ProtocolError as exc:
                     req_id = exc.header.get("id") if isinstance(exc.header, dict) else None
-                    self.send_error(req_id if _is_id(req_id) else None, wire.E_PROTOCOL,
+                    self.send_error(self.reply_id(req_id), wire.E_PROTOCOL,
                                     f"malformed frame: {exc.message}")
                     continue
                 except MemoryError:
-                    self.reader._resync = True
+                    self.reader.resync = True
                     self.send_error(None, wire.E_PROTOCOL,
                                     "malformed frame: not enough memory for the frame it announced")
                     continue
@@ -164,13 +168,18 @@ class Server:
                 except OSError as exc:
                     log.info("stdin failed (%s)", exc)
                     break
+                except Exception as exc:  # a decoder bug must not end the conversation
+                    log.error("reading a frame failed:\n%s", traceback.format_exc())
+                    self.reader.resync = True
+                    self.send_error(None, wire.E_PROTOCOL, f"unreadable frame: {type(exc).__name__}: {exc}")
+                    continue
                 if frame is None:
                     break
                 try:
                     self.dispatch(*frame)
                 except Exception as exc:  # never let one request kill the reader
                     log.error("dispatch failed:\n%s", traceback.format_exc())
-                    self.send_error(frame[0].get("id") if _is_id(frame[0].get("id")) else None,
+                    self.send_error(self.reply_id(frame[0].get("id")),
                                     wire.E_INTERNAL, f"the backend failed to handle the request: {exc}")
         finally:
             self.begin_stop("stdin closed")
@@ -182,6 +191,12 @@ class Server:
             self.send_error(None, wire.E_BAD_REQUEST,
                             f"{mtype!r} request has no integer 'id' (got {req_id!r})")
             return
+        if self.reply_id(req_id) is None:
+            # replying with this id would end the other request at the add-on
+            self.send_error(None, wire.E_DUPLICATE_ID,
+                            f"{mtype!r} request reuses id {req_id}, which belongs to a request still "
+                            "in flight; ids must be unique until their request is answered")
+            return
         if mtype == "ping":
             self.out.send({"type": "pong", "id": req_id, **self.versions()})
         elif mtype == "info":
@@ -192,10 +207,11 @@ class Server:
                 self.send_error(req_id, wire.E_BAD_REQUEST, "cancel needs the integer 'target' id")
                 return
             with self.state_lock:
-                if self.current is not None and self.current.id == target:
-                    self.current.cancel.set()
-                else:
-                    self.cancelled_ids.add(target)
+                job = self.in_flight.get(target)
+            if job is not None:
+                job.cancel.set()
+            else:  # already answered: the cancel crossed the reply
+                log.info("cancel %s: request %s is not in flight", req_id, target)
         elif mtype == "shutdown":
             self.out.send({"type": "bye", "id": req_id})
             self.begin_stop("shutdown requested")
@@ -204,10 +220,21 @@ class Server:
             if problem:
                 self.send_error(req_id, wire.E_BAD_REQUEST, problem)
                 return
-            self.jobs.put(Job(req_id, header, arrays))
+            job = Job(req_id, header, arrays)
+            with self.state_lock:
+                self.in_flight[req_id] = job
+            self.jobs.put(job)
         else:
             self.send_error(req_id, wire.E_BAD_REQUEST,
                             f"unknown request type {mtype!r}; expected one of {', '.join(wire.REQUEST_TYPES)}")
+
+    def reply_id(self, req_id):
+        """The id to put on a reply about a frame that claimed req_id: None when it is not an
+        integer, or when it belongs to a request in flight (its reply would end that request)."""
+        if not _is_id(req_id):
+            return None
+        with self.state_lock:
+            return None if req_id in self.in_flight else req_id
 
     def send_info(self, req_id):
         import backend
@@ -232,8 +259,8 @@ class Server:
         log.info("stopping: %s", why)
         self.stopping.set()
         with self.state_lock:
-            if self.current is not None:
-                self.current.cancel.set()
+            for job in self.in_flight.values():
+                job.cancel.set()
         self.jobs.put(None)
         # the watchdog: torch may be inside a long kernel; do not outlive the add-on
         t = threading.Timer(EXIT_GRACE_S, _hard_exit)
@@ -248,16 +275,11 @@ class Server:
                 if job is not None:
                     self.send_error(job.id, wire.E_CANCELLED, "the backend is shutting down")
                 return
-            with self.state_lock:
-                if job.id in self.cancelled_ids:
-                    self.cancelled_ids.discard(job.id)
-                    job.cancel.set()
-                self.current = job
             try:
                 self.run_job(job)
             finally:
                 with self.state_lock:
-                    self.current = None
+                    self.in_flight.pop(job.id, None)
 
     def run_job(self, job):
         from backend.errors import Cancelled, OccnetError  # light import, no torch
@@ -265,6 +287,8 @@ class Server:
         last = [0.0, None]
 
         def progress(stage, fraction):
+            if job.cancel.is_set():
+                raise Cancelled()
             now = time.monotonic()
             if stage != last[1] or now - last[0] >= PROGRESS_MIN_INTERVAL_S or fraction >= 1.0:
                 last[0], last[1] = now, stage
@@ -432,7 +456,7 @@ def build_parser():
     p = argparse.ArgumentParser(
         prog="python -m backend serve",
         description="Serve reconstructions to the Blender add-on over stdin/stdout frames "
-                    "(see blender_occnet/wire.py). Not meant to be run by hand.")
+                    "(see backend/wire.py). Not meant to be run by hand.")
     p.add_argument("--device", default="auto",
                    help="torch device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

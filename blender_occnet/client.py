@@ -30,53 +30,54 @@ class BackendError(Exception):
         return self.message
 
 
-def backend_pythonpath():
-    """Folders the child needs on PYTHONPATH so that ``backend`` and ``blender_occnet`` import.
+def backend_root():
+    """The one folder that holds the ``backend`` package the child runs, or None when the chosen
+    interpreter must bring its own (``pip install blender-occnet``).
 
-    * built add-on: a copy of the backend lives in ``<addon>/bundled``
-    * source tree: the repository root holds both ``backend/`` and ``blender_occnet/``
-    The parent folder of the add-on makes ``import blender_occnet`` (the wire format) work in both.
-    """
-    paths = []
+    * built add-on: ``<addon>/bundled`` (build_addon.py copies the backend there)
+    * source tree: the repository root next to this package (it holds build_addon.py)
+    Never the add-on's parent folder in an installation: that is the user's whole extensions or
+    add-ons folder, where any other package named ``backend`` could shadow ours."""
     bundled = os.path.join(ADDON_DIR, "bundled")
-    if os.path.isdir(os.path.join(bundled, "backend")):
-        paths.append(bundled)
-    if os.path.basename(ADDON_DIR) == "blender_occnet":
-        paths.append(os.path.dirname(ADDON_DIR))
-    else:
-        # installed under another folder name: expose the wire module through a shim folder
-        paths.append(_shim_dir())
-    return paths
+    if os.path.isfile(os.path.join(bundled, "backend", "__init__.py")):
+        return bundled
+    repo = os.path.dirname(ADDON_DIR)
+    if (os.path.isfile(os.path.join(repo, "build_addon.py"))
+            and os.path.isfile(os.path.join(repo, "backend", "__init__.py"))):
+        return repo
+    return None
 
 
-def _shim_dir():
-    """A folder holding ``blender_occnet/__init__.py`` + ``wire.py`` for add-ons installed under a
-    different folder name (the child imports ``blender_occnet.wire``)."""
-    import tempfile
-    d = os.path.join(tempfile.gettempdir(), f"blender_occnet_shim_{os.getpid()}")
-    pkg = os.path.join(d, "blender_occnet")
-    os.makedirs(pkg, exist_ok=True)
-    with open(os.path.join(ADDON_DIR, "wire.py"), "rb") as f:
-        src = f.read()
-    for name, data in (("__init__.py", b""), ("wire.py", src)):
-        p = os.path.join(pkg, name)
-        try:
-            with open(p, "rb") as f:
-                if f.read() == data:
-                    continue
-        except OSError:
-            pass
-        with open(p, "wb") as f:
-            f.write(data)
-    return d
+# -I (isolated mode): the working directory, PYTHON* variables and the user's site-packages stay
+# out of the child's sys.path, so a folder that happens to hold a ``backend/`` package (Blender's
+# working directory can be anything) is never run. -X utf8: the child's stderr is UTF-8 whatever
+# the locale (isolated mode ignores PYTHONIOENCODING).
+ISOLATED_FLAGS = ("-I", "-X", "utf8")
+SERVE_CODE = "import runpy; runpy.run_module('backend', run_name='__main__', alter_sys=True)"
 
 
-def child_env(extra_paths=()):
+def isolated_command(python, code, args=()):
+    """``python`` running ``code`` in isolated mode with only backend_root() added to sys.path."""
+    root = backend_root()
+    bootstrap = f"import sys\nsys.path[:0] = {[root] if root else []!r}\n{code}"
+    return [python, *ISOLATED_FLAGS, "-c", bootstrap, *args]
+
+
+def serve_command(python, args=()):
+    """The command line of ``python -m backend serve ARGS``, isolated (see ISOLATED_FLAGS)."""
+    return isolated_command(python, SERVE_CODE, ["serve", *args])
+
+
+def child_env():
     env = dict(os.environ)
     # Blender sets these for its own Python; they must not leak into another interpreter.
     for k in ("PYTHONHOME", "PYTHONPATH", "PYTHONSTARTUP", "PYTHONEXECUTABLE"):
         env.pop(k, None)
-    env["PYTHONPATH"] = os.pathsep.join(list(extra_paths) + backend_pythonpath())
+    # Isolated mode ignores PYTHON* variables; these serve a custom ``command`` (benches, tests)
+    # and whatever the backend itself starts, which then finds the same backend and nothing else.
+    root = backend_root()
+    if root:
+        env["PYTHONPATH"] = root
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONIOENCODING"] = "utf-8"
     env.setdefault("TQDM_DISABLE", "1")
@@ -112,7 +113,7 @@ def check_interpreter(python, timeout=60.0):
     if not os.path.isfile(python):
         return {"ok": False, "error": f"the Python interpreter {python!r} does not exist"}
     try:
-        cp = subprocess.run([python, "-c", code], env=child_env(), capture_output=True,
+        cp = subprocess.run(isolated_command(python, code), env=child_env(), capture_output=True,
                             text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return {"ok": False, "error": f"cannot run {python!r}: {exc}"}
@@ -182,11 +183,10 @@ class BackendClient:
     """One backend child process and the requests in flight. Not thread-safe except where noted:
     call everything but the reader thread's internals from one thread (Blender's main thread)."""
 
-    def __init__(self, python=None, args=(), extra_pythonpath=(), log=None, command=None):
+    def __init__(self, python=None, args=(), log=None, command=None):
         self.python = python or sys.executable
         self.args = list(args)
         self.command = list(command) if command else None  # replaces `python -m backend serve`
-        self.extra_pythonpath = list(extra_pythonpath)
         self.log = log  # callable(str) for the backend's stderr lines, or None
         self.proc = None
         self.hello = None
@@ -212,14 +212,13 @@ class BackendClient:
             self._fail_all(wire.E_BACKEND_EXITED,
                            f"the backend exited with code {code} during the request.{self._tail_text()}")
         self._cleanup_dead()
-        cmd = self.command or (
-            [self.python, "-m", "backend", "serve", *self.args])
+        cmd = self.command or serve_command(self.python, self.args)
         kwargs = {}
         if sys.platform == "win32":  # pragma: no cover
             kwargs["creationflags"] = subprocess.CREATE_NO_WINDOW
         try:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, env=child_env(self.extra_pythonpath),
+                                         stderr=subprocess.PIPE, env=child_env(),
                                          bufsize=0, close_fds=True, **kwargs)
         except OSError as exc:
             self.proc = None
@@ -353,6 +352,12 @@ class BackendClient:
             arrays = {"pixels": np.ascontiguousarray(arr)}
         else:
             raise ValueError(f"unknown input kind {kind!r}")
+        size = wire.body_size(arrays)
+        if size > wire.MAX_REQUEST_BODY_BYTES:
+            # the backend would refuse it only after all of it went through the pipe
+            raise BackendError(wire.E_BAD_REQUEST,
+                               f"the input is {size / 2**30:.1f} GiB, over the backend's "
+                               f"{wire.MAX_REQUEST_BODY_BYTES / 2**30:.0f} GiB limit per request")
         self.start()
         req = Request(self._new_id(), kind)
         self._requests[req.id] = req

@@ -1,28 +1,31 @@
 """Wire format between the Blender add-on and the backend server (``python -m backend serve``).
 
-This module is the single source of truth for both sides. It must stay importable by Blender's
-Python, so it uses the standard library and numpy only.
+The source of truth is ``backend/wire.py``. The add-on carries a byte-identical copy,
+``blender_occnet/wire.py``: the built zips always vendor this file, ``python build_addon.py
+--sync-wire`` refreshes the copy in the source tree, and tests/test_wire.py fails while the two
+differ. Blender's Python imports the copy, so this module uses the standard library and numpy only.
 
 A frame on the pipe is::
 
     offset  size  field
     0       4     MAGIC  b"OCNF"
-    4       4     header length H   (uint32, little-endian)
-    8       8     body length B     (uint64, little-endian)
-    16      H     header: UTF-8 JSON object
+    4       4     header length H   (uint32, little-endian), 1..MAX_HEADER_BYTES
+    8       8     body length B     (uint64, little-endian), at most the reader's body limit
+    16      H     header: UTF-8 JSON object, nested at most MAX_HEADER_DEPTH deep
     16+H    B     body: raw little-endian array buffers, each starting on an 8-byte boundary
 
 The header always has ``"type"`` (a message type, see below) and ``"v"`` (protocol version).
-Requests carry an integer ``"id"`` that every reply about that request repeats. Arrays travel in the
-body, never as JSON lists; the header describes them in ``"arrays"``::
+Requests carry an integer ``"id"`` that every reply about that request repeats; an id stays in use
+until its request has been answered. Arrays travel in the body, never as JSON lists; the header
+describes them in ``"arrays"``::
 
     "arrays": [{"name": "vertices", "dtype": "<f4", "shape": [V, 3], "offset": 0}, ...]
 
-Requests (add-on -> backend)
+Requests (add-on -> backend); their bodies are at most MAX_REQUEST_BODY_BYTES
     reconstruct  {"id", "input": "points"|"image", "options": {...}}
                  arrays: "points" (N, 3) <f4  or  "pixels" (H, W, 3|4) |u1 or <f4, row 0 = top
                  options: checkpoint (path or null), resolution, threshold, max_faces, device,
-                          normals (bool: also send vertex normals)
+                          normals (bool: also send vertex normals), refine (bool)
     cancel       {"id", "target": <id of the reconstruct request>}
     ping         {"id"}                       -> pong
     info         {"id"}                       -> info
@@ -33,11 +36,16 @@ Replies (backend -> add-on)
     progress     {"id", "stage", "fraction"}
     result       {"id", "stats"}; arrays "vertices" (V, 3) <f4, "faces" (F, 3) <i4,
                  optional "normals" (V, 3) <f4 and "colors" (V, 4) <f4
-    error        {"id" (null when the frame could not be attributed), "code", "message"}
+    error        {"id" (null when the frame could not be attributed, or when its id belongs to
+                  another request still in flight), "code", "message"}
     pong         {"id", "protocol", "backend_version"}
     info         {"id", "protocol", "backend_version", "python", "torch", "device",
                   "loaded_models", "default_checkpoints"}
     bye          {"id"}
+
+A reader never allocates more than the bytes that actually arrived (plus one read chunk), and a
+frame it cannot read raises ProtocolError; after one whose lengths are unusable it skips ahead to
+the next MAGIC, so one garbled frame does not end the conversation.
 """
 
 import json
@@ -51,7 +59,13 @@ MAGIC = b"OCNF"
 _PREFIX = struct.Struct("<4sIQ")
 PREFIX_SIZE = _PREFIX.size  # 16
 MAX_HEADER_BYTES = 1 << 20  # 1 MiB of JSON is far more than any real header needs
-MAX_BODY_BYTES = 1 << 34  # 16 GiB: anything larger is a corrupted length, not a mesh
+MAX_HEADER_DEPTH = 32  # real headers nest 4 deep; deeper JSON is garbage, not a request
+MAX_BODY_BYTES = 1 << 34  # 16 GiB: replies (meshes); anything larger is a corrupted length
+MAX_REQUEST_BODY_BYTES = 1 << 31  # 2 GiB: 50M points as float64 fit, with room to spare
+MAX_ARRAY_DIMS = 8
+MAX_ARRAY_ELEMENTS = 1 << 40
+CHUNK_BYTES = 1 << 26  # 64 MiB: a body's buffer grows at most this far ahead of its bytes
+RESYNC_CHUNK_BYTES = 1 << 16  # read size while hunting for the next MAGIC
 ALIGN = 8
 
 # dtypes allowed on the wire (explicit little-endian)
@@ -70,6 +84,7 @@ REPLY_TYPES = ("hello", "progress", "result", "error", "pong", "info", "bye")
 # Error codes the server sends (the backend's OccnetError codes pass through unchanged).
 E_PROTOCOL = "protocol_error"  # a frame that could not be read
 E_BAD_REQUEST = "bad_request"  # a readable frame whose content is wrong
+E_DUPLICATE_ID = "duplicate_id"  # a request whose id belongs to a request still in flight
 E_CANCELLED = "cancelled"
 E_OOM = "out_of_memory"
 E_INTERNAL = "internal_error"
@@ -81,7 +96,8 @@ E_TIMEOUT = "timeout"
 
 class ProtocolError(Exception):
     """A frame that violates the wire format. ``resync`` says whether the stream position is lost
-    (bad magic or impossible lengths) so that the reader must hunt for the next MAGIC."""
+    (bad magic or unusable lengths) so that the reader must hunt for the next MAGIC; ``header`` is
+    the frame's header when it could be read (to attribute the error to a request)."""
 
     def __init__(self, message, resync=False, header=None):
         super().__init__(message)
@@ -138,6 +154,11 @@ def encode_frame(header, arrays=None):
     return [_PREFIX.pack(MAGIC, len(hbytes), offset) + hbytes] + parts
 
 
+def body_size(arrays):
+    """Bytes the arrays take in a frame body (with alignment padding), without encoding them."""
+    return sum(_aligned(np.asarray(a).nbytes) for a in (arrays or {}).values() if a is not None)
+
+
 def frame_bytes(header, arrays=None):
     """The whole frame as one bytes object (tests, small messages)."""
     return b"".join(bytes(p) for p in encode_frame(header, arrays))
@@ -152,43 +173,75 @@ def write_frame(stream, header, arrays=None):
     stream.flush()
 
 
-CHUNK_BYTES = 1 << 26  # 64 MiB: memory for a body grows only as its bytes actually arrive
+def _readinto(stream, view):
+    """Fill some of view from stream; the number of bytes, 0 at EOF."""
+    readinto = getattr(stream, "readinto", None)
+    if readinto is not None:
+        return readinto(view) or 0
+    chunk = stream.read(len(view))
+    if chunk:
+        view[:len(chunk)] = chunk
+    return len(chunk) if chunk else 0
+
+
+def _read_some(stream, limit):
+    """Up to limit bytes that are available now (at least one, blocking for it); b"" at EOF."""
+    read1 = getattr(stream, "read1", None)
+    return (read1 or stream.read)(limit) or b""
 
 
 def _read_exact(stream, n):
     """Read exactly n bytes; returns a bytearray, or None on a clean EOF before any byte.
-    Raises EOFError on EOF in the middle."""
-    if n > CHUNK_BYTES:
-        # a corrupted length must not allocate gigabytes up front
-        parts = []
-        got = 0
-        while got < n:
-            part = _read_exact(stream, min(CHUNK_BYTES, n - got))
-            if part is None:
-                if got == 0:
-                    return None
-                raise EOFError(f"stream ended inside a frame ({got} of {n} bytes)")
-            parts.append(part)
-            got += len(part)
-        return bytearray().join(parts)
-    buf = bytearray(n)
-    view = memoryview(buf)
+    Raises EOFError on EOF in the middle. The buffer starts at one chunk and at most doubles
+    once its bytes have arrived, so a length that lies allocates little."""
+    buf = bytearray(min(n, CHUNK_BYTES))
     got = 0
-    readinto = getattr(stream, "readinto", None)
     while got < n:
-        if readinto is not None:
-            k = readinto(view[got:])
-        else:
-            chunk = stream.read(n - got)
-            k = len(chunk) if chunk else 0
-            if k:
-                view[got:got + k] = chunk
+        if got == len(buf):
+            buf += bytes(min(n, 2 * len(buf)) - len(buf))
+        with memoryview(buf) as whole, whole[got:] as rest:
+            k = _readinto(stream, rest)
         if not k:
             if got == 0:
                 return None
             raise EOFError(f"stream ended inside a frame ({got} of {n} bytes)")
         got += k
     return buf
+
+
+def _array_problem(desc, body_len):
+    """What is wrong with one entry of the header's 'arrays' list, or None."""
+    if not isinstance(desc, dict):
+        return "each entry of 'arrays' must be an object"
+    name, key, shape, off = desc.get("name"), desc.get("dtype"), desc.get("shape"), desc.get("offset")
+    if not isinstance(name, str) or not name:
+        return "an array in the frame has no name"
+    if key not in DTYPES:
+        return f"array {name!r} has unsupported dtype {key!r}"
+    if (not isinstance(shape, list) or len(shape) > MAX_ARRAY_DIMS
+            or not all(_is_count(s) for s in shape)):
+        return f"array {name!r} has an invalid shape {shape!r}"
+    if not _is_count(off) or off % ALIGN:
+        return f"array {name!r} has an invalid offset {off!r}"
+    # an empty array may still claim dimensions whose product numpy cannot represent
+    if _size([s for s in shape if s]) > MAX_ARRAY_ELEMENTS:
+        return f"array {name!r} has impossible dimensions {shape!r}"
+    nbytes = _size(shape) * DTYPES[key].itemsize
+    if off + nbytes > body_len:
+        return (f"array {name!r} ({nbytes} bytes at offset {off}) runs past the end of the "
+                f"{body_len}-byte frame body")
+    return None
+
+
+def _is_count(x):
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _size(shape):
+    count = 1
+    for s in shape:
+        count *= s
+    return count
 
 
 def decode_arrays(header, body):
@@ -198,34 +251,35 @@ def decode_arrays(header, body):
         raise ProtocolError("'arrays' in the frame header must be a list", header=header)
     out = {}
     for d in descs:
-        if not isinstance(d, dict):
-            raise ProtocolError("each entry of 'arrays' must be an object", header=header)
-        name, key, shape, off = d.get("name"), d.get("dtype"), d.get("shape"), d.get("offset")
-        if not isinstance(name, str) or not name:
-            raise ProtocolError("an array in the frame has no name", header=header)
-        if key not in DTYPES:
-            raise ProtocolError(f"array {name!r} has unsupported dtype {key!r}", header=header)
-        if (not isinstance(shape, list) or len(shape) > 8
-                or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
-            raise ProtocolError(f"array {name!r} has an invalid shape {shape!r}", header=header)
-        if not isinstance(off, int) or isinstance(off, bool) or off < 0 or off % ALIGN:
-            raise ProtocolError(f"array {name!r} has an invalid offset {off!r}", header=header)
-        dt = DTYPES[key]
-        count = 1
-        for s in shape:
-            count *= s
-        nbytes = count * dt.itemsize
-        if off + nbytes > len(body):
-            raise ProtocolError(
-                f"array {name!r} ({nbytes} bytes at offset {off}) runs past the end of the "
-                f"{len(body)}-byte frame body", header=header)
-        out[name] = np.frombuffer(body, dtype=dt, count=count, offset=off).reshape(shape)
+        problem = _array_problem(d, len(body))
+        if problem:
+            raise ProtocolError(problem, header=header)
+        dt = DTYPES[d["dtype"]]
+        out[d["name"]] = np.frombuffer(body, dtype=dt, count=_size(d["shape"]),
+                                       offset=d["offset"]).reshape(d["shape"])
     return out
 
 
+def json_depth_exceeds(data, limit):
+    """Whether JSON bytes nest arrays/objects deeper than limit. Brackets inside strings count
+    too, which can only overestimate: real headers stay far below the limit either way. Checked
+    before parsing, because the parser recurses once per level (200,000 levels: RecursionError,
+    or on a thread with a small stack, a crash)."""
+    codes = np.frombuffer(data, dtype=np.uint8)
+    steps = (np.isin(codes, _OPENERS).astype(np.int32) - np.isin(codes, _CLOSERS))
+    return bool(len(steps)) and int(np.cumsum(steps).max()) > limit
+
+
+_OPENERS = np.frombuffer(b"[{", dtype=np.uint8)
+_CLOSERS = np.frombuffer(b"]}", dtype=np.uint8)
+
+
 def parse_header(hbytes):
+    hbytes = bytes(hbytes)
+    if json_depth_exceeds(hbytes, MAX_HEADER_DEPTH):
+        raise ProtocolError(f"frame header nests deeper than {MAX_HEADER_DEPTH} levels")
     try:
-        header = json.loads(bytes(hbytes).decode("utf-8"))
+        header = json.loads(hbytes.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(f"frame header is not valid UTF-8 JSON ({exc})") from None
     if not isinstance(header, dict):
@@ -244,39 +298,48 @@ class FrameReader:
     """Reads frames from a binary stream (a pipe). ``read()`` returns ``(header, arrays)``, or
     None at EOF; a bad frame raises ProtocolError and, when the stream position was lost, the
     next ``read()`` first skips to the next MAGIC so that one garbled frame does not poison the
-    rest of the conversation."""
+    rest of the conversation. Bodies over ``max_body_bytes`` are refused without being stored."""
 
-    def __init__(self, stream):
+    def __init__(self, stream, max_body_bytes=MAX_BODY_BYTES):
         self.stream = stream
-        self._resync = False
-        self._pending = b""  # bytes read while resyncing that belong to the next frame
+        self.max_body_bytes = max_body_bytes
+        self.resync = False
+        self._pending = bytearray()  # bytes read ahead while hunting for MAGIC
 
     def _read_exact(self, n):
-        if self._pending:
-            head = self._pending[:n]
-            self._pending = self._pending[n:]
-            if len(head) == n:
-                return bytearray(head)
-            rest = _read_exact(self.stream, n - len(head))
-            if rest is None:
-                raise EOFError("stream ended inside a frame")
-            return bytearray(head) + rest
-        return _read_exact(self.stream, n)
+        if not self._pending:
+            return _read_exact(self.stream, n)
+        head = self._pending[:n]
+        del self._pending[:n]
+        if len(head) == n:
+            return head
+        rest = _read_exact(self.stream, n - len(head))
+        if rest is None:
+            raise EOFError("stream ended inside a frame")
+        return head + rest
 
     def _skip_to_magic(self):
-        window = b""
+        """Drop bytes up to the next MAGIC (kept for the next frame); False at EOF."""
+        window = bytes(self._pending)
+        self._pending = bytearray()
         while True:
-            b = self._read_exact(1)
-            if b is None:
-                return False
-            window = (window + bytes(b))[-len(MAGIC):]
-            if window == MAGIC:
-                self._pending = MAGIC + self._pending
+            at = window.find(MAGIC)
+            if at >= 0:
+                self._pending = bytearray(window[at:])
                 return True
+            tail = window[len(window) - len(MAGIC) + 1:]  # MAGIC may straddle two reads
+            chunk = _read_some(self.stream, RESYNC_CHUNK_BYTES)
+            if not chunk:
+                return False
+            window = tail + chunk
+
+    def _lost(self, message, header=None):
+        self.resync = True
+        return ProtocolError(message, resync=True, header=header)
 
     def read(self):
-        if self._resync:
-            self._resync = False
+        if self.resync:
+            self.resync = False
             if not self._skip_to_magic():
                 return None
         prefix = self._read_exact(PREFIX_SIZE)
@@ -285,27 +348,30 @@ class FrameReader:
         magic, hlen, blen = _PREFIX.unpack(bytes(prefix))
         if magic != MAGIC:
             # keep what followed the bad magic: the next frame may start inside it
-            self._pending = bytes(prefix[1:]) + self._pending
-            self._resync = True
-            raise ProtocolError(f"frame does not start with {MAGIC!r} (got {bytes(magic)!r})",
-                                resync=True)
+            self._pending[:0] = prefix[1:]
+            raise self._lost(f"frame does not start with {MAGIC!r} (got {bytes(magic)!r})")
         if hlen == 0 or hlen > MAX_HEADER_BYTES:
-            self._resync = True
-            raise ProtocolError(f"frame header length {hlen} is outside 1..{MAX_HEADER_BYTES}",
-                                resync=True)
-        if blen > MAX_BODY_BYTES:
-            self._resync = True
-            raise ProtocolError(f"frame body length {blen} is over the {MAX_BODY_BYTES} limit",
-                                resync=True)
+            raise self._lost(f"frame header length {hlen} is outside 1..{MAX_HEADER_BYTES}")
         hbytes = self._read_exact(hlen)
         if hbytes is None:
             raise EOFError("stream ended inside a frame header")
+        if blen > self.max_body_bytes:
+            # the header is still worth reading: its id lets the sender's request end now
+            raise self._lost(f"frame body of {blen} bytes is over the {self.max_body_bytes}-byte limit",
+                             header=_header_or_none(hbytes))
         body = self._read_exact(blen) if blen else bytearray()
         if body is None:
             raise EOFError("stream ended inside a frame body")
         header = parse_header(hbytes)
         arrays = decode_arrays(header, body)
         return header, arrays
+
+
+def _header_or_none(hbytes):
+    try:
+        return parse_header(hbytes)
+    except ProtocolError:
+        return None
 
 
 def read_frame(stream):
@@ -340,5 +406,5 @@ def options_dict(checkpoint=None, resolution=128, threshold=0.5, max_faces=None,
 __all__ = [
     "PROTOCOL_VERSION", "MAGIC", "ProtocolError", "FrameReader", "encode_frame", "frame_bytes",
     "write_frame", "read_frame", "decode_arrays", "parse_header", "error_header", "options_dict",
-    "set_binary_mode",
+    "set_binary_mode", "body_size",
 ]

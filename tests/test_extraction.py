@@ -175,3 +175,13 @@ def test_simplify_to_face_budget():
     small = simplify_mesh(mesh, 2000)
     assert 1000 < len(small.faces) <= 2000
     assert np.abs(small.vertices).max() < 0.45
+
+
+def test_simplify_checks_cancel_before_each_pass():
+    pytest.importorskip("fast_simplification")
+    from backend.errors import Cancelled
+    grid = mise(torus, 32, 2)
+    mesh = grid_to_mesh(grid.values, 0.0, grid.box_min, grid.spacing)
+    with pytest.raises(Cancelled):
+        simplify_mesh(mesh, 2000, should_cancel=lambda: True)
+    assert simplify_mesh(mesh, 2000, should_cancel=lambda: False).faces.shape == simplify_mesh(mesh, 2000).faces.shape

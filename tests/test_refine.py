@@ -2,6 +2,7 @@
 where there are none, never moves a vertex further than allowed, and keeps the mesh closed."""
 
 import numpy as np
+import pytest
 import trimesh
 from scipy.spatial import cKDTree
 
@@ -81,3 +82,45 @@ def test_the_pipeline_refines_point_cloud_meshes_by_default(tmp_path):
     assert octahedron_error(raw.vertices, 0.5) > 0.05
     assert octahedron_error(refined.vertices, 0.5) < 0.01
     assert "refine" in refined.stats["seconds"] and "refine" not in raw.stats["seconds"]
+
+
+def test_progress_every_round_and_the_same_result_with_callbacks():
+    mesh = sphere_mesh(0.30)
+    points = sphere_points(0.34, 3000, noise=0.005)
+    fractions = []
+    observed = refine_to_points(mesh.vertices, mesh.faces, points, progress=fractions.append,
+                                should_cancel=lambda: False)
+    assert fractions == [(i + 1) / RefineSettings().rounds for i in range(RefineSettings().rounds)]
+    np.testing.assert_array_equal(observed, refine_to_points(mesh.vertices, mesh.faces, points))
+
+
+def test_blocks_of_vertices_give_bit_identical_results(monkeypatch):
+    from backend.extraction import refine
+
+    mesh = sphere_mesh(0.30)
+    points = sphere_points(0.34, 3000, noise=0.005)
+    monkeypatch.setattr(refine, "PROJECTION_BLOCK", 10 ** 9)
+    whole = refine_to_points(mesh.vertices, mesh.faces, points)
+    monkeypatch.setattr(refine, "PROJECTION_BLOCK", 1000)
+    np.testing.assert_array_equal(refine_to_points(mesh.vertices, mesh.faces, points), whole)
+
+
+def test_cancel_is_checked_before_every_block_of_every_round(monkeypatch):
+    from backend.errors import Cancelled
+    from backend.extraction import refine
+
+    monkeypatch.setattr(refine, "PROJECTION_BLOCK", 2000)
+    mesh = sphere_mesh(0.30)                       # 5694 vertices: 3 blocks per round
+    points = sphere_points(0.34, 3000, noise=0.005)
+    fractions = []
+    checks = []
+
+    def cancel_at_fifth_check():
+        checks.append(len(fractions))
+        return len(checks) == 5
+
+    with pytest.raises(Cancelled):
+        refine_to_points(mesh.vertices, mesh.faces, points, progress=fractions.append,
+                         should_cancel=cancel_at_fifth_check)
+    # three checks in round 1, the fifth is the second block of round 2, which it stops
+    assert len(mesh.vertices) == 5694 and checks == [0, 0, 0, 1, 1] and fractions == [0.2]

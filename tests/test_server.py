@@ -1,6 +1,8 @@
 """The backend pipe server (`python -m backend serve`) as a real child process, spoken to in raw
-frames: requests, progress, results, cancel, malformed frames, shutdown and stdin EOF."""
+frames: requests, progress, results, cancel, malformed and hostile frames, shutdown and stdin EOF;
+and how the add-on's client starts it (isolated from the working directory)."""
 
+import json
 import os
 import queue
 import struct
@@ -12,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from blender_occnet import wire
+from backend import wire
 from conftest import REPO_ROOT, backend_env, edges_watertight, pid_alive
 
 
@@ -291,7 +293,7 @@ def test_stdout_carries_frames_only():
     code = (
         "import os, sys\n"
         "from backend.server import redirect_stdout_to_stderr\n"
-        "from blender_occnet import wire\n"
+        "from backend import wire\n"
         "out = redirect_stdout_to_stderr()\n"
         "print('stray print')\n"
         "os.write(1, b'raw fd write\\n')\n"
@@ -330,26 +332,67 @@ def test_client_restarts_after_crash_and_fails_the_lost_request(tiny_checkpoints
     assert not pid_alive(pid)
 
 
-def test_pythonpath_for_an_addon_folder_with_another_name(tmp_path, monkeypatch):
-    """Installed under a different folder name, the child still imports blender_occnet.wire
-    (through a shim folder) and the bundled backend."""
+MALICIOUS_BACKEND = "open({marker!r}, 'w').write('ran')\n"
+
+
+def plant_backend(folder):
+    """A folder holding a ``backend`` package that leaves a marker file when imported."""
+    marker = folder / "MARKER"
+    (folder / "backend").mkdir(parents=True)
+    (folder / "backend" / "__init__.py").write_text(MALICIOUS_BACKEND.format(marker=str(marker)))
+    return marker
+
+
+def test_a_backend_package_in_the_working_directory_is_never_run(tmp_path, monkeypatch):
+    """Blender's working directory can be any folder; one that holds a ``backend/`` package must
+    not be imported by the child (plain ``python -m backend`` would run it)."""
+    from blender_occnet import client
+    marker = plant_backend(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    subprocess.run([sys.executable, "-m", "backend", "--help"], cwd=tmp_path, env=env,
+                   capture_output=True, timeout=60)
+    assert marker.exists(), "the planted package should run without isolation (the test's premise)"
+    marker.unlink()
+
+    monkeypatch.chdir(tmp_path)
+    cl = client.BackendClient(args=["--no-warm-up"])
+    try:
+        cl.ping()
+        info = cl.info()
+    finally:
+        cl.stop()
+    assert client.check_interpreter(sys.executable)["ok"]
+    assert not marker.exists()
+    assert info["backend_path"] == str(REPO_ROOT / "backend")
+
+
+def test_the_child_path_holds_the_bundled_backend_and_nothing_of_the_addons_folder(tmp_path, monkeypatch):
+    """Installed (under any folder name), the child imports the bundled backend; neither the
+    extensions folder around the add-on nor a temporary shim folder is on its path, and it does
+    not need the add-on package at all."""
     import shutil
 
     from blender_occnet import client
-    addon = tmp_path / "occnet_renamed"
-    shutil.copytree(REPO_ROOT / "blender_occnet", addon,
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    extensions = tmp_path / "extensions"
+    addon = extensions / "occnet_renamed"
+    shutil.copytree(REPO_ROOT / "blender_occnet", addon, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO_ROOT / "backend", addon / "bundled" / "backend",
                     ignore=shutil.ignore_patterns("__pycache__", "weights"))
+    marker = plant_backend(extensions)  # another add-on that happens to be called backend
     monkeypatch.setattr(client, "ADDON_DIR", str(addon))
-    paths = client.backend_pythonpath()
-    assert paths[0] == str(addon / "bundled")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    code = "import backend, blender_occnet.wire as w; print(backend.__file__, w.PROTOCOL_VERSION)"
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True,
-                         text=True, check=True).stdout.split()
-    assert out[0].startswith(str(addon / "bundled" / "backend")) and out[1] == str(wire.PROTOCOL_VERSION)
+    assert client.backend_root() == str(addon / "bundled")
+    assert client.child_env()["PYTHONPATH"] == str(addon / "bundled")
+    code = ("import json, backend, backend.server\n"
+            "print(json.dumps([backend.__file__, 'blender_occnet' in sys.modules, sys.path]))")
+    cp = subprocess.run(client.isolated_command(sys.executable, code), env=client.child_env(),
+                        cwd=extensions, capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    backend_file, imported_addon, path = json.loads(cp.stdout.splitlines()[-1])
+    assert backend_file == str(addon / "bundled" / "backend" / "__init__.py")
+    assert not imported_addon and not marker.exists()
+    assert path[0] == str(addon / "bundled")
+    assert not any(p in (str(extensions), str(addon), "", ".") for p in path), path
+    assert not any("shim" in p for p in path), path
 
 
 def test_preload_loads_models_before_the_first_request(tiny_checkpoints):

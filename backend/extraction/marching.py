@@ -2,9 +2,12 @@
 mesh is closed, and optional decimation to a face budget."""
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from skimage import measure
+
+from ..errors import Cancelled
 
 # Value given to the one-cell border around the grid: far outside, so the surface always closes
 # inside the grid instead of running open at its edge.
@@ -30,9 +33,11 @@ def grid_to_mesh(values: np.ndarray, level: float, box_min: float, spacing: floa
     return MeshArrays(verts.astype(np.float32), np.ascontiguousarray(faces, dtype=np.int32))
 
 
-def simplify_mesh(mesh: MeshArrays, max_faces: int) -> MeshArrays:
+def simplify_mesh(mesh: MeshArrays, max_faces: int,
+                  should_cancel: Callable[[], bool] | None = None) -> MeshArrays:
     """Quadric decimation down to at most max_faces (fast-simplification), unchanged if already
-    within budget."""
+    within budget. should_cancel() is checked before each decimation pass (each takes seconds on
+    a million faces), raising Cancelled."""
     if max_faces <= 0:
         raise ValueError("the face budget must be positive")
     if len(mesh.faces) <= max_faces:
@@ -43,9 +48,16 @@ def simplify_mesh(mesh: MeshArrays, max_faces: int) -> MeshArrays:
         raise RuntimeError("decimation needs the fast-simplification package "
                            "(pip install fast-simplification)") from exc
     ratio = 1.0 - max_faces / len(mesh.faces)
+    _check_cancel(should_cancel)
     verts, faces = fast_simplification.simplify(mesh.vertices, mesh.faces, target_reduction=ratio)
     # The target is approximate; a last few collapses could overshoot, so trim honestly by retrying.
     if len(faces) > max_faces:
+        _check_cancel(should_cancel)
         ratio = 1.0 - max_faces / len(faces)
         verts, faces = fast_simplification.simplify(verts, faces, target_reduction=ratio)
     return MeshArrays(np.asarray(verts, np.float32), np.asarray(faces, np.int32))
+
+
+def _check_cancel(should_cancel: Callable[[], bool] | None) -> None:
+    if should_cancel is not None and should_cancel():
+        raise Cancelled()

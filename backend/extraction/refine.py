@@ -15,9 +15,12 @@ of our own training data (never on the benchmark meshes); see backend/weights/MO
 """
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from scipy.spatial import cKDTree
+
+from ..errors import Cancelled
 
 
 @dataclass(frozen=True)
@@ -56,10 +59,31 @@ def plane_projection(vertices: np.ndarray, tree: cKDTree, points: np.ndarray, se
     return move
 
 
+PROJECTION_BLOCK = 16384  # vertices per plane_projection call: ~0.1 s, ~20 MB of temporaries
+
+
+def blockwise_projection(vertices: np.ndarray, tree: cKDTree, points: np.ndarray, settings: RefineSettings,
+                         should_cancel: Callable[[], bool] | None = None) -> np.ndarray:
+    """plane_projection over blocks of PROJECTION_BLOCK vertices, checking should_cancel before
+    each. A vertex's move depends on that vertex alone, so the result is bit-identical to one
+    call over all vertices; blocks bound the (V, neighbours, 3) temporaries and let a cancel land
+    within a fraction of a second instead of after the round."""
+    moves = np.empty_like(vertices, dtype=np.float64)
+    for start in range(0, len(vertices), PROJECTION_BLOCK):
+        check_cancel(should_cancel)
+        stop = start + PROJECTION_BLOCK
+        moves[start:stop] = plane_projection(vertices[start:stop], tree, points, settings)
+    return moves
+
+
 def refine_to_points(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray,
-                     settings: RefineSettings = RefineSettings()) -> np.ndarray:
+                     settings: RefineSettings = RefineSettings(),
+                     progress: Callable[[float], None] | None = None,
+                     should_cancel: Callable[[], bool] | None = None) -> np.ndarray:
     """Canonical vertices (V, 3) of a mesh with faces (F, 3) and input points (P, 3) -> refined
-    vertices (V, 3) float32; faces are unchanged."""
+    vertices (V, 3) float32; faces are unchanged.
+    progress(fraction in [0, 1]) is called after every round (a round takes seconds on a large
+    256^3 mesh); should_cancel() before every block of vertices in every round, raising Cancelled."""
     import trimesh
 
     points = np.asarray(points, dtype=np.float64)
@@ -68,8 +92,16 @@ def refine_to_points(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray
     mesh = trimesh.Trimesh(np.asarray(vertices, dtype=np.float64), faces, process=False)
     averaging = trimesh.smoothing.laplacian_calculation(mesh)  # built once, used every round
     tree = cKDTree(points)
-    for _ in range(settings.rounds):
-        moved = np.asarray(mesh.vertices) + plane_projection(np.asarray(mesh.vertices), tree, points, settings)
-        mesh.vertices = moved
+    for done in range(settings.rounds):
+        vertices_now = np.asarray(mesh.vertices)
+        mesh.vertices = vertices_now + blockwise_projection(vertices_now, tree, points, settings, should_cancel)
         trimesh.smoothing.filter_taubin(mesh, iterations=settings.smoothing_steps, laplacian_operator=averaging)
+        if progress is not None:
+            progress((done + 1) / settings.rounds)
     return np.asarray(mesh.vertices, dtype=np.float32)
+
+
+def check_cancel(should_cancel: Callable[[], bool] | None) -> None:
+    """Raise Cancelled when the caller asked to stop."""
+    if should_cancel is not None and should_cancel():
+        raise Cancelled()
