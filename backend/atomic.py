@@ -2,12 +2,13 @@
 
 The data goes to a fresh temporary file in the target's folder, created with O_EXCL under a random
 name, so a file or symlink someone placed there is never opened or deleted. The temporary file is
-flushed to disk and renamed over the target (os.replace, atomic on one file system). It is created
-with mode 0666 minus the umask, like any file a program writes (tempfile.mkstemp would make it 0600).
+flushed to disk and renamed over the target (os.replace, atomic on one file system). It gets
+mode 0666 minus the umask, like any file a program writes (tempfile.mkstemp would make it 0600).
 """
 
 import os
 import secrets
+import stat
 from pathlib import Path
 from typing import Callable
 
@@ -55,8 +56,12 @@ def atomic_write(path, write: Callable[[str], None]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = create_temp_beside(path)
+    mode = stat.S_IMODE(temp.stat().st_mode)
     try:
         write(str(temp))
+        # A writer may replace the file rather than fill it (safetensors writes its own temporary
+        # file, mode 0600, and renames it): give the result the mode we created.
+        os.chmod(temp, mode)
         fsync_file(temp)
         os.replace(temp, path)
     except BaseException:

@@ -1,5 +1,9 @@
 """`python -m backend reconstruct` end to end, as a real subprocess, and its one-line errors."""
 
+import os
+import resource
+import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -87,9 +91,14 @@ def test_no_default_model_is_a_clear_error(tmp_path, monkeypatch, capsys):
     assert "no default point-cloud model is installed" in capsys.readouterr().err
 
 
+FOLDER = "a folder"
+
+
 def write(path: Path, content) -> Path:
     if isinstance(content, np.ndarray):
         np.save(path, content)
+    elif content is FOLDER:
+        path.mkdir()
     else:
         path.write_bytes(content)
     return path
@@ -97,6 +106,10 @@ def write(path: Path, content) -> Path:
 
 BAD_INPUTS = [
     ("missing.xyz", None, "no such file"),
+    ("scans.xyz", FOLDER, "scans.xyz: is a folder, not a file"),
+    ("photo.png", FOLDER, "photo.png: is a folder, not a file"),
+    ("notes.png", b"shopping list: eggs, milk", "cannot read the image: it is not a PNG, JPEG"),
+    ("huge.npy", np.array([[1e38, 0, 0], [-1e38, 1e38, 0], [0, 0, -1e38]]), "coordinates reach 1e+38"),
     ("broken.png", b"\x89PNG\r\n\x1a\nthis is not really a png", "cannot read the image"),
     ("empty.xyz", b"", "expected lines of at least three numbers"),
     ("nan.npy", np.array([[0, 0, 0], [1, np.nan, 0], [1, 1, 1]], float), "NaN or infinite"),
@@ -133,3 +146,113 @@ def test_bad_output_format_is_refused_before_any_work(tmp_path, octahedron):
     np.save(tmp_path / "p.npy", cube_points())
     proc = run_cli(tmp_path / "p.npy", "-o", tmp_path / "o.xyz", "--checkpoint", octahedron)
     assert proc.returncode == 1 and "unknown mesh format '.xyz'" in proc.stderr
+
+
+def test_nan_weights_are_named_not_blamed_on_the_threshold(tmp_path):
+    import torch
+
+    from backend.checkpoint import load_checkpoint, save_checkpoint
+    model, config, _ = load_checkpoint(make_octahedron_checkpoint(tmp_path / "ok.safetensors"))
+    with torch.no_grad():
+        model.decoder.fc_out.bias.fill_(float("nan"))
+    save_checkpoint(tmp_path / "nan.safetensors", model, config)
+    np.save(tmp_path / "p.npy", cube_points())
+    proc = run_cli(tmp_path / "p.npy", "-o", tmp_path / "o.obj", "--checkpoint", tmp_path / "nan.safetensors", "--quiet")
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "decoder.fc_out.bias has 1 NaN or infinite values" in proc.stderr and "threshold" not in proc.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--threshold", "2"], "threshold must lie strictly between 0 and 1"),
+    (["--faces", "2"], "face budget must be at least 4"),
+    (["--faces", "many"], "argument --faces: invalid int value: 'many'"),
+    (["--resolution", "100"], "argument --resolution: invalid choice"),
+])
+def test_usage_errors_are_one_line_and_exit_code_2(tmp_path, args, message):
+    np.save(tmp_path / "p.npy", cube_points())
+    proc = run_cli(tmp_path / "p.npy", "-o", tmp_path / "o.obj", *args)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+
+
+def test_missing_decimation_package_is_named_before_any_work(tmp_path, monkeypatch, capsys):
+    from backend import cli
+    monkeypatch.setitem(sys.modules, "fast_simplification", None)  # makes its import fail
+    # The input does not even exist: the package is checked first, before minutes of work.
+    code = cli.main(["reconstruct", str(tmp_path / "later.npy"), "-o", str(tmp_path / "o.obj"), "--faces", "100"])
+    assert code == 1
+    assert capsys.readouterr().err == ("error: --faces needs the fast-simplification package "
+                                       "(pip install fast-simplification)\n")
+
+
+# --- the output file ----------------------------------------------------------------------------
+
+def test_output_that_is_a_folder_is_refused_before_any_work(tmp_path):
+    (tmp_path / "mesh.obj").mkdir()
+    proc = run_cli(tmp_path / "missing.npy", "-o", tmp_path / "mesh.obj")
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
+    assert "mesh.obj: is a folder; name a mesh file to write" in proc.stderr
+
+
+def unwritable_folder(tmp_path) -> Path:
+    """A folder this process cannot create files in: permission bits for a normal user; for
+    root (which ignores them) /proc, where no one can create files."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "readonly"
+        folder.mkdir(mode=0o555)
+        return folder
+    if not Path("/proc/self").is_dir():
+        pytest.skip("running as root without /proc: no folder is unwritable")
+    return Path("/proc")
+
+
+def test_unwritable_output_folder_is_refused_before_any_work(tmp_path):
+    out = unwritable_folder(tmp_path) / "mesh.obj"
+    proc = run_cli(tmp_path / "missing.npy", "-o", out)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
+    assert f"{out}: cannot write into {out.parent}" in proc.stderr, proc.stderr
+
+
+def limit_file_size():
+    """In the child: files may not grow past 4 KB, and exceeding that is an error (EFBIG), not a
+    signal; the way a full disk or a quota shows itself to a program."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+
+def test_full_disk_while_writing_is_one_line_and_keeps_the_old_file(tmp_path, octahedron):
+    np.save(tmp_path / "p.npy", cube_points())
+    out = tmp_path / "mesh.ply"
+    out.write_bytes(b"the previous mesh")
+    proc = subprocess.run([sys.executable, "-m", "backend", "reconstruct", str(tmp_path / "p.npy"), "-o", str(out),
+                           "--checkpoint", str(octahedron), "--resolution", "32", "--quiet"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"error: {out}: cannot write the mesh (File too large)" in proc.stderr
+    assert out.read_bytes() == b"the previous mesh"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mesh.ply", "p.npy"]
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_mesh_is_written_atomically_without_touching_neighbours(tmp_path, umask_022):
+    """The old writer used OUT.part: a symlink there redirected the write into another file,
+    and a user's own OUT.part was deleted."""
+    from backend.mesh_io import save_mesh
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "mesh.ply.part").symlink_to(victim)
+    (tmp_path / "notes.obj.part").write_text("mine")
+    octahedron_mesh = trimesh.creation.icosphere(subdivisions=1)
+    save_mesh(tmp_path / "mesh.ply", octahedron_mesh.vertices, octahedron_mesh.faces)
+    save_mesh(tmp_path / "notes.obj", octahedron_mesh.vertices, octahedron_mesh.faces)
+    assert victim.read_text() == "precious" and (tmp_path / "notes.obj.part").read_text() == "mine"
+    assert len(trimesh.load(tmp_path / "mesh.ply", process=False).faces) == len(octahedron_mesh.faces)
+    assert stat.S_IMODE((tmp_path / "mesh.ply").stat().st_mode) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "mesh.ply", "mesh.ply.part", "notes.obj", "notes.obj.part", "victim.txt"]
