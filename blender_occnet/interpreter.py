@@ -107,7 +107,9 @@ def probe(python, timeout=PROBE_TIMEOUT_S):
     if not os.path.isfile(python):
         return Probe(python, failure=f"the Python interpreter {python!r} does not exist")
     try:
-        cp = subprocess.run([python, "-c", _PROBE_CODE], env=clean_env(), capture_output=True,
+        # -I: isolated like the backend's own process (no user site-packages, no working
+        # directory), so what the probe imports is what the backend will import
+        cp = subprocess.run([python, "-I", "-c", _PROBE_CODE], env=clean_env(), capture_output=True,
                             text=True, errors="replace", timeout=timeout,
                             stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as exc:

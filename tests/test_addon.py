@@ -559,3 +559,136 @@ def test_prestart_starts_backend_with_preloaded_models(scene, addon, tiny_checkp
     finally:
         prefs.python_path = ""
         prefs.start_with_blender = True
+
+
+# -- the boundary between Blender and the backend (issue #9) --------------------------------
+
+def test_register_refuses_blender_below_the_minimum(addon, monkeypatch):
+    import blender_occnet
+    registered = list(blender_occnet._registered)
+    monkeypatch.setattr(blender_occnet, "_blender_version", lambda: (3, 6, 5))
+    with pytest.raises(RuntimeError, match=r"needs Blender 4\.2 or newer; this is Blender 3\.6\.5"):
+        blender_occnet.register()
+    assert blender_occnet._registered == registered  # nothing registered twice or half
+
+
+def test_only_valid_request_options_can_be_chosen(scene, addon, tiny_checkpoints):
+    prefs = _prefs(tiny_checkpoints)
+    from blender_occnet import request_options
+    items = [i.identifier for i in prefs.bl_rna.properties["default_resolution"].enum_items]
+    assert items == [str(r) for r in request_options.RESOLUTIONS]
+    with pytest.raises(TypeError):
+        prefs.default_resolution = "100"
+    prefs.threshold = 1.0
+    assert prefs.threshold == pytest.approx(request_options.THRESHOLD_MAX)
+    prefs.threshold = 0.5
+    prefs.max_faces = 2  # a closed mesh needs 4 faces
+    assert prefs.max_faces == request_options.MIN_FACE_BUDGET
+    prefs.max_faces = 0
+    bpy.ops.mesh.primitive_cube_add()
+    with pytest.raises(TypeError):
+        bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", resolution="100")
+    # the operator's budget snaps the same way (3 faces cannot close a mesh; 4 can)
+    assert bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", resolution="32", max_faces=3) == {"FINISHED"}
+    assert len(bpy.context.active_object.data.polygons) == request_options.MIN_FACE_BUDGET
+
+
+def test_setup_refuses_to_download_while_blender_is_offline(addon, tmp_path):
+    assert bpy.app.online_access is False  # the bpy module starts offline, as a fresh Blender does
+    target = tmp_path / "venv"
+    with pytest.raises(RuntimeError, match="Allow Online Access"):
+        bpy.ops.occnet.setup_environment(target=str(target), install_packages=True)
+    with pytest.raises(RuntimeError, match="not a package requirement"):
+        bpy.ops.occnet.setup_environment(target=str(target), install_packages=True,
+                                         extra_requirements="--index-url https://example.com")
+    assert not target.exists()
+
+
+def _wait_for_probe(preferences):
+    deadline = time.monotonic() + 120
+    while preferences.check_state["checking"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_python_without_torch_is_refused_with_a_fix(scene, addon, tiny_checkpoints, tmp_path):
+    from helpers_addon import python_without_torch
+
+    from blender_occnet import preferences
+    from blender_occnet.panel import OCCNET_PT_panel
+    prefs = _prefs(tiny_checkpoints)
+    addon.session.shutdown()
+    python = python_without_torch(tmp_path)
+    try:
+        prefs.python_path = python  # checked when chosen, in the background
+        _wait_for_probe(preferences)
+        assert not preferences.check_state["result"].ok
+        assert "lacks torch" in preferences.check_state["result"].problem()
+        bpy.ops.mesh.primitive_cube_add()
+        with pytest.raises(RuntimeError, match="lacks torch.*pip install torch"):
+            bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", resolution="32")
+        assert addon.session.client is None  # no backend was started that could only fail
+        assert addon.prestart_timer() is None  # ... nor at start-up: the panel says why
+        assert not addon.session.backend_running and "lacks torch" in addon.session.last_error
+        log = []
+        OCCNET_PT_panel.draw(type("P", (), {"layout": _Recorder(log)})(), bpy.context)
+        labels = [kw for name, _, kw in log if name == "label"]
+        assert not any(kw.get("icon") == "CHECKMARK" for kw in labels)
+        assert "lacks torch" in " ".join(kw.get("text", "") for kw in labels)
+    finally:
+        prefs.python_path = ""
+        _wait_for_probe(preferences)
+        addon.session.last_error = ""
+
+
+class _Context:
+    """bpy.context with a region of a chosen width (a panel's draw gets its sidebar's region)."""
+
+    def __init__(self, width):
+        self.region = type("Region", (), {"width": width})()
+
+    def __getattr__(self, name):
+        return getattr(bpy.context, name)
+
+
+def test_panel_wraps_messages_to_the_region_on_word_boundaries(scene, addon):
+    from blender_occnet import ui_text
+    from blender_occnet.panel import OCCNET_PT_panel
+    message = ("the backend was killed by signal 9 during the request. Backend output: "
+               "RuntimeError: CUDA out of memory while evaluating the decoder [backend_exited]")
+    addon.session.last_error = message
+    try:
+        lines_at = {}
+        for width in (220, 700):
+            log = []
+            context = _Context(width)
+            OCCNET_PT_panel.draw(type("P", (), {"layout": _Recorder(log)})(), context)
+            labels = [kw for name, _, kw in log if name == "label"]
+            first = next(i for i, kw in enumerate(labels) if kw.get("icon") == "ERROR")
+            lines = [kw["text"] for kw in labels[first:]]
+            assert " ".join(lines) == message  # every word whole, none lost
+            scale = ui_text.ui_scale(context)
+            assert all(ui_text.text_width(t, scale) <= ui_text.available_width(context) for t in lines)
+            lines_at[width] = lines
+        assert len(lines_at[220]) > len(lines_at[700]) >= 1
+    finally:
+        addon.session.last_error = ""
+    long_path = "/a/really/long/folder/name/that/cannot/fit/on/one/line/at/all.safetensors"
+    lines = ui_text.wrap(f"cannot read {long_path} now", 20, len)
+    assert lines[0] == "cannot read" and all(len(t) <= 20 for t in lines)
+    assert "".join(lines[1:]) == long_path + " now"  # only the path, too long for any line, is cut
+
+
+def test_selection_without_geometry_and_a_mesh_with_faces_only(scene, addon, tiny_checkpoints):
+    _prefs(tiny_checkpoints)
+    bpy.ops.object.empty_add()
+    bpy.ops.object.camera_add()
+    for obj in bpy.data.objects:
+        obj.select_set(True)
+    with pytest.raises(RuntimeError, match=r"Select mesh.*Empty \(empty\).*has no vertices"):
+        bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", source="SELECTED")
+    assert len(bpy.data.objects) == 2
+    bpy.ops.mesh.primitive_cube_add(size=2.0)  # 6 faces, only its 8 corners become points
+    assert bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", resolution="32") == {"FINISHED"}
+    assert "from 8 points" in addon.session.last_info
+    assert bpy.context.active_object.name.startswith("Cube_occnet")
