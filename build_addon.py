@@ -1,6 +1,7 @@
 """Build the Blender add-on packages from the sources.
 
     python build_addon.py [--out dist] [--blender-ext PATH] [--no-validate]
+    python build_addon.py --sync-wire     refresh blender_occnet/wire.py from backend/wire.py
 
 Writes
   dist/blender_occnet-<version>.zip         the extension (Blender 4.2+: drag and drop, or
@@ -8,9 +9,12 @@ Writes
   dist/blender_occnet-<version>-legacy.zip  the same add-on as a legacy add-on zip
                                             (Preferences > Add-ons > Install from Disk)
 
-Both carry a copy of the backend (``blender_occnet/bundled/backend``, with the shipped
-``weights/*.safetensors``) so that the add-on can start ``python -m backend serve`` with any Python
-that has PyTorch. The extension is built and validated with Blender's own extension tool
+Both carry a copy of the backend (``blender_occnet/bundled/backend``, with the shipped default
+models named in ``backend/defaults.py``) so that the add-on can start ``python -m backend serve``
+with any Python that has PyTorch, and the wire format vendored from its one home,
+``backend/wire.py``, as ``blender_occnet/wire.py``. The zips hold an explicit allow-list (the
+packages' modules, named data files, the shipped models), never whatever else lies in the source
+folders (.env files, caches, .blend1 backups, experiment weights). The extension is built and validated with Blender's own extension tool
 (``scripts/addons_core/bl_pkg/cli/blender_ext.py``), found inside the installed ``bpy`` module or
 given with --blender-ext; it runs standalone, without importing bpy.
 """
@@ -32,8 +36,9 @@ ROOT = Path(__file__).resolve().parent
 ADDON_SRC = ROOT / "blender_occnet"
 BACKEND_SRC = ROOT / "backend"
 ADDON_ID = "blender_occnet"
-IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo", ".DS_Store", "bundled", "*.zip")
-WEIGHT_PATTERNS = ("*.safetensors", "*.md")
+WIRE = "wire.py"  # backend/wire.py is the source; the add-on carries a byte-identical copy
+ADDON_DATA = ("blender_manifest.toml", "backend_requirements.txt")
+BACKEND_DATA = ("weights/MODEL_CARD.md",)
 
 
 class BuildError(Exception):
@@ -76,22 +81,60 @@ def find_blender_ext():
                      "(pip install bpy) or pass --blender-ext PATH")
 
 
+def package_modules(package):
+    """The .py files of a package and of its subpackages (folders with an __init__.py), relative
+    to package: code that ships by kind, while anything else in the folders stays behind."""
+    package = Path(package)
+    found = [p.relative_to(package) for p in sorted(package.glob("*.py"))]
+    for sub in sorted(p for p in package.iterdir()
+                      if p.is_dir() and not p.name.startswith(".") and (p / "__init__.py").is_file()):
+        found += [sub.name / rel for rel in package_modules(sub)]
+    return found
+
+
+def shipped_weights():
+    """The default models backend/defaults.py names, relative to the backend folder."""
+    from backend.defaults import DEFAULT_CHECKPOINTS
+    return [Path("weights") / Path(p).name for p in DEFAULT_CHECKPOINTS.values()]
+
+
+def addon_files():
+    return package_modules(ADDON_SRC) + [Path(name) for name in ADDON_DATA]
+
+
+def backend_files():
+    return package_modules(BACKEND_SRC) + [Path(name) for name in BACKEND_DATA] + shipped_weights()
+
+
+def copy_listed(src, dst, files):
+    for rel in files:
+        if not (src / rel).is_file():
+            raise BuildError(f"{src / rel} is missing (it is on the list of files the add-on ships)")
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src / rel, dst / rel)
+
+
+def sync_wire():
+    """Make the add-on's copy of the wire format identical to backend/wire.py; True if it changed."""
+    source = (BACKEND_SRC / WIRE).read_bytes()
+    copy = ADDON_SRC / WIRE
+    if copy.is_file() and copy.read_bytes() == source:
+        return False
+    copy.write_bytes(source)
+    return True
+
+
 def stage(tmp):
-    """Copy the add-on sources and the bundled backend into tmp/blender_occnet."""
+    """Copy the add-on's allow-listed files, the wire format and the bundled backend into
+    tmp/blender_occnet."""
     dst = Path(tmp) / ADDON_ID
-    shutil.copytree(ADDON_SRC, dst, ignore=IGNORE)
-    bundled = dst / "bundled" / "backend"
-    shutil.copytree(BACKEND_SRC, bundled,
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "weights"))
-    weights = bundled / "weights"
-    weights.mkdir()
-    for pattern in WEIGHT_PATTERNS:
-        for f in sorted((BACKEND_SRC / "weights").glob(pattern)):
-            shutil.copy2(f, weights / f.name)
+    copy_listed(ADDON_SRC, dst, addon_files())
+    shutil.copy2(BACKEND_SRC / WIRE, dst / WIRE)  # vendored from its one home
+    copy_listed(BACKEND_SRC, dst / "bundled" / "backend", backend_files())
     (dst / "bundled" / "README.txt").write_text(
         "A copy of the blender-occnet backend. The add-on runs it as a separate process:\n"
-        "  <python with torch> -m backend serve\n"
-        "with this folder and the add-on's parent folder on PYTHONPATH.\n", "utf-8")
+        "  <python with torch> -I -c <bootstrap> serve\n"
+        "in isolated mode, with this folder as the only addition to its sys.path.\n", "utf-8")
     return dst
 
 
@@ -154,7 +197,13 @@ def main(argv=None):
     p.add_argument("--blender-ext", help="path of Blender's blender_ext.py "
                                          "(default: found in the installed bpy module)")
     p.add_argument("--no-validate", action="store_true", help="skip validation")
+    p.add_argument("--sync-wire", action="store_true",
+                   help="only copy backend/wire.py to blender_occnet/wire.py (the add-on's copy)")
     args = p.parse_args(argv)
+    if args.sync_wire:
+        changed = sync_wire()
+        print(f"{ADDON_SRC / WIRE} {'updated from' if changed else 'already matches'} {BACKEND_SRC / WIRE}")
+        return 0
     try:
         ext_zip, legacy_zip = build(args.out, args.blender_ext, validate=not args.no_validate)
     except BuildError as exc:

@@ -1,5 +1,6 @@
-"""build_addon.py: the extension zip (validated by Blender's own tool) and the legacy zip, and both
-install into an isolated Blender user folder and run a reconstruction with the bundled backend."""
+"""build_addon.py: the extension zip (validated by Blender's own tool) and the legacy zip hold an
+explicit allow-list and the vendored wire format, and both install into an isolated Blender user
+folder and run a reconstruction with the bundled backend."""
 
 import json
 import os
@@ -31,10 +32,19 @@ def built(tmp_path_factory):
     return ext, legacy
 
 
+def expected_names():
+    """Every file the zips may hold, from the build's own allow-list of the real source tree."""
+    addon = {str(p.as_posix()) for p in build_addon.addon_files()}
+    backend = {"bundled/backend/" + p.as_posix() for p in build_addon.backend_files()}
+    return addon | backend | {"bundled/README.txt"}
+
+
 def test_zip_contents(built):
     ext, legacy = built
     with zipfile.ZipFile(ext) as zf:
         names = set(zf.namelist())
+        assert zf.read("wire.py") == (REPO_ROOT / "backend" / "wire.py").read_bytes()
+    assert names == expected_names()
     assert {"blender_manifest.toml", "__init__.py", "wire.py", "client.py", "operators.py",
             "bundled/backend/server.py", "bundled/backend/pipeline.py"} <= names
     assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
@@ -87,11 +97,11 @@ mod = sys.modules[module]
 prefs = bpy.context.preferences.addons[module].preferences
 prefs.checkpoint_points = ckpt
 bpy.ops.mesh.primitive_cube_add(location=(2.0, 0.0, 0.0))
-assert bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", resolution=32) == {"FINISHED"}
+assert bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", resolution="32") == {"FINISHED"}
 obj = bpy.context.active_object
-ops = sys.modules[module + ".operators"]
-info = ops.runtime.client.info()
-pid = ops.runtime.client.proc.pid
+rt = sys.modules[module + ".runtime"]
+info = rt.session.client.info()
+pid = rt.session.client.proc.pid
 addon_utils.disable(module, default_set=True)
 print("RESULT " + json.dumps({"file": mod.__file__, "faces": len(obj.data.polygons),
                                "location": list(obj.location), "backend_path": info["backend_path"],
@@ -118,3 +128,54 @@ def test_installs_and_runs_with_bundled_backend(built, tiny_checkpoints, tmp_pat
     assert res["faces"] > 100
     assert res["location"] == pytest.approx([2.0, 0.0, 0.0], abs=1e-5)
     assert not pid_alive(res["pid"])
+
+
+JUNK = [".env", ".cache/state.json", "__pycache__/operators.cpython-311.pyc", "scene.blend1",
+        "notes.txt", "scratch/tool.py", "dist/old.zip"]
+BACKEND_JUNK = ["weights/experiment_epoch3.safetensors", "weights/model_best.pt", ".env",
+                "models/__pycache__/layers.cpython-311.pyc", "runs/events.out", "wire.py.orig"]
+
+
+def test_stage_packs_the_allow_list_and_nothing_else(tmp_path, monkeypatch):
+    """Whatever a developer leaves in the source folders (secrets, caches, Blender backups,
+    experiment weights, scratch scripts outside the packages) stays out of the add-on."""
+    import shutil
+
+    src = tmp_path / "src"
+    for name in ("blender_occnet", "backend"):
+        shutil.copytree(REPO_ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for rel in JUNK:
+        (src / "blender_occnet" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / "blender_occnet" / rel).write_text("junk")
+    for rel in BACKEND_JUNK:
+        (src / "backend" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / "backend" / rel).write_text("junk")
+    (src / "blender_occnet" / "wire.py").write_text("# a stale copy\n")
+    monkeypatch.setattr(build_addon, "ADDON_SRC", src / "blender_occnet")
+    monkeypatch.setattr(build_addon, "BACKEND_SRC", src / "backend")
+    staged = build_addon.stage(tmp_path / "stage")
+    names = {p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()}
+    assert names == expected_names()
+    assert (staged / "wire.py").read_bytes() == (src / "backend" / "wire.py").read_bytes()
+
+
+def test_a_missing_listed_file_stops_the_build(tmp_path, monkeypatch):
+    import shutil
+
+    src = tmp_path / "backend"
+    shutil.copytree(REPO_ROOT / "backend", src, ignore=shutil.ignore_patterns("__pycache__", "weights"))
+    monkeypatch.setattr(build_addon, "BACKEND_SRC", src)
+    with pytest.raises(build_addon.BuildError, match="MODEL_CARD.md is missing"):
+        build_addon.stage(tmp_path / "stage")
+
+
+def test_sync_wire_makes_the_addon_copy_identical(tmp_path, monkeypatch):
+    (tmp_path / "backend").mkdir()
+    (tmp_path / "addon").mkdir()
+    (tmp_path / "backend" / "wire.py").write_bytes(b"PROTOCOL_VERSION = 2\n")
+    (tmp_path / "addon" / "wire.py").write_bytes(b"PROTOCOL_VERSION = 1\n")
+    monkeypatch.setattr(build_addon, "BACKEND_SRC", tmp_path / "backend")
+    monkeypatch.setattr(build_addon, "ADDON_SRC", tmp_path / "addon")
+    assert build_addon.sync_wire() is True
+    assert (tmp_path / "addon" / "wire.py").read_bytes() == b"PROTOCOL_VERSION = 2\n"
+    assert build_addon.sync_wire() is False
