@@ -5,6 +5,7 @@ escapes as another exception, and memory stays bounded by the limits below.
 """
 
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # cloud, and mapped back to the cloud's units its vertices must still be finite 32-bit floats
 # (float32 ends at 3.4e38).
 MAX_COORDINATE = 1e37
+# A compressed .npz may expand to at most this many bytes (about 90 million float64 points): a
+# small file of compressed zeros must not fill the memory. Plain .npy files are bounded by their size.
+MAX_NPZ_BYTES = 2 * 2**30
 # Images are reduced on reading to at most this many pixels per side. The image model looks at
 # 128-224 pixels, so nothing is lost, and memory stays bounded whatever the file.
 MAX_IMAGE_SIDE = 2048
@@ -29,6 +33,17 @@ MAX_DECODED_PIXELS = 89_478_485
 # Pillow reads 16- and 32-bit greyscale as these modes; the value that means white in each.
 GREY_FULL_SCALE = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "F": 1.0}
 ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
+
+
+@contextmanager
+def quiet_decoding():
+    """Silence warnings while a third-party parser reads a file. Their remarks on damaged files
+    (Pillow's "Tag data larger than file", numpy deprecations inside trimesh, Pillow's
+    decompression-bomb warning, which MAX_DECODED_PIXELS replaces) would break the promise of one
+    `error:` line; a real problem raises, and becomes an InputError."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def input_kind(path) -> str:
@@ -107,10 +122,8 @@ def load_text_points(path: Path) -> np.ndarray:
     """(N, 3) float64 from lines "x y z [more columns]", separated by spaces, tabs or commas.
     numpy's C parser streams the file: no per-line Python work, memory about the result's size."""
     skip, delimiter = text_layout(path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "input contained no data": checked below
-        arr = np.loadtxt(path, dtype=np.float64, comments="#", delimiter=delimiter, skiprows=skip,
-                         usecols=(0, 1, 2), ndmin=2, encoding="utf-8-sig")
+    arr = np.loadtxt(path, dtype=np.float64, comments="#", delimiter=delimiter, skiprows=skip,
+                     usecols=(0, 1, 2), ndmin=2, encoding="utf-8-sig")
     if len(arr) == 0:
         raise InputError(f"{path}: expected lines of at least three numbers (x y z), found none")
     return arr
@@ -123,6 +136,10 @@ def load_array_points(path: Path) -> np.ndarray:
     with data:
         if not data.files:
             raise InputError(f"{path}: the .npz file holds no arrays")
+        expanded = sum(member.file_size for member in data.zip.infolist())
+        if expanded > MAX_NPZ_BYTES:
+            raise InputError(f"{path}: the .npz file expands to {expanded / 2**30:.1f} GiB, more than the "
+                             f"{MAX_NPZ_BYTES / 2**30:.0f} GiB this program reads")
         return data["points" if "points" in data.files else data.files[0]]
 
 
@@ -155,7 +172,8 @@ def load_points(path) -> np.ndarray:
         input_kind(path)  # raises the unknown-format error for anything but an image
         raise InputError(f"{path}: is an image, not a point cloud")
     try:
-        arr = reader(path)
+        with quiet_decoding():
+            arr = reader(path)
     except InputError:
         raise
     except Exception as exc:  # parsers of damaged files raise all kinds (zipfile, struct, trimesh's own)
@@ -230,11 +248,8 @@ def load_image(path) -> np.ndarray:
     path = Path(path)
     require_file(path)
     try:
-        with warnings.catch_warnings():
-            # Pillow warns past MAX_DECODED_PIXELS; decode_bounded decides instead (and spares JPEGs).
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                arr = decode_bounded(img, path)
+        with quiet_decoding(), Image.open(path) as img:
+            arr = decode_bounded(img, path)
     except InputError:
         raise
     except Image.DecompressionBombError as exc:
