@@ -115,6 +115,8 @@ def load_points_file(path):
 
 def load_file(path):
     """(kind, array) for an image or point-cloud file, by its extension."""
+    if not os.path.isfile(path):
+        raise InputProblem(f"{path} does not exist")
     kind = pointio.input_kind(path)
     if kind is None:
         raise InputProblem(f"unsupported file type {os.path.splitext(path)[1]!r} "
