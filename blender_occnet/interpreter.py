@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 
 # import name -> pip name, for what the backend cannot work without
 REQUIRED_MODULES = {"torch": "torch", "numpy": "numpy", "skimage": "scikit-image",
@@ -124,7 +125,7 @@ def probe(python, timeout=PROBE_TIMEOUT_S):
                                  f"{cp.returncode}: {tail})")
 
 
-_cache = {}  # (path, mtime) -> Probe: probing imports torch, which takes seconds
+_cache = {}  # (path, mtime) -> the latest Probe: probing imports torch, which takes seconds
 
 
 def _cache_key(python):
@@ -134,12 +135,29 @@ def _cache_key(python):
         return python, None
 
 
+def known(python):
+    """The latest probe of ``python``, or None when it was never probed."""
+    return _cache.get(_cache_key(python))
+
+
 def cached_probe(python):
-    """``probe`` once per interpreter file (a reinstalled interpreter is probed again)."""
+    """``probe`` once per interpreter file while it is usable (a reinstalled one is probed again);
+    an unusable one is probed every time, so installing what it lacked is noticed at once."""
     key = _cache_key(python)
-    if key not in _cache:
+    if key not in _cache or not _cache[key].ok:
         _cache[key] = probe(python)
     return _cache[key]
+
+
+def probe_in_background(python, then=None):
+    """``cached_probe`` in a thread (the UI must not wait for torch to import); ``then(probe)``
+    runs in that thread afterwards."""
+    def work():
+        found = cached_probe(python)
+        if then is not None:
+            then(found)
+
+    threading.Thread(target=work, name="occnet-probe", daemon=True).start()
 
 
 def forget(python):

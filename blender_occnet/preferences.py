@@ -89,13 +89,12 @@ def _probe_chosen_python(prefs, _context):
         return
     check_state["checking"] = python
 
-    def work():
-        found = interpreter.cached_probe(python)
+    def show(found):
         if check_state["checking"] == python:
             check_state["result"] = found
             check_state["checking"] = ""
 
-    threading.Thread(target=work, name="occnet-probe", daemon=True).start()
+    interpreter.probe_in_background(python, then=show)
 
 
 class OCCNET_OT_detect_python(bpy.types.Operator):

@@ -72,19 +72,28 @@ def start_job(context, kind, array, options, name, origin=None, location=None, l
                              location=location, label=label, server_args=server_args(prefs))
 
 
+def _chosen_python(prefs):
+    """The Backend Python of the preferences or the detected one, without detecting (None)."""
+    return bpy.path.abspath(prefs.python_path) if prefs.python_path else _detected["python"]
+
+
 def prestart_timer():
     """UI only: start the backend soon after Blender starts, so the first request does not pay
-    for Python + torch start-up and model loading. Waits for the interpreter detection."""
+    for Python + torch start-up and model loading. Waits for the background detection or probe
+    of the interpreter, so the UI never waits for torch to import."""
     prefs = get_prefs()
     if not getattr(prefs, "start_with_blender", False) or session.client is not None:
         return None
-    if not prefs.python_path and _detected["python"] is None:
+    python = _chosen_python(prefs)
+    found = interpreter.known(python) if python else None
+    if found is None:
         return 0.5 if time.monotonic() < _prestart_deadline[0] else None
+    if not found.ok:  # say so in the panel before anyone generates
+        session.fail(found.problem())
+        return None
     try:
         client_for(prefs).start()
-    except interpreter.InterpreterProblem as exc:  # say so in the panel before anyone generates
-        session.fail(str(exc))
-    except BackendError as exc:  # shown when the user generates something
+    except (interpreter.InterpreterProblem, BackendError) as exc:  # shown again on Generate
         _log_backend(f"prestart failed: {exc}")
     return None
 
@@ -105,8 +114,11 @@ def detect_in_background():
 
 
 def start_background_work():
-    """On register, with the UI: detect an interpreter and prestart the backend."""
-    if not get_prefs().python_path:
+    """On register, with the UI: check (or detect) the interpreter and prestart the backend."""
+    prefs = get_prefs()
+    if prefs.python_path:
+        interpreter.probe_in_background(bpy.path.abspath(prefs.python_path))
+    else:
         detect_in_background()
     _prestart_deadline[0] = time.monotonic() + PRESTART_WAIT_S
     bpy.app.timers.register(prestart_timer, first_interval=1.0, persistent=True)

@@ -6,6 +6,7 @@ Requirements reach pip only as validated names and version specifiers, one argum
 a user typed can never become a pip option (``--index-url ...``) or a URL.
 """
 
+import functools
 import json
 import os
 import re
@@ -63,6 +64,7 @@ def backend_requirements():
     return [check_requirement(line) for line in lines if line]
 
 
+@functools.lru_cache(maxsize=None)  # the preferences ask on every redraw
 def nvidia_gpu_present():
     return (shutil.which("nvidia-smi") is not None
             or os.path.exists("/proc/driver/nvidia/version"))
