@@ -171,6 +171,47 @@ def test_cancel_during_extraction_is_fast(conn, tiny_checkpoints):
     conn.expect("pong", rid)
 
 
+# Needs backend/pipeline.py to pass progress/should_cancel to refine_to_points (owned elsewhere; see
+# docs/reliability.md). Strict: once it does, these pass and the marker must go.
+PIPELINE_REFINE_HOOKS = pytest.mark.xfail(
+    strict=True, reason="backend/pipeline.py does not pass progress/should_cancel to refine_to_points yet")
+
+
+@PIPELINE_REFINE_HOOKS
+def test_refinement_reports_progress_every_round(conn, tiny_checkpoints):
+    pts = np.random.default_rng(10).normal(size=(500, 3))
+    rid = reconstruct_points(conn, pts, checkpoint=str(tiny_checkpoints["points"]), resolution=64)
+    fractions = []
+    while True:
+        h, _ = conn.next()
+        if h["type"] != "progress":
+            break
+        if h["stage"] == "refine":
+            fractions.append(h["fraction"])
+    assert h["type"] == "result" and h["id"] == rid, h
+    assert fractions[0] == 0.0 and fractions[-1] == 1.0 and len(fractions) >= 3, fractions
+    assert fractions == sorted(fractions)
+
+
+@PIPELINE_REFINE_HOOKS
+def test_cancel_during_refinement_is_fast(conn, tiny_checkpoints):
+    """At 256^3 the refinement takes seconds; a cancel used to wait for all of it."""
+    pts = np.random.default_rng(11).normal(size=(500, 3))
+    rid = reconstruct_points(conn, pts, checkpoint=str(tiny_checkpoints["points"]), resolution=256)
+    while True:
+        h, _ = conn.next()
+        assert h["type"] == "progress", h
+        if h["stage"] == "refine":
+            break
+    t0 = time.monotonic()
+    conn.request("cancel", target=rid)
+    h, _ = conn.expect("error", rid)
+    elapsed = time.monotonic() - t0
+    assert h["code"] == "cancelled", h
+    # a block of vertices takes ~0.1 s; the whole refinement 2-4 s on the shared test machine
+    assert elapsed < 1.0, f"cancel took {elapsed:.2f} s"
+
+
 def test_cancel_of_queued_request(conn, tiny_checkpoints):
     ck = str(tiny_checkpoints["points"])
     pts = np.random.default_rng(3).normal(size=(300, 3))
@@ -208,6 +249,70 @@ def test_malformed_frame_gets_error_reply_and_server_survives(conn, payload, cod
     rid = conn.request("ping")
     conn.expect("pong", rid)
     assert conn.proc.poll() is None
+
+
+def test_deeply_nested_header_gets_an_error_and_the_server_keeps_serving(conn):
+    """200,000 nested brackets used to end the server (RecursionError in the reader, no reply)."""
+    header = b'{"type": "ping", "id": 5, "x": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    conn.send_raw(struct.pack("<4sIQ", wire.MAGIC, len(header), 0) + header)
+    h, _ = conn.expect("error")
+    assert h["code"] == "protocol_error" and "nests deeper" in h["message"], h
+    rid = conn.request("ping")
+    conn.expect("pong", rid)
+
+
+def test_a_request_reusing_an_id_in_flight_is_refused(conn, tiny_checkpoints):
+    """Its error carries no id: one with the id would end the first request at the add-on."""
+    pts = np.random.default_rng(9).normal(size=(500, 3))
+    rid = reconstruct_points(conn, pts, checkpoint=str(tiny_checkpoints["points"]), resolution=256)
+    conn.send({"type": "reconstruct", "id": rid, "input": "points", "options": {"resolution": 32}},
+              {"points": pts.astype(np.float32)})
+    conn.send({"type": "ping", "id": rid})
+    for _ in range(2):
+        h, _ = conn.expect("error")
+        assert h["id"] is None and h["code"] == "duplicate_id" and f"id {rid}" in h["message"], h
+    conn.request("cancel", target=rid)
+    h, _ = conn.expect("error", rid)
+    assert h["code"] == "cancelled", h
+    conn.send({"type": "ping", "id": rid})  # answered: the id is free again
+    conn.expect("pong", rid)
+
+
+def test_a_body_over_the_request_limit_is_refused_by_id_and_skipped(conn):
+    header = json.dumps({"type": "reconstruct", "id": 77, "input": "points"}).encode()
+    conn.send_raw(struct.pack("<4sIQ", wire.MAGIC, len(header), wire.MAX_REQUEST_BODY_BYTES + 8)
+                  + header + b"\x01" * 200_000)
+    h, _ = conn.expect("error", 77)
+    assert h["code"] == "protocol_error" and "over the 2147483648-byte limit" in h["message"], h
+    rid = conn.request("ping")
+    conn.expect("pong", rid)
+
+
+def rss_bytes(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RSS from /proc")
+def test_an_announced_body_is_not_allocated_before_its_bytes_arrive():
+    c = Conn("--no-warm-up")
+    try:
+        c.expect("hello", skip=())
+        rid = c.request("ping")
+        c.expect("pong", rid)
+        before = rss_bytes(c.proc.pid)
+        header = json.dumps({"type": "reconstruct", "id": 1, "input": "points"}).encode()
+        c.send_raw(struct.pack("<4sIQ", wire.MAGIC, len(header), 3 << 29) + header)  # 1.5 GiB
+        c.send_raw(b"\0" * (16 << 20))  # returns once the server has read all but a pipe buffer
+        time.sleep(0.3)
+        grown = rss_bytes(c.proc.pid) - before
+        assert grown < 200 << 20, f"{grown / 2**20:.0f} MiB for 16 MiB of a 1.5 GiB announcement"
+    finally:
+        c.close()  # EOF inside the frame: the server exits cleanly
+    assert c.proc.returncode == 0
 
 
 def test_sigint_is_ignored(conn):
