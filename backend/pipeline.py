@@ -15,18 +15,26 @@ import numpy as np
 import torch
 
 from . import __version__
+from .camera import VIEW_HALF_EXTENT, elevation_of_up
 from .checkpoint import load_checkpoint
 from .defaults import default_checkpoint, installed_defaults
 from .device import resolve_device
-from .errors import Cancelled, OccnetError
+from .errors import Cancelled, InputError, OccnetError
 from .extraction import MeshArrays, grid_to_mesh, mise, simplify_mesh
 from .extraction.refine import refine_to_points
+from .foreground import object_mask
 from .inputs import normalisation, validate_image, validate_points
 from .preprocess import image_to_model_input, subsample_points
+from .viewer import masked_logits, output_transform, photo_camera, viewer_input
 
 RESOLUTIONS = (32, 64, 128, 256, 512)
 COARSE_RESOLUTION = 32
 QUERY_BOX = (-0.55, 0.55)
+VIEWER_BOX = (-VIEW_HALF_EXTENT, VIEW_HALF_EXTENT)
+# Masks smaller than this many pixels hold too little of the object to reconstruct it from.
+MIN_MASK_PIXELS = 64
+# Below this confidence an estimated mask is not trusted: the user is asked for one.
+MIN_MASK_CONFIDENCE = 0.25
 Progress = Callable[[str, float], None]
 
 
@@ -40,6 +48,7 @@ class ReconstructOptions:
     normals: bool = False              # vertex normals from the network's gradient
     refine: bool = True                # point clouds: pull the surface onto the input points, smooth
     batch_points: int = 65536          # points per network batch (bounds memory)
+    focal_length: float | None = None  # images: 35 mm equivalent focal length; None: a 50 mm lens
 
     def validate(self) -> None:
         if self.resolution not in RESOLUTIONS:
@@ -50,6 +59,9 @@ class ReconstructOptions:
             raise OccnetError("bad_option", f"face budget must be at least 4, got {self.max_faces}")
         if self.batch_points < 1:
             raise OccnetError("bad_option", "batch_points must be positive")
+        if self.focal_length is not None and not 1.0 <= self.focal_length <= 2000.0:
+            raise OccnetError("bad_option", f"focal length must lie between 1 and 2000 mm (35 mm equivalent), "
+                                            f"got {self.focal_length}")
 
 
 @dataclass
@@ -112,8 +124,8 @@ class Reconstructor:
         with timer("encode"), torch.inference_mode():
             inputs = torch.from_numpy(encoder_points).to(device)[None]
             code = model.encode(inputs)
-        mesh, evaluations = self._extract(model, code, device, options, timer, progress, should_cancel,
-                                          seed_points=inputs[0])
+        mesh, evaluations = self._extract(lambda p: model.decode(p[None], code)[0], QUERY_BOX, device, options,
+                                          timer, progress, should_cancel, seed_points=inputs[0])
         if options.refine:
             if progress is not None:
                 progress("refine", 0.0)
@@ -127,30 +139,81 @@ class Reconstructor:
 
     def reconstruct_image(self, pixels, options: ReconstructOptions | None = None,
                           progress: Progress | None = None,
-                          should_cancel: Callable[[], bool] | None = None) -> ReconstructionResult:
-        """pixels (H, W, 3|4), row 0 = top -> mesh in the model's canonical box, centred at origin."""
+                          should_cancel: Callable[[], bool] | None = None,
+                          mask: np.ndarray | None = None) -> ReconstructionResult:
+        """pixels (H, W, 3|4), row 0 = top; mask (H, W) optional, else alpha or an estimate.
+
+        Viewer-centred models return the mesh in Blender's axes as the picture shows it from the
+        Front view, resting on z = 0 (backend.viewer.output_transform); canonical models return
+        it in their canonical box, centred at the origin."""
         options = options or ReconstructOptions()
         options.validate()
         rgba = validate_image(pixels)
         timer = StageTimer()
         with timer("load"):
             model, config, device = self.model_for("image", options)
+        if model.frame == "viewer":
+            return self._reconstruct_viewer(model, config, device, rgba, mask, options, timer, progress, should_cancel)
         size = int(config["input"]["image_size"])
         with timer("encode"), torch.inference_mode():
             image = torch.from_numpy(image_to_model_input(rgba, size)).to(device)[None]
             code = model.encode(image)
-        mesh, evaluations = self._extract(model, code, device, options, timer, progress, should_cancel)
+        mesh, evaluations = self._extract(lambda p: model.decode(p[None], code)[0], QUERY_BOX, device, options,
+                                          timer, progress, should_cancel)
         result = self._finish(model, code, device, mesh, options, timer)
         result.stats.update(evaluations=evaluations, image_size=list(rgba.shape[:2]))
         return result
 
-    def _extract(self, model, code, device, options, timer, progress, should_cancel, seed_points=None):
+    def _reconstruct_viewer(self, model, config, device, rgba, mask, options, timer, progress, should_cancel):
+        with timer("mask"):
+            try:
+                found = object_mask(rgba, mask)
+            except ValueError as exc:
+                raise InputError(str(exc)) from None
+            if found.confidence < MIN_MASK_CONFIDENCE:
+                raise OccnetError("no_mask", f"could not tell the object from the background (confidence "
+                                             f"{found.confidence:.2f}): give a picture with transparency or a mask")
+            pixels = int(found.mask.sum())
+            if pixels == 0:
+                raise OccnetError("empty_mask", f"no object in the picture: its mask ({found.source}) is empty")
+            if pixels < MIN_MASK_PIXELS:
+                raise OccnetError("empty_mask", f"the object's mask ({found.source}) covers only {pixels} pixels, "
+                                                f"too few to reconstruct from")
+        size = int(config["input"]["image_size"])
+        height, width = rgba.shape[:2]
+        with timer("encode"), torch.inference_mode():
+            view = viewer_input(rgba, found, photo_camera(height, width, options.focal_length), size)
+            image = torch.from_numpy(view.image).to(device)[None]
+            code = model.encode(image, torch.tensor([view.crop.focal], device=device))
+        mask_tensor = torch.from_numpy(view.mask).to(device)
+
+        def evaluate(p: torch.Tensor) -> torch.Tensor:
+            return masked_logits(lambda q: model.decode(q[None], code)[0], p, mask_tensor, view.crop.focal)
+
+        mesh, evaluations = self._extract(evaluate, VIEWER_BOX, device, options, timer, progress, should_cancel)
+        result = self._finish(model, code, device, mesh, options, timer)
+        up = code["up"][0].double().cpu().numpy()
+        transform = output_transform(up, result.vertices.astype(np.float64))
+        result.vertices = (result.vertices.astype(np.float64) @ transform[:3, :3].T + transform[:3, 3]).astype(np.float32)
+        if result.normals is not None:
+            result.normals = (result.normals.astype(np.float64) @ transform[:3, :3].T).astype(np.float32)
+        warnings = []
+        if found.touches_border:
+            warnings.append("the object touches the picture's border: it is cut off there, and so is the result")
+        if found.source == "estimate":
+            warnings.append(f"the picture has no transparency: the object's mask was estimated from the background "
+                            f"(confidence {found.confidence:.2f}); give a mask if the outline is wrong")
+        result.stats.update(evaluations=evaluations, image_size=[height, width], mask_source=found.source,
+                            mask_confidence=round(found.confidence, 3), cut_off=found.touches_border,
+                            focal=view.crop.focal, elevation_deg=round(math.degrees(elevation_of_up(up)), 1),
+                            viewer_to_output=transform.tolist(), warnings=warnings)
+        return result
+
+    def _extract(self, evaluate, box, device, options, timer, progress, should_cancel, seed_points=None):
+        """evaluate(points (M, 3)) -> logits (M,), in the box (low, high) -> (grid mesh, evaluations)."""
         level = probability_to_logit(options.threshold)
         steps = int(round(math.log2(options.resolution / COARSE_RESOLUTION))) if options.resolution > COARSE_RESOLUTION else 0
         resolution0 = min(options.resolution, COARSE_RESOLUTION)
-
-        def evaluate(p: torch.Tensor) -> torch.Tensor:
-            return model.decode(p[None], code)[0]
 
         def on_fraction(fraction: float) -> None:
             if progress is not None:
@@ -159,7 +222,7 @@ class Reconstructor:
         if should_cancel is not None and should_cancel():
             raise Cancelled()
         with timer("extract"), torch.inference_mode():
-            grid = mise(evaluate, resolution0, steps, level=level, box=QUERY_BOX, seed_points=seed_points,
+            grid = mise(evaluate, resolution0, steps, level=level, box=box, seed_points=seed_points,
                         batch_points=options.batch_points, device=device, progress=on_fraction,
                         should_cancel=should_cancel)
         if progress is not None:

@@ -50,3 +50,39 @@ def subsample_points(points: np.ndarray, max_points: int, seed: int = 0) -> np.n
         return points
     rng = np.random.default_rng(seed)
     return points[np.sort(rng.choice(len(points), max_points, replace=False))]
+
+
+def premultiply(rgba: np.ndarray) -> np.ndarray:
+    """(H, W, 4) straight RGBA -> premultiplied, so that resampling never bleeds the hidden colour
+    of transparent pixels into the object's rim."""
+    return np.concatenate([rgba[..., :3] * rgba[..., 3:4], rgba[..., 3:4]], axis=-1)
+
+
+def resample(image: np.ndarray, source_uv: np.ndarray, supersample: int = 2) -> np.ndarray:
+    """(H, W, C) float image sampled at the pixel coordinates source_uv (S, S, 2) = (u, v) of each
+    output pixel's centre (backend.camera's convention) -> (S, S, C) float32. Bilinear at
+    supersample x supersample points per output pixel, averaged (antialiasing for moderate
+    downscales); zero outside the image."""
+    from scipy.ndimage import map_coordinates
+
+    size = source_uv.shape[0]
+    if supersample > 1:
+        # Sub-pixel offsets inside each output pixel, from the local Jacobian of the mapping.
+        du = np.gradient(source_uv, axis=1)
+        dv = np.gradient(source_uv, axis=0)
+        offsets = (np.arange(supersample) + 0.5) / supersample - 0.5
+        samples = [source_uv + a * du + b * dv for b in offsets for a in offsets]
+    else:
+        samples = [source_uv]
+    out = np.zeros((size, size, image.shape[2]), np.float64)
+    for uv in samples:
+        coords = np.stack([uv[..., 1].ravel(), uv[..., 0].ravel()])
+        for k in range(image.shape[2]):
+            out[..., k] += map_coordinates(image[..., k], coords, order=1, mode="constant", cval=0.0).reshape(size, size)
+    return np.clip(out / len(samples), 0.0, 1.0).astype(np.float32)
+
+
+def over_background(premultiplied: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """(S, S, 4) premultiplied RGBA over (S, S, 3) or (3,) background -> (3, S, S) float32 RGB."""
+    rgb = premultiplied[..., :3] + np.asarray(background, np.float32) * (1.0 - premultiplied[..., 3:4])
+    return np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32)

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import trimesh
 
+from backend import camera
 from training import meshprep, prepare, render
+from training.dataset import viewer_view
 
 SPHERE_RADIUS = 0.4  # in file units; normalisation maps the sphere's bounding box to edge 1
 POINTS = 4000
@@ -206,22 +208,34 @@ def test_pool_survives_a_segfaulting_worker():
 
 
 def test_camera_projection_and_rays_agree():
-    camera_mat = render.intrinsics(64)
-    world_mats = render.random_cameras(np.random.default_rng(1), 5)
+    world_mats, camera_mats = render.random_cameras(np.random.default_rng(1), 5, 64)
     points = np.random.default_rng(2).uniform(-0.5, 0.5, (100, 3))
-    for world_mat in world_mats:
+    for world_mat, camera_mat in zip(world_mats, camera_mats):
         assert np.allclose(world_mat[:3, :3] @ world_mat[:3, :3].T, np.eye(3))
-        uv, z = render.project(world_mat, camera_mat, np.zeros((1, 3)))
-        assert np.allclose(uv, 31.5) and np.isclose(z[0], render.CAMERA_DISTANCE)
-        uv, z = render.project(world_mat, camera_mat, points)
+        uv, z = camera.project(world_mat, camera_mat, np.zeros((1, 3)))
+        assert np.allclose(uv, 31.5)
+        assert np.isclose(z[0], camera.fitting_distance(camera_mat[0, 0] / 64)), "each lens has its own distance"
+        uv, z = camera.project(world_mat, camera_mat, points)
         assert (uv > -0.5).all() and (uv < 63.5).all(), "the canonical box must stay in the frame"
-        origin, directions = render.pixel_rays(world_mat, camera_mat, uv[:, ::-1])
+        origin, directions = camera.pixel_rays(world_mat, camera_mat, uv[:, ::-1])
         # Each point lies on the ray through its own projection.
         along = (points - origin) @ directions.T
         closest = origin + np.diag(along)[:, None] * directions
         assert np.allclose(closest, points, atol=1e-9)
         # The camera's up (-y in OpenCV) is the canonical +z, projected.
         assert world_mat[1, 2] < 0
+    focal_fractions = camera_mats[:, 0, 0] / 64
+    assert len(np.unique(focal_fractions)) == 5, "focal lengths are jittered"
+    lo, hi = render.FOCAL_FRACTION_RANGE
+    assert ((focal_fractions >= lo) & (focal_fractions <= hi)).all()
+
+
+def test_gltf_meshes_are_turned_from_y_up_to_z_up(tmp_path):
+    tall = trimesh.creation.box(extents=[0.2, 1.0, 0.3])    # tall along glTF's up axis, y
+    tall.export(tmp_path / "tall.glb")
+    vertices, _ = meshprep.load_mesh(tmp_path / "tall.glb")
+    extents = vertices.max(axis=0) - vertices.min(axis=0)
+    assert np.allclose(extents, [0.2, 0.3, 1.0]), "the tall axis must become z, Blender's up"
 
 
 def write_ell(folder):
@@ -261,7 +275,7 @@ def test_render_stage_adds_views_consistent_with_cameras(tmp_path):
             mask = image[:, :, 3] > 0
             assert 0.05 < mask.mean() < 0.9
             assert np.isinf(depth[view][~mask]).all()
-            uv, z = render.project(world_mats[view], camera_mats[view], surface)
+            uv, z = camera.project(world_mats[view], camera_mats[view], surface)
             col, row = np.round(uv).astype(int).T
             # Every surface point projects into the silhouette Blender drew: same camera.
             assert mask[row, col].mean() > 0.995, f"{shape_id} view {view}: points outside the mask"
@@ -277,5 +291,11 @@ def test_render_stage_adds_views_consistent_with_cameras(tmp_path):
             assert np.median(np.abs(pixel_depth - z[facing])) < 0.01
             # Colour is not flat: the scene is lit.
             assert image[mask][:, :3].astype(float).std() > 3
+            # The viewer-centred crop of this view (what an image model sees and predicts in):
+            # every surface point lands inside the crop's mask, through the crop's own camera.
+            seen = viewer_view(image.astype(np.float32) / 255.0, world_mats[view], camera_mats[view], 48)
+            uv, _ = camera.project_viewer(camera.transform_points(seen.similarity, surface), 48, seen.focal)
+            col, row = np.clip(np.round(uv).astype(int), 0, 47).T
+            assert (seen.premultiplied[row, col, 3] > 0.25).mean() > 0.99
     meta = json.loads((out_dir / "meta.json").read_text())
     assert meta["views"] == views and meta["image_size"] == size

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from backend import camera
 from backend.inputs import normalisation
-from backend.preprocess import image_to_model_input
+from backend.preprocess import image_to_model_input, over_background, premultiply, resample
 
 # Half the edge of the padded query box, [-0.55, 0.55]^3 for the contract's padding 0.1.
 DEFAULT_PADDING = 0.1
@@ -131,8 +132,8 @@ def make_augmentation(surface: np.ndarray, rotation: str, up_axis: int, scale_ra
 
 
 def sample_uniform_queries(points: np.ndarray, occupancies: np.ndarray, count: int, rng: np.random.Generator,
-                           augmentation: AffineAugmentation | None = None, half_extent: float = 0.55
-                           ) -> tuple[np.ndarray, np.ndarray]:
+                           augmentation: AffineAugmentation | None = None, half_extent: float = 0.55,
+                           source_half_extent: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """count query points uniform in the padded box [-h, h]^3 with their occupancies.
 
     points (P, 3) uniform in the box with occupancies (P,) bool. Without augmentation this is a
@@ -140,12 +141,15 @@ def sample_uniform_queries(points: np.ndarray, occupancies: np.ndarray, count: i
     of the new box lies outside the original box, hence outside the shape, so occupancy 0 is exact
     there. Fresh uniform candidates decide, per point, which of the two regions it comes from, so
     the result stays uniform over the whole box.
+    source_half_extent: half edge of the box the stored points cover, when it differs from the
+    new box's (the viewer box of image models).
     Returns (count, 3) float32, (count,) float32 in {0, 1}."""
+    source_half_extent = half_extent if source_half_extent is None else source_half_extent
     if augmentation is None:
         idx = sample_indices(len(points), count, rng)
         return points[idx].astype(np.float32), occupancies[idx].astype(np.float32)
     candidates = rng.uniform(-half_extent, half_extent, size=(count, 3))
-    outside_original = (np.abs(augmentation.invert(candidates)) > half_extent).any(axis=1)
+    outside_original = (np.abs(augmentation.invert(candidates)) > source_half_extent).any(axis=1)
     need = int((~outside_original).sum())
     chosen_pts, chosen_occ, have = [], [], 0
     for _ in range(64):
@@ -196,6 +200,83 @@ def pick_background(mode: str, rng: np.random.Generator) -> np.ndarray:
     raise ValueError(f"unknown background mode {mode!r}; use 'white', 'random' or 'mixed'")
 
 
+# Photos that may stand behind an object: scikit-image's sample images that ship with the package
+# (public domain or CC0, see skimage/data/README.txt), loaded once per process.
+BACKGROUND_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "brick", "grass",
+                     "gravel", "camera", "immunohistochemistry", "moon")
+_PHOTOS: list[np.ndarray] = []
+
+
+def background_photos() -> list[np.ndarray]:
+    """The sample photos as (H, W, 3) float32 in [0, 1]."""
+    if not _PHOTOS:
+        import skimage.data
+
+        for name in BACKGROUND_PHOTOS:
+            photo = np.asarray(getattr(skimage.data, name)(), np.float32) / 255.0
+            _PHOTOS.append(np.repeat(photo[..., None], 3, axis=2) if photo.ndim == 2 else photo[..., :3])
+    return _PHOTOS
+
+
+def random_background(size: int, rng: np.random.Generator) -> np.ndarray:
+    """(size, size, 3) float32 background: a flat colour, a linear gradient, smooth noise or a
+    random crop of a photo, so that image models never rely on one kind of backdrop."""
+    kind = rng.choice(["flat", "gradient", "noise", "photo"], p=[0.35, 0.25, 0.15, 0.25])
+    if kind == "flat":
+        return np.broadcast_to(rng.uniform(0.0, 1.0, 3).astype(np.float32), (size, size, 3)).copy()
+    if kind == "gradient":
+        angle = rng.uniform(0.0, 2.0 * np.pi)
+        ramp = np.linspace(-0.5, 0.5, size, dtype=np.float32)
+        t = (np.cos(angle) * ramp[None, :] + np.sin(angle) * ramp[:, None] + 0.5)[..., None]
+        a, b = rng.uniform(0.0, 1.0, (2, 3)).astype(np.float32)
+        return a * (1.0 - t) + b * t
+    if kind == "noise":
+        cells = int(rng.integers(2, 9))
+        coarse = rng.uniform(0.0, 1.0, (cells, cells, 3)).astype(np.float32)
+        return np.stack([np.asarray(Image.fromarray(coarse[..., k]).resize((size, size), Image.Resampling.BICUBIC))
+                         for k in range(3)], axis=-1).clip(0.0, 1.0)
+    photos = background_photos()
+    photo = photos[int(rng.integers(len(photos)))]
+    side = int(rng.integers(min(photo.shape[:2]) // 3, min(photo.shape[:2]) + 1))
+    top = int(rng.integers(0, photo.shape[0] - side + 1))
+    left = int(rng.integers(0, photo.shape[1] - side + 1))
+    crop = photo[top:top + side, left:left + side]
+    return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(crop[..., k])).resize((size, size), Image.Resampling.BILINEAR))
+                     for k in range(3)], axis=-1).clip(0.0, 1.0)
+
+
+def jitter_colours(premultiplied: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(S, S, 4) premultiplied RGBA with random per-channel gains and a brightness change."""
+    gains = rng.uniform(0.8, 1.2, 3) * rng.uniform(0.7, 1.3)
+    out = premultiplied.copy()
+    out[..., :3] = np.minimum(out[..., :3] * gains.astype(np.float32), out[..., 3:4])
+    return out
+
+
+@dataclass(frozen=True)
+class ViewerView:
+    """One rendered view turned into what a viewer-centred image model sees and predicts."""
+    premultiplied: np.ndarray   # (S, S, 4) float32, the object's crop
+    similarity: np.ndarray      # (4, 4) canonical shape coordinates -> viewer frame
+    up: np.ndarray              # (3,) the world's up direction in the viewer frame
+    focal: float                # the crop's focal length, a fraction of its width
+
+
+def viewer_view(rgba: np.ndarray, world_mat: np.ndarray, camera_mat: np.ndarray, size: int) -> ViewerView:
+    """A render (H, W, 4) with its camera (4, 4), (3, 3) -> the model's crop and viewer frame
+    (backend.camera), cropped around the alpha mask as inference does, resampled exactly."""
+    box = camera.crop_box(rgba[..., 3] > 0.5)
+    crop = camera.crop_camera(camera_mat, box)
+    similarity = camera.viewer_from_world(world_mat, crop)
+    pixels = resample(premultiply(rgba), camera.crop_source_pixels(camera_mat, crop, size))
+    return ViewerView(pixels, similarity, camera.up_in_viewer(similarity), crop.focal)
+
+
+def similarity_augmentation(similarity: np.ndarray) -> AffineAugmentation:
+    """The (4, 4) similarity p -> L p + t as an AffineAugmentation ((p L^T - center) / scale)."""
+    return AffineAugmentation(similarity[:3, :3].astype(np.float64), -similarity[:3, 3].astype(np.float64), 1.0)
+
+
 # ----------------------------------------------------------------------------------------------
 # Files
 # ----------------------------------------------------------------------------------------------
@@ -227,6 +308,8 @@ class ShapeArrays:
     surface_points: np.ndarray | None = None  # (S, 3) float32
     surface_normals: np.ndarray | None = None  # (S, 3) float32
     views: list = field(default_factory=list)  # PNG bytes per view (decoded on demand)
+    world_mats: np.ndarray | None = None   # (V, 4, 4) per view, canonical -> OpenCV camera
+    camera_mats: np.ndarray | None = None  # (V, 3, 3) per view, intrinsics in pixels
 
 
 def load_shape(shape_dir: Path, surface: bool, normals: bool, images: bool) -> ShapeArrays:
@@ -256,6 +339,10 @@ def load_shape(shape_dir: Path, surface: bool, normals: bool, images: bool) -> S
             raise FileNotFoundError(f"{shape_dir} has no rendered views (images/*.png); "
                                     "prepare the data with views > 0 for image models")
         arrays.views = [p.read_bytes() for p in views]
+        if (shape_dir / "cameras.npz").is_file():
+            with np.load(shape_dir / "cameras.npz") as f:
+                arrays.world_mats = f["world_mat"].astype(np.float64)
+                arrays.camera_mats = f["camera_mat"].astype(np.float64)
     return arrays
 
 
@@ -315,6 +402,7 @@ class SamplingConfig:
     image_size: int = 128               # model input size
     background: str = "white"           # "white" | "random" | "mixed"
     view: int | None = None             # fixed view (validation/evaluation) or None for random
+    frame: str = "canonical"            # image models: "canonical" or "viewer" (backend.camera)
     padding: float = DEFAULT_PADDING
 
     @property
@@ -349,7 +437,9 @@ class OccupancyDataset(torch.utils.data.Dataset):
         shape = self.store.get(index)
         rng = self.rng_for(index)
         h = query_half_extent(s.padding)
+        source_h = h
         aug = None
+        extra = {}
         if s.augments:
             # The box is re-fitted to a subset of the surface samples (they are in random order): 12x
             # cheaper than all 100k, and within the sampling density of the exact fit.
@@ -358,6 +448,18 @@ class OccupancyDataset(torch.utils.data.Dataset):
             inputs = sample_surface_input(shape.surface_points, s.num_points, s.noise, rng,
                                           transform=aug.apply if aug is not None else None)
             inputs_t = torch.from_numpy(inputs)
+        elif s.frame == "viewer":
+            view = (s.view if s.view is not None else int(rng.integers(0, len(shape.views)))) % len(shape.views)
+            seen = viewer_view(decode_view(shape.views[view]), shape.world_mats[view], shape.camera_mats[view],
+                               s.image_size)
+            aug, h = similarity_augmentation(seen.similarity), camera.VIEW_HALF_EXTENT
+            if s.background == "white":
+                inputs = over_background(seen.premultiplied, np.ones(3, np.float32))
+            else:
+                inputs = over_background(jitter_colours(seen.premultiplied, rng), random_background(s.image_size, rng))
+            inputs_t = torch.from_numpy(inputs)
+            extra["up"] = torch.from_numpy(seen.up.astype(np.float32))
+            extra["focal"] = torch.tensor(seen.focal, dtype=torch.float32)
         else:
             view = s.view if s.view is not None else int(rng.integers(0, len(shape.views)))
             rgba = decode_view(shape.views[view % len(shape.views)])
@@ -366,7 +468,8 @@ class OccupancyDataset(torch.utils.data.Dataset):
         n_uniform = s.query_points - n_near
         parts_p, parts_o = [], []
         if n_uniform:
-            p, o = sample_uniform_queries(shape.uniform_points, shape.uniform_occupancies, n_uniform, rng, aug, h)
+            p, o = sample_uniform_queries(shape.uniform_points, shape.uniform_occupancies, n_uniform, rng, aug, h,
+                                          source_half_extent=source_h)
             parts_p.append(p)
             parts_o.append(o)
         if n_near:
@@ -378,4 +481,5 @@ class OccupancyDataset(torch.utils.data.Dataset):
             "points": torch.from_numpy(np.concatenate(parts_p)),
             "occ": torch.from_numpy(np.concatenate(parts_o)),
             "index": torch.tensor(index),
+            **extra,
         }

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 
 MESH_SUFFIXES = (".obj", ".off", ".ply", ".stl", ".glb")
+# Formats whose specification says +y is up (glTF); the others here are read as z-up, like CAPOD.
+Y_UP_SUFFIXES = (".glb", ".gltf")
 
 # A point is inside when its generalised winding number exceeds this (1 inside, 0 outside for a
 # closed surface; holes blur it smoothly, which is why it works for non-watertight meshes).
@@ -41,7 +43,15 @@ def load_mesh(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     vertices = np.asarray(mesh.vertices, dtype=np.float64)
     faces = np.asarray(mesh.faces, dtype=np.int64)
     validate_mesh(vertices, faces)
+    if Path(path).suffix.lower() in Y_UP_SUFFIXES:
+        vertices = y_up_to_z_up(vertices)
     return vertices, faces
+
+
+def y_up_to_z_up(vertices: np.ndarray) -> np.ndarray:
+    """(V, 3) -> (V, 3): glTF's +y up becomes the +z up of Blender and of every other shape here
+    (x stays, glTF's +z front becomes -y, Blender's front)."""
+    return np.stack([vertices[:, 0], -vertices[:, 2], vertices[:, 1]], axis=1)
 
 
 def validate_mesh(vertices: np.ndarray, faces: np.ndarray) -> None:

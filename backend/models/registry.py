@@ -15,22 +15,32 @@ import copy
 import torch
 from torch import nn
 
+from .. import camera
+
 from .decoders import DecoderCBatchNorm, LocalDecoder
 from .encoders import LocalPoolPointNet, ResNet18Encoder, ResnetPointNet
+from .pixel_aligned import EfficientNetPixelEncoder, PixelAlignedDecoder
 
 ENCODERS = {
     "resnet18": ResNet18Encoder,
     "resnet_pointnet": ResnetPointNet,
     "local_pointnet": LocalPoolPointNet,
+    "efficientnet_pixel": EfficientNetPixelEncoder,
 }
 DECODERS = {
     "cbatchnorm": DecoderCBatchNorm,
     "local": LocalDecoder,
+    "pixel_aligned": PixelAlignedDecoder,
 }
-# Which encoder feeds which decoder: a global code or feature planes.
-ENCODER_OUTPUT = {"resnet18": "global", "resnet_pointnet": "global", "local_pointnet": "planes"}
-DECODER_INPUT = {"cbatchnorm": "global", "local": "planes"}
+# Which encoder feeds which decoder: a global code, feature planes or an image feature map.
+ENCODER_OUTPUT = {"resnet18": "global", "resnet_pointnet": "global", "local_pointnet": "planes",
+                  "efficientnet_pixel": "pixel"}
+DECODER_INPUT = {"cbatchnorm": "global", "local": "planes", "pixel_aligned": "pixel"}
+IMAGE_ENCODERS = ("resnet18", "efficientnet_pixel")
 INPUT_KINDS = ("points", "image")
+# Where an image model predicts occupancy: the object's canonical box (orientation guessed), or
+# the viewer frame of backend.camera (what the picture shows, as it shows it).
+FRAMES = ("canonical", "viewer")
 
 # Presets: the paper's models, the default local model, and tiny versions for tests.
 PRESETS = {
@@ -60,6 +70,18 @@ PRESETS = {
         "decoder": {"name": "local", "c_dim": 8, "hidden": 8, "n_blocks": 2},
         "padding": 0.1,
     },
+    "pixel_image": {
+        "input": {"kind": "image", "image_size": 128, "frame": "viewer"},
+        "encoder": {"name": "efficientnet_pixel", "c_dim": 64, "g_dim": 128},
+        "decoder": {"name": "pixel_aligned", "c_dim": 64, "g_dim": 128, "hidden": 96, "n_blocks": 3},
+        "padding": 0.1,
+    },
+    "tiny_pixel_image": {
+        "input": {"kind": "image", "image_size": 64, "frame": "viewer"},
+        "encoder": {"name": "efficientnet_pixel", "c_dim": 8, "g_dim": 8},
+        "decoder": {"name": "pixel_aligned", "c_dim": 8, "g_dim": 8, "hidden": 8, "n_blocks": 1},
+        "padding": 0.1,
+    },
     "tiny_image": {
         "input": {"kind": "image", "image_size": 64},
         "encoder": {"name": "resnet18", "c_dim": 16, "width": 8},
@@ -82,16 +104,31 @@ class OccupancyNetwork(nn.Module):
     def input_kind(self) -> str:
         return self.config["input"]["kind"]
 
-    def encode(self, inputs: torch.Tensor):
-        """points (B, N, 3) or images (B, 3, S, S) -> c: (B, c_dim) or {plane: (B, C, R, R)}."""
-        return self.encoder(inputs)
+    @property
+    def frame(self) -> str:
+        """"viewer" for models that predict in the camera's frame (backend.camera), else "canonical"."""
+        return self.config["input"].get("frame", "canonical")
+
+    def encode(self, inputs: torch.Tensor, focal: torch.Tensor | None = None):
+        """points (B, N, 3) or images (B, 3, S, S) -> c: (B, c_dim), {plane: (B, C, R, R)} or, for
+        viewer-centred models, {"features", "global", "up", "focal"}; focal (B,): each crop's focal
+        length as a fraction of its width (backend.camera), the canonical guess when None."""
+        c = self.encoder(inputs)
+        if self.frame == "viewer":
+            c["focal"] = focal.to(inputs) if focal is not None else \
+                torch.full((inputs.shape[0],), camera.FOCAL, dtype=inputs.dtype, device=inputs.device)
+        return c
 
     def decode(self, p: torch.Tensor, c) -> torch.Tensor:
         """p (B, M, 3) -> occupancy logits (B, M)."""
         return self.decoder(p, c)
 
-    def forward(self, p: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        return self.decode(p, self.encode(inputs))
+    def forward(self, p: torch.Tensor, inputs: torch.Tensor, focal: torch.Tensor | None = None,
+                with_code: bool = False):
+        """Logits (B, M); with_code: (logits, c), for losses on the encoder's other outputs."""
+        c = self.encode(inputs, focal)
+        logits = self.decode(p, c)
+        return (logits, c) if with_code else logits
 
 
 def preset(name: str) -> dict:
@@ -116,8 +153,13 @@ def validate_config(config: dict) -> None:
     if ENCODER_OUTPUT[enc] != DECODER_INPUT[dec]:
         raise ValueError(f"encoder {enc!r} produces {ENCODER_OUTPUT[enc]} features but decoder {dec!r} "
                          f"expects {DECODER_INPUT[dec]} features")
-    if (kind == "image") != (enc == "resnet18"):
+    if (kind == "image") != (enc in IMAGE_ENCODERS):
         raise ValueError(f"encoder {enc!r} cannot take {kind} input")
+    frame = config["input"].get("frame", "canonical")
+    if frame not in FRAMES:
+        raise ValueError(f"input frame {frame!r} is not one of {FRAMES}")
+    if (frame == "viewer") != (ENCODER_OUTPUT[enc] == "pixel"):
+        raise ValueError(f"frame {frame!r} does not fit encoder {enc!r}: only pixel-aligned models are viewer-centred")
 
 
 def build_model(config: dict) -> OccupancyNetwork:
@@ -129,6 +171,8 @@ def build_model(config: dict) -> OccupancyNetwork:
         # Encoder and decoder must agree on how the padded box maps onto the planes.
         enc_args.setdefault("padding", config.get("padding", 0.1))
         dec_args.setdefault("padding", config.get("padding", 0.1))
+    if ENCODER_OUTPUT[config["encoder"]["name"]] == "pixel":
+        dec_args.setdefault("image_size", config["input"].get("image_size", 128))
     try:
         encoder = ENCODERS[config["encoder"]["name"]](**enc_args)
         decoder = DECODERS[config["decoder"]["name"]](**dec_args)

@@ -1,0 +1,106 @@
+"""The object's mask for an image model: from the alpha channel, a mask the user gives, or an
+automatic estimate for a picture of an object on a plain or gradient background.
+
+The estimate models the background as a colour that varies linearly across the picture, fitted
+to the border pixels (where the object is assumed not to be), and calls foreground every pixel
+that is clearly not explained by that model. It says how far to trust it: `confidence` is low when
+the border itself is not explained (a busy background, an object touching the frame) or when the
+object barely differs from the background.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+# Width of the border band that defines the background, as a fraction of the shorter side.
+BORDER_FRACTION = 0.03
+# A pixel is foreground when its colour is this many noise deviations from the background model...
+NOISE_DEVIATIONS = 6.0
+# ... and at least this far in RGB (0..1), so that a noiseless synthetic background still
+# tolerates antialiasing and compression.
+MIN_COLOUR_DISTANCE = 0.08
+# Pieces smaller than this fraction of the largest one are specks, not the object.
+MIN_PIECE_FRACTION = 0.05
+
+
+@dataclass(frozen=True)
+class Mask:
+    """mask (H, W) bool; source: "alpha", "user" or "estimate"; confidence in [0, 1] (1 for
+    alpha and user masks); touches_border: the object runs off the picture (it is cut off)."""
+    mask: np.ndarray
+    source: str
+    confidence: float
+    touches_border: bool
+
+
+def border_band(shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) bool: the pixels within BORDER_FRACTION of the shorter side from any edge."""
+    height, width = shape
+    band = max(1, int(round(BORDER_FRACTION * min(height, width))))
+    border = np.zeros(shape, bool)
+    border[:band], border[-band:], border[:, :band], border[:, -band:] = True, True, True, True
+    return border
+
+
+def fit_linear_background(rgb: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """Least-squares colour model c(x, y) = a + b x + c y (per channel) fitted to rgb (H, W, 3) at
+    the pixels `where` (H, W) bool -> the model's colour at every pixel (H, W, 3)."""
+    height, width = where.shape
+    rows, cols = np.mgrid[0:height, 0:width]
+    design = np.stack([np.ones(where.shape), cols / max(width - 1, 1), rows / max(height - 1, 1)], axis=-1)
+    coefficients, *_ = np.linalg.lstsq(design[where], rgb[where], rcond=None)
+    return design @ coefficients
+
+
+def estimate_foreground(rgb: np.ndarray) -> Mask:
+    """rgb (H, W, 3) float in [0, 1] -> the estimated object mask (see the module docstring)."""
+    border = border_band(rgb.shape[:2])
+    background = fit_linear_background(rgb, border)
+    distance = np.linalg.norm(rgb - background, axis=-1)
+    border_distance = distance[border]
+    noise = 1.4826 * np.median(np.abs(border_distance - np.median(border_distance)))
+    threshold = max(NOISE_DEVIATIONS * noise, MIN_COLOUR_DISTANCE)
+    # Refit on every pixel the first model calls background: the border alone extrapolates badly.
+    background = fit_linear_background(rgb, distance <= threshold)
+    distance = np.linalg.norm(rgb - background, axis=-1)
+    mask = clean_mask(distance > threshold)
+    border_fit = float(np.mean(distance[border] <= threshold))
+    contrast = float(np.median(distance[mask]) / threshold) if mask.any() else 0.0
+    confidence = float(np.clip(border_fit, 0.0, 1.0) * np.clip((contrast - 1.0) / 2.0, 0.0, 1.0))
+    return Mask(mask, "estimate", confidence, touches_border(mask))
+
+
+def clean_mask(mask: np.ndarray) -> np.ndarray:
+    """(H, W) bool -> (H, W) bool: a small opening removes noise, specks are dropped, holes filled."""
+    mask = ndimage.binary_opening(mask, iterations=1)
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return mask
+    sizes = ndimage.sum(mask, labels, index=np.arange(1, count + 1))
+    keep = np.flatnonzero(sizes >= MIN_PIECE_FRACTION * sizes.max()) + 1
+    return ndimage.binary_fill_holes(np.isin(labels, keep))
+
+
+def touches_border(mask: np.ndarray) -> bool:
+    """Whether a mask (H, W) reaches the picture's outermost pixels."""
+    return bool(mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
+
+
+def object_mask(rgba: np.ndarray, user_mask: np.ndarray | None = None) -> Mask:
+    """The mask of the object in rgba (H, W, 4) float in [0, 1]: the user's mask (H, W) if given,
+    else the alpha channel if it holds any transparency, else the automatic estimate.
+    Raises ValueError when a user mask has another size than the picture."""
+    if user_mask is not None:
+        if user_mask.shape != rgba.shape[:2]:
+            raise ValueError(f"the mask is {user_mask.shape[1]} x {user_mask.shape[0]} pixels but the picture is "
+                             f"{rgba.shape[1]} x {rgba.shape[0]}: they must match")
+        mask = np.asarray(user_mask) > 0.5
+        return Mask(mask, "user", 1.0, touches_border(mask))
+    alpha = rgba[..., 3]
+    if (alpha < 0.99).any():
+        mask = alpha > 0.5
+        return Mask(mask, "alpha", 1.0, touches_border(mask))
+    return estimate_foreground(rgba[..., :3])

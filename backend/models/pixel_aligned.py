@@ -1,0 +1,111 @@
+"""A viewer-centred, pixel-aligned image model (in the spirit of PIFu, DISN and pixelNeRF).
+
+The encoder turns the cropped picture into one feature map (multi-scale EfficientNet-Lite0
+features fused at a quarter of the input resolution), a global code and the world's up direction
+in the viewer frame. The decoder projects each query point through the canonical camera
+(backend.camera), samples the feature map bilinearly at its pixel and predicts occupancy from that
+feature, the point's viewer coordinates (depth above all) and the global code. What the picture
+shows is read at the point's pixel; only what it cannot show comes from the global code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import camera
+from .layers import ResnetBlockFC
+
+# EfficientNet-Lite0 block indices after which a scale ends (strides 4, 8, 16, 32) and their widths.
+LITE0_TAPS = (2, 4, 10, 15)
+LITE0_TAP_CHANNELS = (24, 40, 112, 320)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class EfficientNetPixelEncoder(nn.Module):
+    """(B, 3, S, S) RGB in [0, 1] -> {"features": (B, c_dim, S/4, S/4), "global": (B, g_dim),
+    "up": (B, 3) unit vectors}."""
+
+    def __init__(self, c_dim: int = 64, g_dim: int = 128):
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        net = EfficientNet.from_name("efficientnet-lite0")
+        # The classifier head (1280 channels, fully connected) is not used: drop its weights.
+        self.stem = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6())
+        self.blocks = net._blocks
+        self.lateral = nn.ModuleList(nn.Conv2d(ch, c_dim, 1) for ch in LITE0_TAP_CHANNELS)
+        self.fuse = nn.Sequential(nn.ReLU(), nn.Conv2d(c_dim, c_dim, 3, padding=1))
+        self.global_code = nn.Linear(LITE0_TAP_CHANNELS[-1], g_dim)
+        self.up_head = nn.Sequential(nn.Linear(LITE0_TAP_CHANNELS[-1], 64), nn.ReLU(), nn.Linear(64, 3))
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def load_imagenet(self, state_dict: dict) -> None:
+        """Start the backbone from an EfficientNet-Lite0 ImageNet state dict (the library's keys)."""
+        mine = {"stem.0.weight": state_dict["_conv_stem.weight"]}
+        mine.update({f"stem.1.{k[len('_bn0.'):]}": v for k, v in state_dict.items() if k.startswith("_bn0.")})
+        mine.update({k[1:]: v for k, v in state_dict.items() if k.startswith("_blocks.")})
+        missing, unexpected = self.load_state_dict(mine, strict=False)
+        backbone_missing = [k for k in missing if k.startswith(("stem", "blocks"))]
+        if backbone_missing or unexpected:
+            raise ValueError(f"ImageNet weights do not fit: missing {backbone_missing[:3]}, unexpected {unexpected[:3]}")
+
+    def forward(self, images: torch.Tensor) -> dict:
+        x = self.stem((images - self.mean) / self.std)
+        taps = []
+        for index, block in enumerate(self.blocks):
+            x = block(x)
+            if index in LITE0_TAPS:
+                taps.append(x)
+        size = taps[0].shape[-2:]
+        fused = sum(F.interpolate(lateral(tap), size=size, mode="bilinear", align_corners=False)
+                    if tap.shape[-2:] != size else lateral(tap) for lateral, tap in zip(self.lateral, taps))
+        pooled = taps[-1].mean(dim=(2, 3))
+        return {"features": self.fuse(fused), "global": self.global_code(pooled),
+                "up": F.normalize(self.up_head(pooled), dim=1)}
+
+
+def fourier_features(p: torch.Tensor, frequencies: int) -> torch.Tensor:
+    """(..., 3) -> (..., 3 + 6 * frequencies): p, then sin and cos of 2^k * pi * p."""
+    scales = (2.0 ** torch.arange(frequencies, device=p.device, dtype=p.dtype)) * math.pi
+    angles = (p[..., None, :] * scales[:, None]).flatten(-2)
+    return torch.cat([p, torch.sin(angles), torch.cos(angles)], dim=-1)
+
+
+def viewer_to_grid(p: torch.Tensor, image_size: int, focal: torch.Tensor) -> torch.Tensor:
+    """Viewer points (B, M, 3) -> grid_sample coordinates (B, M, 2) in [-1, 1] (align_corners=False)
+    through each image's crop camera, focal (B,) a fraction of the crop width (backend.camera)."""
+    focal = focal[:, None]
+    depth = (p[..., 2] + camera.object_depth(focal)).clamp(min=1e-3)
+    uv = (focal * image_size)[..., None] * p[..., :2] / depth[..., None] + (image_size - 1) / 2.0
+    return (2.0 * uv + 1.0) / image_size - 1.0
+
+
+class PixelAlignedDecoder(nn.Module):
+    """Occupancy logits (B, M) of viewer points p (B, M, 3) given the encoder's output and each
+    image's crop focal length c["focal"] (B,)."""
+
+    def __init__(self, c_dim: int = 64, g_dim: int = 128, hidden: int = 128, n_blocks: int = 3,
+                 frequencies: int = 4, image_size: int = 128):
+        super().__init__()
+        self.frequencies, self.image_size = frequencies, image_size
+        self.fc_feature = nn.Linear(c_dim, hidden)
+        self.fc_point = nn.Linear(3 + 6 * frequencies, hidden)
+        self.fc_global = nn.Linear(g_dim, hidden)
+        self.blocks = nn.ModuleList(ResnetBlockFC(hidden) for _ in range(n_blocks))
+        self.fc_out = nn.Linear(hidden, 1)
+
+    def forward(self, p: torch.Tensor, c: dict) -> torch.Tensor:
+        grid = viewer_to_grid(p, self.image_size, c["focal"])[:, :, None]            # (B, M, 1, 2)
+        sampled = F.grid_sample(c["features"], grid, mode="bilinear", padding_mode="border",
+                                align_corners=False)[..., 0].transpose(1, 2)         # (B, M, C)
+        net = self.fc_feature(sampled) + self.fc_point(fourier_features(p, self.frequencies)) \
+            + self.fc_global(c["global"])[:, None]
+        for block in self.blocks:
+            net = block(net)
+        return self.fc_out(torch.relu(net))[..., 0]

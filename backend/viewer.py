@@ -1,0 +1,92 @@
+"""From a picture to a viewer-centred model's input, the mask law, and the result's placement.
+
+Pure functions around backend.camera: the pipeline calls them in order (photo_camera ->
+viewer_input -> mask law during extraction -> output_transform).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import camera
+from .foreground import Mask
+from .preprocess import over_background, premultiply, resample
+
+# 35 mm film's diagonal in millimetres: a "35 mm equivalent" focal length is relative to it.
+FULL_FRAME_DIAGONAL_MM = math.hypot(36.0, 24.0)
+DEFAULT_FOCAL_35MM = 50.0
+# The mask law tests points against the crop's mask at this many times the model's input size.
+MASK_SUPERSAMPLING = 4
+# Logit given to points outside the mask: certainly empty, and finite for marching cubes.
+OUTSIDE_LOGIT = -20.0
+# Inputs are composited on white, as validation images are.
+BACKGROUND = np.ones(3, np.float32)
+
+
+def photo_camera(height: int, width: int, focal_35mm: float | None = None) -> np.ndarray:
+    """(3, 3) intrinsics of a picture (H, W) taken with the given 35 mm equivalent focal length
+    (measured on the diagonal, as cameras report it; a 50 mm normal lens when unknown), principal
+    point at the picture's centre."""
+    focal_px = (focal_35mm or DEFAULT_FOCAL_35MM) * math.hypot(height, width) / FULL_FRAME_DIAGONAL_MM
+    return np.array([[focal_px, 0.0, (width - 1) / 2.0], [0.0, focal_px, (height - 1) / 2.0], [0.0, 0.0, 1.0]])
+
+
+@dataclass(frozen=True)
+class ViewerInput:
+    image: np.ndarray        # (3, S, S) float32: the model's input
+    mask: np.ndarray         # (M, M) bool: the crop's mask at MASK_SUPERSAMPLING x S
+    crop: camera.CropCamera  # the crop's camera: its rotation and focal length
+
+
+def viewer_input(rgba: np.ndarray, mask: Mask, camera_mat: np.ndarray, size: int) -> ViewerInput:
+    """rgba (H, W, 4) in [0, 1] with the object's mask -> the model's crop, exactly as training
+    makes it from a render (training.dataset.viewer_view), and the crop's mask for the mask law."""
+    box = camera.crop_box(mask.mask)
+    crop = camera.crop_camera(camera_mat, box)
+    straight = np.concatenate([rgba[..., :3], mask.mask[..., None].astype(np.float32)], axis=-1)
+    pixels = resample(premultiply(straight), camera.crop_source_pixels(camera_mat, crop, size))
+    mask_size = MASK_SUPERSAMPLING * size
+    fine = resample(mask.mask[..., None].astype(np.float32), camera.crop_source_pixels(camera_mat, crop, mask_size),
+                    supersample=1)[..., 0] > 0.5
+    return ViewerInput(over_background(pixels, BACKGROUND), fine, crop)
+
+
+def inside_mask(points: torch.Tensor, mask: torch.Tensor, focal: float) -> torch.Tensor:
+    """(M,) bool: which viewer points (M, 3) project into the crop mask (R, R) bool, through the
+    crop camera of focal length `focal` (a fraction of the width). Points behind the camera are out."""
+    size = mask.shape[0]
+    depth = points[:, 2] + camera.object_depth(focal)
+    safe = depth.clamp(min=1e-6)
+    uv = focal * size * points[:, :2] / safe[:, None] + (size - 1) / 2.0
+    col, row = uv[:, 0].round().long(), uv[:, 1].round().long()
+    valid = (depth > 1e-6) & (col >= 0) & (col < size) & (row >= 0) & (row < size)
+    inside = torch.zeros(len(points), dtype=torch.bool, device=points.device)
+    inside[valid] = mask[row[valid], col[valid]]
+    return inside
+
+
+def masked_logits(decode, points: torch.Tensor, mask: torch.Tensor, focal: float) -> torch.Tensor:
+    """The mask law: logits (M,) of viewer points (M, 3), decode(points (K, 3)) -> (K,) for those
+    inside the mask and OUTSIDE_LOGIT for the rest, whatever the network would say there."""
+    inside = inside_mask(points, mask, focal)
+    logits = torch.full((len(points),), OUTSIDE_LOGIT, dtype=points.dtype, device=points.device)
+    if inside.any():
+        logits[inside] = decode(points[inside]).to(points.dtype)
+    return logits
+
+
+def output_transform(up: np.ndarray, vertices: np.ndarray) -> np.ndarray:
+    """(4, 4) rigid map from the viewer frame to the returned mesh's frame: Blender's axes with the
+    picture seen from the Front view (backend.camera.blender_from_viewer), the object resting on
+    z = 0 and centred on x = y = 0. vertices (V, 3): the mesh in the viewer frame."""
+    rotation = camera.blender_from_viewer(up)
+    rotated = vertices @ rotation.T
+    low, high = rotated.min(axis=0), rotated.max(axis=0)
+    transform = np.eye(4)
+    transform[:3, :3] = rotation
+    transform[:3, 3] = -np.array([(low[0] + high[0]) / 2.0, (low[1] + high[1]) / 2.0, low[2]])
+    return transform

@@ -1,0 +1,68 @@
+"""Where the object's mask comes from (backend.foreground): the user's mask, the alpha channel, or
+an estimate for a picture of an object on a plain or gradient background, with its confidence."""
+
+import numpy as np
+import pytest
+
+from backend.foreground import estimate_foreground, object_mask
+
+
+def gradient_picture(size=160, seed=0, noise=0.01):
+    """(H, W, 3) a diagonal colour gradient with noise, a shaded red disc and a blue bar, and the
+    true object mask (H, W)."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[0:size, 0:size] / (size - 1)
+    picture = np.stack([0.75 + 0.2 * cols, 0.8 - 0.1 * rows, 0.7 + 0.1 * cols * rows], axis=-1)
+    disc = (rows - 0.45) ** 2 + (cols - 0.5) ** 2 < 0.25 ** 2
+    bar = (rows > 0.6) & (rows < 0.8) & (cols > 0.2) & (cols < 0.35)
+    shade = 0.5 + 0.5 * (1.0 - rows)
+    picture[disc] = np.stack([0.8 * shade, 0.15 * shade, 0.1 * shade], axis=-1)[disc]
+    picture[bar] = [0.1, 0.2, 0.7]
+    picture = np.clip(picture + rng.normal(0, noise, picture.shape), 0, 1)
+    return picture, disc | bar
+
+
+def iou(a, b):
+    return (a & b).sum() / (a | b).sum()
+
+
+def test_an_object_on_a_gradient_background_is_found():
+    picture, truth = gradient_picture()
+    found = estimate_foreground(picture)
+    assert found.source == "estimate"
+    assert iou(found.mask, truth) > 0.95
+    assert found.confidence > 0.6 and not found.touches_border
+
+
+def test_a_busy_background_gets_a_low_confidence():
+    rng = np.random.default_rng(1)
+    picture = rng.uniform(0, 1, (120, 120, 3))
+    picture[40:80, 40:80] = [1.0, 0.0, 0.0]
+    assert estimate_foreground(picture).confidence < 0.25
+
+
+def test_an_object_cut_off_by_the_frame_is_reported():
+    picture, truth = gradient_picture()
+    cropped = picture[:, 40:]          # the disc now runs into the left edge
+    found = estimate_foreground(cropped)
+    assert found.touches_border
+
+
+def test_alpha_wins_over_the_estimate_and_the_user_mask_over_both():
+    picture, truth = gradient_picture()
+    rgba = np.concatenate([picture, truth[..., None].astype(float)], axis=-1)
+    assert object_mask(rgba).source == "alpha"
+    assert (object_mask(rgba).mask == truth).all()
+    user = np.zeros(truth.shape)
+    user[10:20, 10:20] = 1.0
+    chosen = object_mask(rgba, user)
+    assert chosen.source == "user" and chosen.mask.sum() == 100
+    opaque = np.concatenate([picture, np.ones(truth.shape + (1,))], axis=-1)
+    assert object_mask(opaque).source == "estimate"
+
+
+def test_a_user_mask_of_the_wrong_size_is_refused():
+    picture, _ = gradient_picture()
+    rgba = np.concatenate([picture, np.ones(picture.shape[:2] + (1,))], axis=-1)
+    with pytest.raises(ValueError, match="must match"):
+        object_mask(rgba, np.ones((10, 10)))

@@ -1,0 +1,121 @@
+"""The viewer-centred image path end to end (backend.pipeline with backend.viewer): the mask is
+law, the result is placed as docs/CONTRACTS.md says, and bad pictures fail or warn clearly.
+
+A "solid" model (every point inside, camera level) makes the result the mask's extrusion through
+the viewer box, so what must come back is known exactly without any training."""
+
+import numpy as np
+import pytest
+import torch
+
+from backend.checkpoint import save_checkpoint
+from backend.errors import OccnetError
+from backend.models import build_model, preset
+from backend.pipeline import ReconstructOptions, Reconstructor
+from backend.viewer import OUTSIDE_LOGIT, inside_mask, masked_logits
+
+
+@pytest.fixture(scope="module")
+def solid_checkpoint(tmp_path_factory):
+    config = preset("tiny_pixel_image")
+    model = build_model(config)
+    with torch.no_grad():
+        for parameter in model.decoder.parameters():
+            parameter.zero_()
+        model.decoder.fc_out.bias.fill_(10.0)                  # inside, wherever the mask allows
+        last = model.encoder.up_head[-1]
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([0.0, -1.0, 0.0]))        # a level camera: up is -y (OpenCV)
+    path = tmp_path_factory.mktemp("solid") / "solid.safetensors"
+    save_checkpoint(path, model.eval(), config)
+    return str(path)
+
+
+def ell_picture(size=200, alpha=True):
+    """An L: a tall bar on the left and a foot to the right along the bottom, on white."""
+    mask = np.zeros((size, size), bool)
+    mask[40:160, 60:90] = True      # the bar
+    mask[130:160, 60:150] = True    # the foot, to the right
+    rgb = np.ones((size, size, 3))
+    rgb[mask] = [0.2, 0.4, 0.8]
+    channels = [rgb, mask[..., None].astype(float)] if alpha else [rgb]
+    return (np.concatenate(channels, axis=-1) * 255).astype(np.uint8), mask
+
+
+def test_a_point_outside_the_mask_is_empty_whatever_the_network_says():
+    mask = torch.zeros(64, 64, dtype=torch.bool)
+    mask[20:40, 20:40] = True
+    points = torch.tensor([[0.0, 0.0, 0.0], [0.45, 0.45, 0.0], [0.0, 0.0, -5.0]])  # centre, corner, behind
+    logits = masked_logits(lambda p: torch.full((len(p),), 30.0), points, mask, focal=1.4)
+    assert logits[0] == 30.0
+    assert logits[1] == OUTSIDE_LOGIT and logits[2] == OUTSIDE_LOGIT
+    assert inside_mask(points, mask, 1.4).tolist() == [True, False, False]
+
+
+def test_the_result_is_the_picture_seen_from_the_front_resting_on_the_ground(solid_checkpoint):
+    picture, mask = ell_picture()
+    result = Reconstructor("cpu").reconstruct_image(
+        picture, ReconstructOptions(checkpoint=solid_checkpoint, resolution=64))
+    v = result.vertices
+    assert v[:, 2].min() == pytest.approx(0.0, abs=1e-5), "rests on z = 0"
+    assert (v[:, 0].min() + v[:, 0].max()) / 2 == pytest.approx(0.0, abs=1e-5)
+    assert (v[:, 1].min() + v[:, 1].max()) / 2 == pytest.approx(0.0, abs=1e-5)
+    height = v[:, 2].max()
+    width = v[:, 0].max() - v[:, 0].min()
+    assert height / width == pytest.approx(120 / 90, rel=0.12), "the picture's proportions, upright"
+    top, bottom = v[v[:, 2] > 0.6 * height], v[v[:, 2] < 0.2 * height]
+    # Front view: x is the picture's right. The foot sticks out to the right, the bar is left.
+    assert bottom[:, 0].max() > top[:, 0].max() + 0.3 * width
+    assert result.stats["mask_source"] == "alpha" and result.stats["warnings"] == []
+    assert result.stats["elevation_deg"] == pytest.approx(0.0, abs=1e-3)
+
+
+def test_the_outline_of_the_result_is_the_mask(solid_checkpoint):
+    """Projected back through the crop camera, the result covers the mask and nothing else."""
+    from backend import camera, viewer
+    from backend.foreground import object_mask
+
+    picture, mask = ell_picture()
+    result = Reconstructor("cpu").reconstruct_image(
+        picture, ReconstructOptions(checkpoint=solid_checkpoint, resolution=64))
+    to_output = np.array(result.stats["viewer_to_output"])
+    in_viewer = (result.vertices - to_output[:3, 3]) @ to_output[:3, :3]
+    rgba = picture.astype(np.float32) / 255.0
+    view = viewer.viewer_input(rgba, object_mask(rgba), viewer.photo_camera(*mask.shape), 64)
+    uv, _ = camera.project_viewer(in_viewer, view.mask.shape[0], view.crop.focal)
+    col, row = np.clip(np.round(uv).astype(int), 0, view.mask.shape[0] - 1).T
+    near_mask = np.zeros_like(view.mask)
+    from scipy.ndimage import binary_dilation
+    near_mask = binary_dilation(view.mask, iterations=6)   # a voxel of the 64^3 grid is ~5 mask pixels
+    assert near_mask[row, col].all(), "no vertex outside the mask"
+
+
+def test_a_picture_without_transparency_uses_the_estimated_mask_and_says_so(solid_checkpoint):
+    picture, _ = ell_picture(alpha=False)
+    result = Reconstructor("cpu").reconstruct_image(
+        picture, ReconstructOptions(checkpoint=solid_checkpoint, resolution=32))
+    assert result.stats["mask_source"] == "estimate"
+    assert any("estimated" in w for w in result.stats["warnings"])
+
+
+def test_bad_pictures_fail_or_warn_clearly(solid_checkpoint):
+    options = ReconstructOptions(checkpoint=solid_checkpoint, resolution=32)
+    reconstructor = Reconstructor("cpu")
+    empty = np.zeros((50, 50, 4), np.uint8)
+    with pytest.raises(OccnetError, match="no object"):
+        reconstructor.reconstruct_image(empty, options)
+    speck = empty.copy()
+    speck[20:23, 20:23] = 255
+    with pytest.raises(OccnetError, match="too few") as error:
+        reconstructor.reconstruct_image(speck, options)
+    assert error.value.code == "empty_mask"
+    picture, _ = ell_picture()
+    with pytest.raises(OccnetError, match="must match"):
+        reconstructor.reconstruct_image(picture, options, mask=np.ones((10, 10)))
+    cut = picture[:, 70:]                                    # the bar runs into the left edge
+    result = reconstructor.reconstruct_image(cut, options)
+    assert result.stats["cut_off"] and any("cut off" in w for w in result.stats["warnings"])
+    noise = (np.random.default_rng(0).uniform(0, 1, (80, 80, 3)) * 255).astype(np.uint8)
+    with pytest.raises(OccnetError, match="background") as error:
+        reconstructor.reconstruct_image(noise, options)
+    assert error.value.code == "no_mask"
