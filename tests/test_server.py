@@ -171,6 +171,26 @@ def test_cancel_during_extraction_is_fast(conn, tiny_checkpoints):
     conn.expect("pong", rid)
 
 
+def test_a_cancel_during_marching_cubes_lands_before_the_refinement(conn, tiny_checkpoints):
+    """Every progress report is a cancellation point: the refinement (seconds at 256^3) never
+    starts for a request cancelled while marching cubes ran (it used to run to its end)."""
+    pts = np.random.default_rng(12).normal(size=(500, 3))
+    rid = reconstruct_points(conn, pts, checkpoint=str(tiny_checkpoints["points"]), resolution=256)
+    while True:
+        h, _ = conn.next()
+        assert h["type"] == "progress", h
+        if h["stage"] == "marching_cubes":
+            break
+    conn.request("cancel", target=rid)  # marching cubes takes ~0.5 s: the cancel arrives within it
+    later = []
+    h, _ = conn.next()
+    while h["type"] == "progress":
+        later.append(h["stage"])
+        h, _ = conn.next()
+    assert h["type"] == "error" and h["id"] == rid and h["code"] == "cancelled", h
+    assert "refine" not in later, later
+
+
 # Needs backend/pipeline.py to pass progress/should_cancel to refine_to_points (owned elsewhere; see
 # docs/reliability.md). Strict: once it does, these pass and the marker must go.
 PIPELINE_REFINE_HOOKS = pytest.mark.xfail(
