@@ -256,6 +256,31 @@ def batch_command():
             "INPUTS... --out DIR")
 
 
+def _draw_check(col, context):
+    if check_state["checking"]:
+        col.label(text=f"Checking {check_state['checking']}...", icon="SORTTIME")
+        return
+    found = check_state["result"]
+    if found is None:
+        return
+    box = col.box()
+    if found.ok:
+        box.label(text=found.summary(), icon="CHECKMARK")
+    else:
+        ui_text.draw_wrapped(box, context, found.problem(), icon="ERROR")
+
+
+def _draw_setup(col, wm):
+    col.operator("occnet.setup_environment", icon="CONSOLE")
+    col.label(text=_download_text(), icon="INFO")
+    if _setup["progress"] is None:
+        return
+    box = col.box()
+    box.progress(factor=wm.occnet_setup_progress, type="BAR", text=wm.occnet_setup_status)
+    for line in _setup["progress"].snapshot()[2]:
+        box.label(text=line[:120])
+
+
 class OCCNET_AP_preferences(bpy.types.AddonPreferences):
     bl_idname = ADDON_ID
 
@@ -300,8 +325,8 @@ class OCCNET_AP_preferences(bpy.types.AddonPreferences):
         row.prop(self, "python_path")
         row.operator("occnet.detect_python", text="", icon="VIEWZOOM")
         row.operator("occnet.check_python", text="Check")
-        self._draw_check(col, context)
-        self._draw_setup(col, context.window_manager)
+        _draw_check(col, context)
+        _draw_setup(col, context.window_manager)
         col.separator()
         for prop in ("checkpoint_points", "checkpoint_image", "device", "default_resolution",
                      "threshold", "max_faces", "refine_points", "use_normals",
@@ -311,31 +336,6 @@ class OCCNET_AP_preferences(bpy.types.AddonPreferences):
         row = col.row()
         row.label(text="Headless: " + batch_command())
         row.operator("occnet.copy_batch_command", text="", icon="COPYDOWN")
-
-    @staticmethod
-    def _draw_check(col, context):
-        if check_state["checking"]:
-            col.label(text=f"Checking {check_state['checking']}...", icon="SORTTIME")
-            return
-        found = check_state["result"]
-        if found is None:
-            return
-        box = col.box()
-        if found.ok:
-            box.label(text=found.summary(), icon="CHECKMARK")
-        else:
-            ui_text.draw_wrapped(box, context, found.problem(), icon="ERROR")
-
-    @staticmethod
-    def _draw_setup(col, wm):
-        col.operator("occnet.setup_environment", icon="CONSOLE")
-        col.label(text=_download_text(), icon="INFO")
-        if _setup["progress"] is None:
-            return
-        box = col.box()
-        box.progress(factor=wm.occnet_setup_progress, type="BAR", text=wm.occnet_setup_status)
-        for line in _setup["progress"].snapshot()[2]:
-            box.label(text=line[:120])
 
 
 classes = (OCCNET_OT_detect_python, OCCNET_OT_check_python, OCCNET_OT_setup_environment,

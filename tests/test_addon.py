@@ -340,6 +340,17 @@ def test_check_and_setup_environment(addon, tmp_path):
     cp = subprocess.run([prefs.python_path, "-c", "import sys; print(sys.prefix)"],
                         capture_output=True, text=True, check=True)
     assert cp.stdout.strip() == str(target)
+
+    # the preferences show the progress, what a download would cost, and the check's versions
+    preferences.check_state.update(checking="", result=preferences.interpreter.known(prefs.python_path))
+    log = []
+    preferences.OCCNET_AP_preferences.draw(type("P", (), {"layout": _Recorder(log)})(), bpy.context)
+    bars = [kw for name, _, kw in log if name == "progress"]
+    assert bars and bars[0]["text"] == "Ready" and bars[0]["factor"] == 1.0
+    labels = " | ".join(kw.get("text", "") for name, _, kw in log if name == "label")
+    assert "PyTorch for the CPU" in labels and "about 200 MB" in labels  # no NVIDIA GPU here
+    assert "torch 2." in labels and "batch_launcher.py" in labels
+    assert "about 200 MB" in preferences.OCCNET_OT_setup_environment.description(bpy.context, None)
     prefs.python_path = ""
 
 
