@@ -18,7 +18,8 @@ REQUIRED_MODULES = {"torch": "torch", "numpy": "numpy", "skimage": "scikit-image
                     "trimesh": "trimesh", "safetensors": "safetensors", "scipy": "scipy",
                     "PIL": "pillow"}
 # import name -> (pip name, the feature that needs it)
-OPTIONAL_MODULES = {"fast_simplification": ("fast-simplification", "Face Budget")}
+OPTIONAL_MODULES = {"fast_simplification": ("fast-simplification", "Face Budget"),
+                    "efficientnet_lite_pytorch": ("efficientnet-lite-pytorch", "Mesh from Image")}
 
 PROBE_TAG = "OCCNET_PROBE "
 PROBE_TIMEOUT_S = 120.0  # a cold torch import on a slow disk takes tens of seconds
