@@ -4,6 +4,7 @@ The one place that turns failures into how the process ends: one line `error: ..
 exit code 1 (2 for a usage error, 130 when interrupted); library code raises typed errors."""
 
 import argparse
+import importlib
 import sys
 import time
 
@@ -46,7 +47,7 @@ def require_decimation(faces: int | None) -> None:
     if faces is None:
         return
     try:
-        import fast_simplification  # noqa: F401
+        importlib.import_module("fast_simplification")
     except ImportError as exc:
         raise MissingPackageError("--faces", "fast-simplification") from exc
 

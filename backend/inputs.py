@@ -30,7 +30,8 @@ MAX_IMAGE_SIDE = 2048
 # 89.5 million pixels (360 MB as RGBA). JPEGs are decoded at 1/2, 1/4 or 1/8 scale first, so far
 # larger photos still load; Pillow refuses any file declaring more than twice this many pixels.
 MAX_DECODED_PIXELS = 89_478_485
-# Pillow reads 16- and 32-bit greyscale as these modes; the value that means white in each.
+# Pillow's greyscale modes of more than 8 bits and the value that means white in each ("I", 32-bit
+# integers, is judged by its values: see grey_full_scale).
 GREY_FULL_SCALE = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "F": 1.0}
 ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
 
