@@ -210,8 +210,10 @@ class Plan:
             raise UsageError(str(exc)) from None
 
 
-def convert_one(bpy, gather, session, python, plan, i, prefix):
+def convert_one(bpy, session, python, plan, i, prefix):
     """Reconstruct input i and export it; returns the object. Raises on failure."""
+    from . import gather  # imports bpy: only once main() has found it
+
     kind, data = gather.load_file(plan.inputs[i])
     origin = pointio.bbox_center(data) if kind == "points" else None
     location = tuple(bpy.context.scene.cursor.location) if kind == "image" else None
@@ -227,8 +229,6 @@ def convert_one(bpy, gather, session, python, plan, i, prefix):
 
 
 def run(bpy, args, plan, python):
-    from . import gather
-
     session = Session()
     t_start = time.perf_counter()
     failures, written = [], []
@@ -246,7 +246,7 @@ def run(bpy, args, plan, python):
             print(f"{prefix} reading", flush=True)
             t0 = time.perf_counter()
             try:
-                obj = convert_one(bpy, gather, session, python, plan, i, prefix)
+                obj = convert_one(bpy, session, python, plan, i, prefix)
             except Exception as exc:  # carry on past a bad input
                 failures.append((path, str(exc)))
                 print(f"{prefix} FAILED: {exc}", flush=True)
