@@ -307,7 +307,8 @@ def mutated_frames(draw):
     return bytes(data)
 
 
-fuzz = settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+# no deadline: the machine may be busy; termination is proven by drain()'s bound instead
+fuzz = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @fuzz
