@@ -14,9 +14,10 @@ models named in ``backend/defaults.py``) so that the add-on can start ``python -
 with any Python that has PyTorch, and the wire format vendored from its one home,
 ``backend/wire.py``, as ``blender_occnet/wire.py``. The zips hold an explicit allow-list (the
 packages' modules, named data files, the shipped models), never whatever else lies in the source
-folders (.env files, caches, .blend1 backups, experiment weights). The extension is built and validated with Blender's own extension tool
-(``scripts/addons_core/bl_pkg/cli/blender_ext.py``), found inside the installed ``bpy`` module or
-given with --blender-ext; it runs standalone, without importing bpy.
+folders (.env files, caches, .blend1 backups, experiment weights). The extension is built and
+validated with Blender's own extension tool (``scripts/addons_core/bl_pkg/cli/blender_ext.py``),
+found inside the installed ``bpy`` module or given with --blender-ext; it runs standalone, without
+importing bpy.
 """
 
 import argparse
