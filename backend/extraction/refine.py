@@ -59,7 +59,7 @@ def plane_projection(vertices: np.ndarray, tree: cKDTree, points: np.ndarray, se
     return move
 
 
-PROJECTION_BLOCK = 16384  # vertices per plane_projection call: ~0.1 s, ~20 MB of temporaries
+PROJECTION_BLOCK = 16384  # vertices per plane_projection call: ~0.1 s and ~10 MB of temporaries
 
 
 def blockwise_projection(vertices: np.ndarray, tree: cKDTree, points: np.ndarray, settings: RefineSettings,
