@@ -141,6 +141,17 @@ class Server:
         log.info("error for request %s: [%s] %s", req_id, code, message)
         self.out.send(wire.error_header(req_id, code, message))
 
+    def answer(self, job, header, arrays=None):
+        """Send a job's last reply. Its id is free from then on: the add-on may reuse it as soon
+        as it reads the reply, so it leaves in_flight first."""
+        with self.state_lock:
+            self.in_flight.pop(job.id, None)
+        self.out.send(header, arrays)
+
+    def answer_error(self, job, code, message):
+        log.info("error for request %s: [%s] %s", job.id, code, message)
+        self.answer(job, wire.error_header(job.id, code, message))
+
     def versions(self):
         from backend import __version__
         return {"protocol": wire.PROTOCOL_VERSION, "backend_version": __version__}
@@ -273,13 +284,9 @@ class Server:
             job = self.jobs.get()
             if job is None or self.stopping.is_set():
                 if job is not None:
-                    self.send_error(job.id, wire.E_CANCELLED, "the backend is shutting down")
+                    self.answer_error(job, wire.E_CANCELLED, "the backend is shutting down")
                 return
-            try:
-                self.run_job(job)
-            finally:
-                with self.state_lock:
-                    self.in_flight.pop(job.id, None)
+            self.run_job(job)
 
     def run_job(self, job):
         from backend.errors import Cancelled, OccnetError  # light import, no torch
@@ -299,7 +306,7 @@ class Server:
             return job.cancel.is_set()
 
         if job.cancel.is_set():
-            self.send_error(job.id, wire.E_CANCELLED, "the reconstruction was cancelled")
+            self.answer_error(job, wire.E_CANCELLED, "the reconstruction was cancelled")
             return
         h = job.header
         try:
@@ -331,22 +338,22 @@ class Server:
                 arrays["colors"] = np.asarray(res.colors, dtype=np.float32)
             stats.setdefault("vertices", int(arrays["vertices"].shape[0]))
             stats.setdefault("faces", int(arrays["faces"].shape[0]))
-            self.out.send({"type": "result", "id": job.id, "stats": _jsonable(stats)}, arrays)
+            self.answer(job, {"type": "result", "id": job.id, "stats": _jsonable(stats)}, arrays)
         except Cancelled:
-            self.send_error(job.id, wire.E_CANCELLED, "the reconstruction was cancelled")
+            self.answer_error(job, wire.E_CANCELLED, "the reconstruction was cancelled")
         except OccnetError as exc:
-            self.send_error(job.id, exc.code, exc.message)
+            self.answer_error(job, exc.code, exc.message)
         except MemoryError:
-            self.send_error(job.id, wire.E_OOM,
+            self.answer_error(job, wire.E_OOM,
                             "the backend ran out of memory; try a lower resolution or the CPU device")
         except BaseException as exc:
             if _is_oom(exc):
-                self.send_error(job.id, wire.E_OOM,
+                self.answer_error(job, wire.E_OOM,
                                 f"the device ran out of memory ({_first_line(exc)}); "
                                 "try a lower resolution or the CPU device")
             else:
                 log.error("reconstruction %s failed:\n%s", job.id, traceback.format_exc())
-                self.send_error(job.id, wire.E_INTERNAL,
+                self.answer_error(job, wire.E_INTERNAL,
                                 f"the reconstruction failed: {type(exc).__name__}: {_first_line(exc)}")
             if not isinstance(exc, Exception):
                 raise
