@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--normals", action="store_true", help="write vertex normals from the network's gradient")
     rec.add_argument("--no-refine", action="store_true",
                      help="point clouds: keep the network's surface as extracted (no pull onto the points, no smoothing)")
+    rec.add_argument("--mask", help="images: the object's mask, a picture of the same size (white or opaque = "
+                                    "object); default: the alpha channel, else an estimate from the background")
+    rec.add_argument("--focal-length", type=float, metavar="MM",
+                     help="images: 35 mm equivalent focal length of the camera; default: the photo's EXIF "
+                          "value, else 50 mm")
     rec.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.add_parser("serve", help="answer requests over stdin/stdout (used by the Blender add-on); "
                                  "see python -m backend serve --help")
@@ -55,7 +60,7 @@ def require_decimation(faces: int | None) -> None:
 def reconstruct_command(args) -> int:
     from tqdm import tqdm
 
-    from .inputs import input_kind, load_image, load_points
+    from .inputs import exif_focal_35mm, input_kind, load_image, load_mask, load_points
     from .mesh_io import check_output_path, save_mesh
     from .pipeline import Reconstructor, ReconstructOptions
 
@@ -67,6 +72,11 @@ def reconstruct_command(args) -> int:
     check_output_path(args.output)
     kind = input_kind(args.input)
     data = load_points(args.input) if kind == "points" else load_image(args.input)
+    extra = {}
+    if kind == "image":
+        options.focal_length = args.focal_length or exif_focal_35mm(args.input)
+        options.validate()
+        extra["mask"] = load_mask(args.mask) if args.mask else None
     reconstructor = Reconstructor(args.device)
     bar = tqdm(total=100, unit="%", file=sys.stderr, disable=args.quiet, leave=False,
                bar_format="{desc:<16}{percentage:3.0f}%|{bar}| {elapsed}")
@@ -83,9 +93,11 @@ def reconstruct_command(args) -> int:
 
     try:
         run = reconstructor.reconstruct_points if kind == "points" else reconstructor.reconstruct_image
-        result = run(data, options, progress=progress)
+        result = run(data, options, progress=progress, **extra)
     finally:
         bar.close()
+    for warning in result.stats.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
     save_mesh(args.output, result.vertices, result.faces, result.normals, result.colors)
     stats = result.stats
     print(f"{args.output}: {stats['faces']} faces, {stats['vertices']} vertices, "

@@ -263,6 +263,31 @@ def load_image(path) -> np.ndarray:
     return validate_image(arr, str(path))
 
 
+def load_mask(path) -> np.ndarray:
+    """(H, W) float32 in [0, 1] from a mask picture: its alpha channel where it has transparency,
+    else its brightness (white = object). Loaded like load_image, so it matches the picture's size."""
+    rgba = load_image(path)
+    if (rgba[..., 3] < 0.99).any():
+        return rgba[..., 3]
+    return rgba[..., :3].mean(axis=-1)
+
+
+# EXIF: the Exif sub-IFD, and in it the 35 mm equivalent focal length in millimetres.
+EXIF_IFD, FOCAL_LENGTH_IN_35MM = 0x8769, 0xA405
+
+
+def exif_focal_35mm(path) -> float | None:
+    """The 35 mm equivalent focal length a camera wrote into a photo's EXIF, if any (else None)."""
+    from PIL import Image
+
+    try:
+        with quiet_decoding(), Image.open(path) as img:
+            value = img.getexif().get_ifd(EXIF_IFD).get(FOCAL_LENGTH_IN_35MM)
+    except Exception:  # no EXIF, or damaged EXIF: the focal length is simply unknown
+        return None
+    return float(value) if value and 1 <= float(value) <= 2000 else None
+
+
 def normalisation(points: np.ndarray) -> tuple[np.ndarray, float]:
     """(center (3,), scale) that map points into the canonical box: (x - center) / scale.
     Computed in float64: in float32, lo + hi overflows for large coordinates."""

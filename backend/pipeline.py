@@ -129,9 +129,11 @@ class Reconstructor:
         if options.refine:
             if progress is not None:
                 progress("refine", 0.0)
+            on_round = (lambda fraction: progress("refine", fraction)) if progress is not None else None
             with timer("refine"):
-                mesh = MeshArrays(refine_to_points(mesh.vertices, mesh.faces, canonical), mesh.faces)
-        result = self._finish(model, code, device, mesh, options, timer)
+                mesh = MeshArrays(refine_to_points(mesh.vertices, mesh.faces, canonical, progress=on_round,
+                                                   should_cancel=should_cancel), mesh.faces)
+        result = self._finish(model, code, device, mesh, options, timer, should_cancel)
         result.vertices = (result.vertices.astype(np.float64) * scale + center).astype(np.float32)
         result.stats.update(evaluations=evaluations, input_points=len(points), encoder_points=len(encoder_points),
                             center=center.tolist(), scale=scale)
@@ -160,7 +162,7 @@ class Reconstructor:
             code = model.encode(image)
         mesh, evaluations = self._extract(lambda p: model.decode(p[None], code)[0], QUERY_BOX, device, options,
                                           timer, progress, should_cancel)
-        result = self._finish(model, code, device, mesh, options, timer)
+        result = self._finish(model, code, device, mesh, options, timer, should_cancel)
         result.stats.update(evaluations=evaluations, image_size=list(rgba.shape[:2]))
         return result
 
@@ -191,7 +193,7 @@ class Reconstructor:
             return masked_logits(lambda q: model.decode(q[None], code)[0], p, mask_tensor, view.crop.focal)
 
         mesh, evaluations = self._extract(evaluate, VIEWER_BOX, device, options, timer, progress, should_cancel)
-        result = self._finish(model, code, device, mesh, options, timer)
+        result = self._finish(model, code, device, mesh, options, timer, should_cancel)
         up = code["up"][0].double().cpu().numpy()
         transform = output_transform(up, result.vertices.astype(np.float64))
         result.vertices = (result.vertices.astype(np.float64) @ transform[:3, :3].T + transform[:3, 3]).astype(np.float32)
@@ -227,6 +229,11 @@ class Reconstructor:
                         should_cancel=should_cancel)
         if progress is not None:
             progress("marching_cubes", 0.0)
+        if not np.isfinite(grid.values).all():
+            raise OccnetError("bad_model", "the network's output is not a number (NaN or infinite) for some points: "
+                                           "the model is broken, whatever the threshold")
+        if should_cancel is not None and should_cancel():
+            raise Cancelled()
         with timer("marching_cubes"):
             mesh = grid_to_mesh(grid.values, level, grid.box_min, grid.spacing)
         if len(mesh.faces) == 0:
@@ -234,10 +241,10 @@ class Reconstructor:
                                             "(every point is outside at this threshold); try a lower threshold")
         return mesh, grid.evaluations
 
-    def _finish(self, model, code, device, mesh: MeshArrays, options, timer) -> ReconstructionResult:
+    def _finish(self, model, code, device, mesh: MeshArrays, options, timer, should_cancel=None) -> ReconstructionResult:
         if options.max_faces is not None:
             with timer("decimate"):
-                mesh = simplify_mesh(mesh, options.max_faces)
+                mesh = simplify_mesh(mesh, options.max_faces, should_cancel=should_cancel)
         normals = None
         if options.normals:
             with timer("normals"):

@@ -119,3 +119,51 @@ def test_bad_pictures_fail_or_warn_clearly(solid_checkpoint):
     with pytest.raises(OccnetError, match="background") as error:
         reconstructor.reconstruct_image(noise, options)
     assert error.value.code == "no_mask"
+
+
+def run_cli(*args, cwd):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "backend", "reconstruct", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_takes_a_mask_file_and_warns_about_an_estimated_mask(solid_checkpoint, tmp_path):
+    from pathlib import Path
+
+    from PIL import Image
+
+    root = Path(__file__).resolve().parents[1]
+    picture, mask = ell_picture(alpha=False)
+    Image.fromarray(picture).save(tmp_path / "ell.png")
+    Image.fromarray((mask * 255).astype(np.uint8)).save(tmp_path / "ell_mask.png")
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "small_mask.png")
+    common = ["--checkpoint", solid_checkpoint, "--resolution", "32", "--quiet"]
+
+    given = run_cli(tmp_path / "ell.png", "-o", tmp_path / "given.obj", "--mask", tmp_path / "ell_mask.png",
+                    "--focal-length", "35", *common, cwd=root)
+    assert given.returncode == 0, given.stderr
+    assert (tmp_path / "given.obj").is_file() and "warning" not in given.stderr
+
+    estimated = run_cli(tmp_path / "ell.png", "-o", tmp_path / "estimated.obj", *common, cwd=root)
+    assert estimated.returncode == 0, estimated.stderr
+    assert "warning: the picture has no transparency" in estimated.stderr
+
+    wrong = run_cli(tmp_path / "ell.png", "-o", tmp_path / "wrong.obj", "--mask", tmp_path / "small_mask.png",
+                    *common, cwd=root)
+    assert wrong.returncode == 1 and wrong.stderr.strip().startswith("error:") and "must match" in wrong.stderr
+    assert len(wrong.stderr.strip().splitlines()) == 1 and not (tmp_path / "wrong.obj").exists()
+
+
+def test_the_focal_length_comes_from_exif_when_the_photo_has_one(tmp_path):
+    from PIL import Image
+
+    from backend.inputs import exif_focal_35mm
+
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0xA405] = 28       # Exif sub-IFD: FocalLengthIn35mmFilm
+    Image.new("RGB", (60, 40)).save(tmp_path / "photo.jpg", exif=exif)
+    Image.new("RGB", (60, 40)).save(tmp_path / "plain.jpg")
+    assert exif_focal_35mm(tmp_path / "photo.jpg") == 28.0
+    assert exif_focal_35mm(tmp_path / "plain.jpg") is None
