@@ -191,13 +191,6 @@ def test_a_cancel_during_marching_cubes_lands_before_the_refinement(conn, tiny_c
     assert "refine" not in later, later
 
 
-# Needs backend/pipeline.py to pass progress/should_cancel to refine_to_points (owned elsewhere; see
-# docs/reliability.md). Strict: once it does, these pass and the marker must go.
-PIPELINE_REFINE_HOOKS = pytest.mark.xfail(
-    strict=True, reason="backend/pipeline.py does not pass progress/should_cancel to refine_to_points yet")
-
-
-@PIPELINE_REFINE_HOOKS
 def test_refinement_reports_progress_every_round(conn, tiny_checkpoints):
     pts = np.random.default_rng(10).normal(size=(500, 3))
     rid = reconstruct_points(conn, pts, checkpoint=str(tiny_checkpoints["points"]), resolution=64)
@@ -213,7 +206,6 @@ def test_refinement_reports_progress_every_round(conn, tiny_checkpoints):
     assert fractions == sorted(fractions)
 
 
-@PIPELINE_REFINE_HOOKS
 def test_cancel_during_refinement_is_fast(conn, tiny_checkpoints):
     """At 256^3 the refinement takes seconds; a cancel used to wait for all of it."""
     pts = np.random.default_rng(11).normal(size=(500, 3))
