@@ -1,9 +1,11 @@
-"""Training: data sampling and augmentation, loss going down, exact resume after a kill, the time
-budget, and the DDP (gloo) path."""
+"""Training: data sampling and augmentation, loss going down, exact resume after a kill at any
+point, a full disk while checkpointing, set-up problems as one line, the time budget, and the DDP
+(gloo) path."""
 
 import csv
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -15,10 +17,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from backend.checkpoint import load_checkpoint
+from backend.checkpoint import load_checkpoint, save_checkpoint
+from backend.models import build_model, preset
 from backend.preprocess import image_to_model_input
 from training import dataset as ds
-from training.train import Trainer, learning_rate, load_config
+from training.errors import TrainingError
+from training.train import Trainer, learning_rate, load_config, main
 from training.train_state import read_header_metadata
 
 from helpers_data import inside, make_prepared_dataset, random_shape, surface_samples
@@ -39,6 +43,24 @@ def config(name, data_dir, out_dir, **overrides):
 
 def final_weights(out_dir):
     return load_file(str(Path(out_dir) / "model_last.safetensors"))
+
+
+def write_config(path, data_dir, out_dir, **settings) -> Path:
+    """A copy of test_tiny_points.json at path, for runs in a child process."""
+    given = json.loads((CONFIGS / "test_tiny_points.json").read_text())
+    given.update(data_dir=str(data_dir), out_dir=str(out_dir))
+    given.update(settings)
+    path.write_text(json.dumps(given))
+    return path
+
+
+def state_step(state_path) -> int:
+    return json.loads(read_header_metadata(state_path)["progress"])["step"]
+
+
+def log_rows(out_dir) -> list[dict]:
+    with open(Path(out_dir) / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
 
 
 # -- sampling and augmentation ----------------------------------------------------------------
@@ -135,7 +157,7 @@ def test_init_weights_starts_from_a_model_checkpoint_and_refuses_another_archite
         assert torch.equal(value, expected[key]), key  # not the seed-7 initialisation
     wider = config("test_tiny_points.json", data_dir, tmp_path / "wider", init_weights=str(source))
     wider["model"]["decoder"]["hidden"] += 8
-    with pytest.raises(SystemExit, match="differs"):
+    with pytest.raises(TrainingError, match="differs"):
         Trainer(wider, resume=False, command="pytest")
 
 
@@ -163,42 +185,183 @@ def test_time_budget_stops_cleanly_with_a_checkpoint(data_dir, tmp_path):
     assert resumed["step"] == 8
 
 
-def test_resume_after_kill_reproduces_the_uninterrupted_run(data_dir, tmp_path):
-    steps = 16
-    schedule = {"epochs": 8, "decay": "cosine", "warmup_steps": 3}
-    straight = config("test_tiny_points.json", data_dir, tmp_path / "straight", schedule=schedule)
-    Trainer(straight, resume=False, command="pytest").run()
+RESUME_SCHEDULE = {"epochs": 8, "decay": "cosine", "warmup_steps": 3}
+RESUME_STEPS = 16  # 8 epochs of 2 steps
 
-    # The same run in a subprocess, checkpointing after every step, SIGKILLed part way.
-    cfg_path = tmp_path / "killed.json"
-    cfg_json = json.loads((CONFIGS / "test_tiny_points.json").read_text())
-    cfg_json.update(data_dir=str(data_dir), out_dir=str(tmp_path / "killed"), checkpoint_minutes=1e-9,
-                    schedule=schedule)
-    cfg_path.write_text(json.dumps(cfg_json))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "training.train", str(cfg_path)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    state = tmp_path / "killed" / "state.safetensors"
-    deadline = time.monotonic() + 120
-    killed_at = None
-    while time.monotonic() < deadline and proc.poll() is None:
-        if state.is_file():
-            step = json.loads(read_header_metadata(state)["progress"])["step"]
-            if step >= 3:
-                os.kill(proc.pid, signal.SIGKILL)
-                killed_at = step
-                break
-        time.sleep(0.01)
-    proc.wait(timeout=60)
-    assert killed_at is not None and killed_at < steps, "the run ended before it could be killed"
+# Runs training.train in a child process that stops (touching a marker file, then sleeping) at a
+# chosen point, so that the test's SIGKILL lands exactly there.
+PAUSING_CHILD = """
+import pathlib, sys, time
+from training import train, train_state
+config, marker, point = sys.argv[1:4]
+
+def pause():
+    pathlib.Path(marker).touch()
+    time.sleep(600)
+
+if point == "between_steps":
+    train_step = train.Trainer.train_step
+    def pausing_train_step(self, item, step):
+        if step == 5:
+            pause()
+        return train_step(self, item, step)
+    train.Trainer.train_step = pausing_train_step
+elif point == "writing_the_state":
+    save_file, calls = train_state.save_file, []
+    def half_written(tensors, temp, metadata):
+        save_file(tensors, temp, metadata=metadata)
+        calls.append(temp)
+        if len(calls) == 5:
+            with open(temp, "r+b") as f:
+                f.truncate(pathlib.Path(temp).stat().st_size // 2)
+            pause()
+    train_state.save_file = half_written
+else:  # just before or just after the log row of epoch 2
+    append_csv = train.Trainer.append_csv
+    def pausing_append_csv(self, row):
+        if point == "before_logging_an_epoch" and row["epoch"] == 2:
+            pause()
+        append_csv(self, row)
+        if point == "after_logging_an_epoch" and row["epoch"] == 2:
+            pause()
+    train.Trainer.append_csv = pausing_append_csv
+sys.exit(train.main([config]))
+"""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    Trainer(config("test_tiny_points.json", data_dir, out, schedule=RESUME_SCHEDULE), resume=False,
+            command="pytest").run()
+    return out
+
+
+def kill_at(point: str, cfg_path: Path, marker: Path) -> None:
+    """Run training in a child until it reaches point, then SIGKILL it."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", PAUSING_CHILD, str(cfg_path), str(marker), point], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    stderr = proc.communicate(timeout=60)[1].decode(errors="replace")
+    assert marker.exists(), f"the child never reached {point}: {stderr[-2000:]}"
     assert proc.returncode == -signal.SIGKILL
 
-    resumed = Trainer(load_config(cfg_path), resume=True, command="pytest").run()
-    assert resumed["step"] == steps
-    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed")
+
+@pytest.mark.parametrize("point", ["between_steps", "writing_the_state", "before_logging_an_epoch",
+                                   "after_logging_an_epoch"])
+def test_killed_at_any_point_resumes_where_it_stopped_and_ends_bit_identical(data_dir, tmp_path, uninterrupted_run,
+                                                                             point):
+    out = tmp_path / "killed"
+    # A state after every step, so that the resumed run has progress to lose.
+    cfg_path = write_config(tmp_path / "killed.json", data_dir, out, checkpoint_minutes=1e-9,
+                            schedule=RESUME_SCHEDULE)
+    kill_at(point, cfg_path, tmp_path / "reached")
+    killed_at = state_step(out / "state.safetensors")
+    assert 0 < killed_at < RESUME_STEPS
+
+    trainer = Trainer(load_config(cfg_path), resume=True, command="pytest")
+    steps_taken, train_step = [], trainer.train_step
+
+    def counted_train_step(item, step):
+        steps_taken.append(step)
+        return train_step(item, step)
+
+    trainer.train_step = counted_train_step
+    assert trainer.run()["step"] == RESUME_STEPS
+    # It went on from the killed run's last state, not from the start: a restart from scratch
+    # would end bit-identical too, training being deterministic.
+    assert steps_taken == list(range(killed_at, RESUME_STEPS))
+    a, b = final_weights(uninterrupted_run), final_weights(out)
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    # The log holds each epoch once, as the uninterrupted run logged it.
+    columns = ("epoch", "step", "val_iou")
+    assert [[row[c] for c in columns] for row in log_rows(out)] == \
+        [[row[c] for c in columns] for row in log_rows(uninterrupted_run)]
+
+
+def limit_file_size(limit: int):
+    """preexec_fn: files of the child may not grow beyond limit bytes; a write past it fails with
+    EFBIG, as on a full disk (SIGXFSZ, which would kill the child instead, is ignored)."""
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_disk_full_while_checkpointing_keeps_the_previous_checkpoints_and_says_so(data_dir, tmp_path):
+    cfg_path = write_config(tmp_path / "full.json", data_dir, tmp_path / "run",
+                            schedule={"epochs": 1, "decay": "constant", "warmup_steps": 0})
+    Trainer(load_config(cfg_path), resume=False, command="pytest").run()
+    names = ("state.safetensors", "model_last.safetensors", "model_best.safetensors")
+    before = {name: (tmp_path / "run" / name).read_bytes() for name in names}
+    limit = len(before["model_last.safetensors"]) // 2  # no checkpoint fits; the log's rows do
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "training.train", str(cfg_path), "--resume", "--epochs", "2"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=180,
+                         preexec_fn=limit_file_size(limit))
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    last_line = run.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: cannot write ") and "File too large" in last_line, last_line
+    assert "continue with --resume" in last_line
+    for name in names:
+        assert (tmp_path / "run" / name).read_bytes() == before[name], name
+    assert not list((tmp_path / "run").glob(".*.tmp"))  # no temporary file left behind
+    load_checkpoint(tmp_path / "run" / "model_last.safetensors")
+    trainer = Trainer(load_config(cfg_path), resume=True, command="pytest")
+    assert trainer.progress["step"] == 2
+
+
+def test_a_damaged_state_is_refused_by_name(data_dir, tmp_path):
+    cfg = config("test_tiny_points.json", data_dir, tmp_path, schedule={"epochs": 1})
+    Trainer(cfg, resume=False, command="pytest").run()
+    state = tmp_path / "state.safetensors"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # a disk that lost its tail
+    with pytest.raises(TrainingError, match="cannot resume from .*state.safetensors"):
+        Trainer(cfg, resume=True, command="pytest")
+
+
+def test_a_state_of_another_model_is_refused_by_name(data_dir, tmp_path):
+    Trainer(config("test_tiny_points.json", data_dir, tmp_path, schedule={"epochs": 1}), resume=False,
+            command="pytest").run()
+    wider = config("test_tiny_points.json", data_dir, tmp_path)
+    wider["model"]["decoder"]["hidden"] += 8
+    with pytest.raises(TrainingError, match="another model's state"):
+        Trainer(wider, resume=True, command="pytest")
+
+
+@pytest.mark.parametrize("problem, settings, message", [
+    ("bad JSON", None, "cannot read it as JSON"),
+    ("misspelt setting", {"bach_size": 8}, "unknown setting 'bach_size'"),
+    ("unknown model", {"model": "tiny_pointz"}, "unknown model preset 'tiny_pointz'"),
+    ("unknown optimizer", {"optimizer": {"name": "adagrad"}}, "unknown optimizer 'adagrad'"),
+    ("unknown decay", {"schedule": {"decay": "linear"}}, "unknown learning-rate decay 'linear'"),
+    ("no data folder", {"data_dir": "{tmp}/nowhere"}, "nowhere/split/train.txt does not exist"),
+    ("no shapes", {"data_dir": "{tmp}/empty"}, "no training shapes in"),
+    ("other architecture for init_weights", {"init_weights": "{tmp}/wide.safetensors"}, "differs from this run's model"),
+])
+def test_setup_problems_are_one_line_and_exit_code_1(data_dir, tmp_path, capsys, problem, settings, message):
+    (tmp_path / "empty" / "split").mkdir(parents=True)
+    for split in ("train", "val"):
+        (tmp_path / "empty" / "split" / f"{split}.txt").write_text("")
+    wide = preset("tiny_points")
+    wide["decoder"]["hidden"] += 8
+    save_checkpoint(tmp_path / "wide.safetensors", build_model(wide), wide)
+    cfg_path = tmp_path / "run.json"
+    if settings is None:
+        cfg_path.write_text('{"batch_size": 4,}')
+    else:
+        settings = json.loads(json.dumps(settings).replace("{tmp}", str(tmp_path)))
+        write_config(cfg_path, settings.pop("data_dir", data_dir), tmp_path / "out", **settings)
+    assert main([str(cfg_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
 
 def test_ddp_with_two_gloo_processes_matches_one_process(data_dir, tmp_path):

