@@ -90,14 +90,6 @@ def test_checkpoint_round_trip(tmp_path):
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
 
 
-def test_half_precision_checkpoint_loads_as_float32(tmp_path):
-    config = preset("tiny_image")
-    model = build_model(config).eval()
-    save_checkpoint(tmp_path / "h.safetensors", model, config, dtype=torch.float16)
-    loaded, _, _ = load_checkpoint(tmp_path / "h.safetensors")
-    assert all(t.dtype == torch.float32 for t in loaded.state_dict().values() if t.is_floating_point())
-
-
 def test_mismatched_checkpoint_is_refused_naming_the_tensor(tmp_path):
     config = preset("tiny_points")
     model = build_model(config)
