@@ -5,9 +5,10 @@ models between calls, reports progress and checks for cancellation between netwo
 """
 
 import math
+import re
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +29,7 @@ from .preprocess import image_to_model_input, subsample_points
 from .viewer import masked_logits, output_transform, photo_camera, viewer_input
 
 RESOLUTIONS = (32, 64, 128, 256, 512)
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 COARSE_RESOLUTION = 32
 QUERY_BOX = (-0.55, 0.55)
 VIEWER_BOX = (-VIEW_HALF_EXTENT, VIEW_HALF_EXTENT)
@@ -50,7 +52,31 @@ class ReconstructOptions:
     batch_points: int = 65536          # points per network batch (bounds memory)
     focal_length: float | None = None  # images: 35 mm equivalent focal length; None: a 50 mm lens
 
+    @classmethod
+    def from_wire(cls, options: dict | None) -> "ReconstructOptions":
+        """Parse and validate request options as they travel (backend/wire.py's options_dict): the
+        one set of rules for the CLI, the server and the add-on. Raises OccnetError("bad_option")."""
+        options = {} if options is None else options
+        if not isinstance(options, dict):
+            raise OccnetError("bad_option", "reconstruct options must be an object")
+        known = {f.name for f in fields(cls)} - {"batch_points"}
+        unknown = set(options) - known
+        if unknown:
+            raise OccnetError("bad_option", f"unknown reconstruct option(s): {', '.join(sorted(unknown))}")
+        expected = {"checkpoint": (str,), "resolution": (int,), "threshold": (int, float), "max_faces": (int,),
+                    "device": (str,), "normals": (bool,), "refine": (bool,), "focal_length": (int, float)}
+        for name, value in options.items():
+            if value is None and name in ("checkpoint", "max_faces", "device", "focal_length"):
+                continue
+            if not isinstance(value, expected[name]) or (isinstance(value, bool) and bool not in expected[name]):
+                raise OccnetError("bad_option", f"option {name} has the wrong type ({value!r})")
+        parsed = cls(**options)
+        parsed.validate()
+        return parsed
+
     def validate(self) -> None:
+        if self.device is not None and not DEVICE_PATTERN.fullmatch(self.device):
+            raise OccnetError("bad_option", f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         if self.resolution not in RESOLUTIONS:
             raise OccnetError("bad_option", f"resolution must be one of {RESOLUTIONS}, got {self.resolution}")
         if not 0.0 < self.threshold < 1.0:

@@ -30,13 +30,13 @@ import traceback
 import numpy as np
 
 from . import wire
+from .errors import OccnetError
 
 log = logging.getLogger("occnet.server")
 
 EXIT_GRACE_S = 2.0  # after stdin closes or shutdown, how long the work may take to stop
 PROGRESS_MIN_INTERVAL_S = 0.05
 MAX_POINTS = 50_000_000
-MAX_RESOLUTION = 1024
 
 
 class FrameWriter:
@@ -393,31 +393,12 @@ def validate_reconstruct(header, arrays):
     kind = header.get("input")
     if kind not in ("points", "image"):
         return f"reconstruct needs 'input' = 'points' or 'image' (got {kind!r})"
-    opts = header.get("options", {})
-    if opts is None:
-        opts = {}
-    if not isinstance(opts, dict):
-        return "reconstruct 'options' must be an object"
-    unknown = set(opts) - set(wire.RECONSTRUCT_OPTIONS)
-    if unknown:
-        return f"unknown reconstruct option(s): {', '.join(sorted(unknown))}"
-    res = opts.get("resolution", 128)
-    if not _is_id(res) or not 8 <= res <= MAX_RESOLUTION:
-        return f"resolution must be an integer in 8..{MAX_RESOLUTION} (got {res!r})"
-    thr = opts.get("threshold", 0.5)
-    if not isinstance(thr, (int, float)) or isinstance(thr, bool) or not 0.0 < thr < 1.0:
-        return f"threshold must be a probability strictly between 0 and 1 (got {thr!r})"
-    mf = opts.get("max_faces")
-    if mf is not None and (not _is_id(mf) or mf < 4):
-        return f"max_faces must be null or an integer >= 4 (got {mf!r})"
-    ck = opts.get("checkpoint")
-    if ck is not None and not isinstance(ck, str):
-        return f"checkpoint must be a file path or null (got {ck!r})"
-    if not isinstance(opts.get("normals", False), bool):
-        return f"normals must be true or false (got {opts.get('normals')!r})"
-    dev = opts.get("device")
-    if dev is not None and not isinstance(dev, str):
-        return f"device must be a string such as 'cpu', 'cuda' or 'mps' (got {dev!r})"
+    from backend.pipeline import ReconstructOptions
+
+    try:
+        ReconstructOptions.from_wire(header.get("options"))
+    except OccnetError as error:
+        return str(error)
     if kind == "points":
         pts = arrays.get("points")
         if pts is None:
@@ -445,10 +426,7 @@ def validate_reconstruct(header, arrays):
 
 def reconstruct_options(opts):
     from backend.pipeline import ReconstructOptions
-    return ReconstructOptions(checkpoint=opts.get("checkpoint"), resolution=int(opts.get("resolution", 128)),
-                              threshold=float(opts.get("threshold", 0.5)), max_faces=opts.get("max_faces"),
-                              device=opts.get("device"), normals=bool(opts.get("normals", False)),
-                              refine=bool(opts.get("refine", True)))
+    return ReconstructOptions.from_wire(opts)
 
 
 def _hard_exit():

@@ -391,16 +391,19 @@ def error_header(req_id, code, message):
     return {"type": "error", "id": req_id, "code": code, "message": message}
 
 
-RECONSTRUCT_OPTIONS = ("checkpoint", "resolution", "threshold", "max_faces", "device", "normals", "refine")
+RECONSTRUCT_OPTIONS = ("checkpoint", "resolution", "threshold", "max_faces", "device", "normals", "refine",
+                       "focal_length")
 
 
 def options_dict(checkpoint=None, resolution=128, threshold=0.5, max_faces=None, device=None,
-                 normals=False, refine=True):
-    """Reconstruct options as they travel in the header (validated on the server).
-    refine: for point clouds, pull the surface onto the input points and smooth it."""
+                 normals=False, refine=True, focal_length=None):
+    """Reconstruct options as they travel in the header (validated on the server by
+    backend.pipeline.ReconstructOptions.from_wire). refine: for point clouds, pull the surface onto
+    the input points and smooth it. focal_length: images, 35 mm equivalent, None for the default."""
     return {"checkpoint": checkpoint or None, "resolution": int(resolution),
             "threshold": float(threshold), "max_faces": int(max_faces) if max_faces else None,
-            "device": device or None, "normals": bool(normals), "refine": bool(refine)}
+            "device": device or None, "normals": bool(normals), "refine": bool(refine),
+            "focal_length": float(focal_length) if focal_length else None}
 
 
 __all__ = [

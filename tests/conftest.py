@@ -46,6 +46,33 @@ def make_octahedron_checkpoint(path, kind="points", radius=0.4):
     return _Path(path)
 
 
+def make_solid_pixel_checkpoint(path):
+    """Save a tiny viewer-centred image checkpoint (the registry's tiny_pixel_image) that calls
+    every point inside and sees a level camera (up = -y): whatever the picture, the result is its
+    mask extruded through the viewer box, so placement and outline can be checked exactly."""
+    import torch
+
+    from backend.checkpoint import save_checkpoint
+    from backend.models import build_model, preset
+
+    config = preset("tiny_pixel_image")
+    model = build_model(config)
+    with torch.no_grad():
+        for parameter in model.decoder.parameters():
+            parameter.zero_()
+        model.decoder.fc_out.bias.fill_(10.0)
+        last = model.encoder.up_head[-1]
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([0.0, -1.0, 0.0]))
+    save_checkpoint(path, model.eval(), config, metadata={"purpose": "test: solid, level camera"})
+    return _Path(path)
+
+
+@_pytest.fixture(scope="session")
+def solid_pixel_checkpoint(tmp_path_factory):
+    return str(make_solid_pixel_checkpoint(tmp_path_factory.mktemp("solid") / "solid.safetensors"))
+
+
 @_pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     """{"points": path, "image": path}: tiny octahedron checkpoints (see make_octahedron_checkpoint)."""

@@ -206,6 +206,33 @@ def test_mesh_from_image_datablock_and_file(scene, tiny_checkpoints, tmp_path):
     assert len(bpy.data.images) == n_images  # the file was read without leaving a datablock
 
 
+def test_mesh_from_image_stands_on_the_cursor_as_seen_from_the_front(scene, solid_pixel_checkpoint):
+    """docs/CONTRACTS.md: a viewer-centred result rests on the ground at the 3D cursor and the
+    Front view (numpad 1: x right, z up) shows the picture upright. The picture is an L whose foot
+    points right; the solid test model extrudes it, so the foot must come back at +x, low z."""
+    prefs = bpy.context.preferences.addons[ADDON].preferences
+    previous = prefs.checkpoint_image
+    prefs.checkpoint_image = solid_pixel_checkpoint
+    try:
+        img = bpy.data.images.new("ell", 100, 100, alpha=True)
+        px = np.zeros((100, 100, 4), np.float32)         # Blender's rows run bottom to top
+        px[20:80, 30:45] = (0.2, 0.4, 0.8, 1.0)           # the bar
+        px[20:35, 30:75] = (0.2, 0.4, 0.8, 1.0)           # the foot, at the bottom, to the right
+        img.pixels.foreach_set(px.ravel())
+        scene.cursor.location = (1.0, 2.0, 3.0)
+        res = bpy.ops.occnet.mesh_from_image("EXEC_DEFAULT", source="IMAGE", image="ell", resolution="32")
+        assert res == {"FINISHED"}
+        v = world_vertices(bpy.context.active_object)
+    finally:
+        prefs.checkpoint_image = previous
+    assert v[:, 2].min() == pytest.approx(3.0, abs=1e-4), "rests on the cursor's height"
+    assert (v[:, 0].min() + v[:, 0].max()) / 2 == pytest.approx(1.0, abs=1e-4)
+    assert (v[:, 1].min() + v[:, 1].max()) / 2 == pytest.approx(2.0, abs=1e-4)
+    height = v[:, 2].max() - 3.0
+    top, bottom = v[v[:, 2] > 3.0 + 0.6 * height], v[v[:, 2] < 3.0 + 0.2 * height]
+    assert bottom[:, 0].max() > top[:, 0].max() + 0.2, "the foot points right in the Front view"
+
+
 def _busy_job(ops, resolution=256):
     pts = np.random.default_rng(7).normal(size=(400, 3)).astype(np.float32)
     from blender_occnet import request_options

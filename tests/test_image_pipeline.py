@@ -8,27 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from backend.checkpoint import save_checkpoint
 from backend.errors import OccnetError
-from backend.models import build_model, preset
 from backend.pipeline import ReconstructOptions, Reconstructor
 from backend.viewer import OUTSIDE_LOGIT, inside_mask, masked_logits
 
 
 @pytest.fixture(scope="module")
-def solid_checkpoint(tmp_path_factory):
-    config = preset("tiny_pixel_image")
-    model = build_model(config)
-    with torch.no_grad():
-        for parameter in model.decoder.parameters():
-            parameter.zero_()
-        model.decoder.fc_out.bias.fill_(10.0)                  # inside, wherever the mask allows
-        last = model.encoder.up_head[-1]
-        last.weight.zero_()
-        last.bias.copy_(torch.tensor([0.0, -1.0, 0.0]))        # a level camera: up is -y (OpenCV)
-    path = tmp_path_factory.mktemp("solid") / "solid.safetensors"
-    save_checkpoint(path, model.eval(), config)
-    return str(path)
+def solid_checkpoint(solid_pixel_checkpoint):
+    """Every point inside, a level camera (tests/conftest.py): the result is the mask's extrusion."""
+    return solid_pixel_checkpoint
 
 
 def ell_picture(size=200, alpha=True):

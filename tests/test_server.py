@@ -537,3 +537,28 @@ def test_preload_loads_models_before_the_first_request(tiny_checkpoints):
         assert "/no/such/model.safetensors" in h["message"]
     finally:
         c.close()
+
+
+def test_every_option_the_wire_carries_is_one_the_pipeline_parses():
+    """One definition of a request: the wire's option names are exactly ReconstructOptions'
+    (less batch_points, a server-side setting), and the add-on's defaults parse."""
+    from dataclasses import fields
+
+    from backend import wire
+    from backend.pipeline import ReconstructOptions
+
+    assert set(wire.RECONSTRUCT_OPTIONS) == {f.name for f in fields(ReconstructOptions)} - {"batch_points"}
+    assert ReconstructOptions.from_wire(wire.options_dict()) == ReconstructOptions()
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"resolution": 100}, "resolution"), ({"resolution": 8}, "resolution"), ({"threshold": 1.0}, "threshold"),
+    ({"max_faces": 2}, "face budget"), ({"device": "gpu0"}, "device"), ({"normals": "yes"}, "normals"),
+    ({"resolution": True}, "resolution"), ({"focal_length": 0.1}, "focal length"), ({"colour": 1}, "unknown"),
+])
+def test_options_that_the_pipeline_would_refuse_are_refused_by_the_server_up_front(options, message):
+    from backend.errors import OccnetError
+    from backend.pipeline import ReconstructOptions
+
+    with pytest.raises(OccnetError, match=message):
+        ReconstructOptions.from_wire(options)
