@@ -1,28 +1,50 @@
-"""Evaluation end to end: an oracle network (the analytic shape) scores near-perfectly, an empty
-prediction gets the defined worst case, and the CLI writes per-shape and per-class CSVs."""
+"""Evaluation end to end: meshes come from the user's pipeline (backend.pipeline.Reconstructor),
+an oracle network (the analytic shape) scores near-perfectly through it, an empty prediction gets
+the defined worst case, and the CLI writes per-shape and per-class CSVs for every kind of model."""
 
 import csv
 import json
 from argparse import Namespace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from backend import pipeline
 from backend.checkpoint import save_checkpoint
 from backend.models import build_model, preset
+from backend.pipeline import ReconstructOptions, Reconstructor
 from training.dataset import ShapeStore, read_split
 from training.evaluate import class_means, evaluate_shape, main
 from training.metrics import EMPTY_MESH_DISTANCE
 
-from helpers_data import make_prepared_dataset
+from helpers_data import HALF_EXTENT, make_prepared_dataset
+
+
+IMAGE_SIZE = 32
+CAMERA_DISTANCE = 20.0
+
+
+def far_front_camera() -> dict:
+    """cameras.npz arrays of a distant pinhole camera on +z looking down at the origin: nearly the
+    helpers' orthographic view 0 (along z, row 0 = +y), which viewer-centred evaluation needs."""
+    world_mat = np.eye(4)
+    world_mat[:3, :3] = np.diag([1.0, -1.0, -1.0])  # OpenCV axes: x right, y down, z forward
+    world_mat[2, 3] = CAMERA_DISTANCE
+    focal = IMAGE_SIZE / 2 * CAMERA_DISTANCE / HALF_EXTENT
+    camera_mat = np.array([[focal, 0.0, IMAGE_SIZE / 2], [0.0, focal, IMAGE_SIZE / 2], [0.0, 0.0, 1.0]])
+    return {"world_mat": world_mat[None], "camera_mat": camera_mat[None]}
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    return make_prepared_dataset(tmp_path_factory.mktemp("prepared_eval"), n_train=2, n_val=1, n_test=4,
-                                 points_per_shape=30000, views=1, image_size=32)
+    root = make_prepared_dataset(tmp_path_factory.mktemp("prepared_eval"), n_train=2, n_val=1, n_test=4,
+                                 points_per_shape=30000, views=1, image_size=IMAGE_SIZE)
+    for shape_id in read_split(root, "test"):
+        np.savez(root / shape_id / "cameras.npz", **far_front_camera())
+    return root
 
 
 class AnalyticShape(nn.Module):
@@ -49,21 +71,45 @@ class NothingInside(AnalyticShape):
         return torch.full(p.shape[:-1], -5.0)
 
 
+ORACLE_CONFIG = {"input": {"kind": "points", "num_points": 500, "noise": 0.0}}
+
+
+@pytest.fixture
+def oracle_pipeline(data_dir, monkeypatch):
+    """A Reconstructor whose checkpoint "<data_dir>/<shape id>" is that shape's analytic oracle
+    ("nothing" for one that finds nothing inside), recording the meshes it returns."""
+    def load_oracle(path, device="cpu"):
+        synthetic = json.loads((Path(path) / "shape.json").read_text())["synthetic"]
+        oracle = NothingInside if Path(path).name == "nothing" else AnalyticShape
+        return oracle(synthetic["kind"], synthetic["half"]), ORACLE_CONFIG, {}
+
+    monkeypatch.setattr(pipeline, "load_checkpoint", load_oracle)
+    reconstructor = Reconstructor("cpu")
+    reconstructor.returned = []
+    reconstruct_points = reconstructor.reconstruct_points
+
+    def recording(points, options):
+        reconstructor.returned.append(reconstruct_points(points, options))
+        return reconstructor.returned[-1]
+
+    reconstructor.reconstruct_points = recording
+    return reconstructor
+
+
 def eval_args(**kw):
-    base = dict(seed=0, noise=None, num_points=None, view=0, threshold=0.5, resolution=64,
-                surface_points=30000, fscore_threshold=0.01)
+    base = dict(seed=0, noise=None, num_points=None, view=0, threshold=0.5, surface_points=30000,
+                fscore_threshold=0.01)
     return Namespace(**{**base, **kw})
 
 
-def test_oracle_network_scores_near_perfect(data_dir):
+def test_oracle_network_scores_near_perfect_through_the_pipeline(data_dir, oracle_pipeline):
     store = ShapeStore(data_dir, read_split(data_dir, "test"), surface=True, normals=True)
-    config = {"input": {"kind": "points", "num_points": 500, "noise": 0.0}}
     rows = []
     for index in range(len(store)):
         shape = store.get(index)
-        synthetic = json.loads((data_dir / shape.shape_id / "shape.json").read_text())["synthetic"]
-        oracle = AnalyticShape(synthetic["kind"], synthetic["half"])
-        row = evaluate_shape(oracle, config, shape, index, eval_args(), torch.device("cpu"))
+        options = ReconstructOptions(checkpoint=str(data_dir / shape.shape_id), resolution=64, refine=False)
+        row = evaluate_shape(oracle_pipeline, options, "points", shape, index, eval_args())
+        assert row["faces"] == len(oracle_pipeline.returned[-1].faces)  # the pipeline's mesh is the one scored
         rows.append(row)
         assert row["iou"] > 0.998  # the oracle is the ground truth (up to float32 rounding at the boundary)
         assert row["chamfer_l1"] < 0.006 and row["chamfer_l1_x10"] == pytest.approx(10 * row["chamfer_l1"])
@@ -74,25 +120,42 @@ def test_oracle_network_scores_near_perfect(data_dir):
     assert summary["box"]["shapes"] == 2 and summary["mean (shapes)"]["iou"] > 0.998
 
 
-def test_empty_prediction_is_scored_worst_case(data_dir):
+def test_empty_prediction_is_scored_worst_case(data_dir, oracle_pipeline):
     store = ShapeStore(data_dir, read_split(data_dir, "test"), surface=True, normals=True)
-    config = {"input": {"kind": "points", "num_points": 100, "noise": 0.0}}
-    row = evaluate_shape(NothingInside("box", [0.5, 0.5, 0.5]), config, store.get(0), 0, eval_args(resolution=32),
-                         torch.device("cpu"))
+    nothing = data_dir / "nothing"
+    nothing.mkdir(exist_ok=True)
+    (nothing / "shape.json").write_text(json.dumps({"synthetic": {"kind": "box", "half": [0.5, 0.5, 0.5]}}))
+    options = ReconstructOptions(checkpoint=str(nothing), resolution=32, refine=False)
+    row = evaluate_shape(oracle_pipeline, options, "points", store.get(0), 0, eval_args())
     assert row["empty_mesh"] and row["faces"] == 0
     assert row["chamfer_l1"] == EMPTY_MESH_DISTANCE and row["fscore"] == 0.0
     assert row["iou"] == 0.0
 
 
-@pytest.mark.parametrize("kind", ["points", "image"])
-def test_cli_writes_per_shape_and_per_class_csv(data_dir, tmp_path, kind, capsys):
+@pytest.mark.parametrize("model, refine, method", [
+    ("tiny_points", False, "reconstruct_points"),
+    ("tiny_points", True, "reconstruct_points"),
+    ("tiny_image", False, "reconstruct_image"),
+    ("tiny_pixel_image", False, "reconstruct_image"),  # viewer-centred
+])
+def test_cli_writes_per_shape_and_per_class_csv(data_dir, tmp_path, monkeypatch, capsys, model, refine, method):
+    requests = []
+    reconstruct = getattr(Reconstructor, method)
+
+    def recording(self, observed, options):
+        requests.append(options)
+        return reconstruct(self, observed, options)
+
+    monkeypatch.setattr(Reconstructor, method, recording)
     torch.manual_seed(0)
-    cfg = preset("tiny_points" if kind == "points" else "tiny_image")
+    cfg = preset(model)
     ckpt = tmp_path / "model.safetensors"
     save_checkpoint(ckpt, build_model(cfg), cfg)
     out = tmp_path / "eval.csv"
     assert main([str(ckpt), str(data_dir), "--split", "test", "--resolution", "32", "--out", str(out),
-                 "--max-shapes", "2", "--surface-points", "5000", "--device", "cpu"]) == 0
+                 "--max-shapes", "2", "--surface-points", "5000", "--device", "cpu"] + ["--refine"] * refine) == 0
+    # Each shape's mesh came from the pipeline, refined only when asked.
+    assert [(o.checkpoint, o.resolution, o.refine) for o in requests] == [(str(ckpt), 32, refine)] * 2
     rows = list(csv.DictReader(open(out)))
     assert len(rows) == 2 and {"iou", "chamfer_l1", "chamfer_l1_x10", "normal_consistency", "fscore"} <= set(rows[0])
     for r in rows:
@@ -101,3 +164,8 @@ def test_cli_writes_per_shape_and_per_class_csv(data_dir, tmp_path, kind, capsys
     classes = list(csv.DictReader(open(tmp_path / "eval_classes.csv")))
     assert classes[-1]["class"] == "mean (shapes)"
     assert "chamfer_l1_x10" in capsys.readouterr().out
+
+
+def test_cli_names_a_bad_checkpoint_in_one_line(data_dir, tmp_path, capsys):
+    assert main([str(tmp_path / "missing.safetensors"), str(data_dir), "--device", "cpu"]) == 1
+    assert capsys.readouterr().err.strip() == f"error: checkpoint {tmp_path / 'missing.safetensors'} does not exist"

@@ -2,14 +2,18 @@
 
     python -m training.evaluate CHECKPOINT DATA_DIR --split test [--resolution 128] [--out CSV]
 
-Per shape: the input (point cloud: N surface points + Gaussian noise, in the canonical frame;
-image: one view on white) is encoded once, then
+Per shape, the input is what a user would give (point cloud: N surface points + Gaussian noise, in
+the canonical frame; image: one rendered view), and the mesh comes from the very pipeline users run
+(backend.pipeline.Reconstructor: a point cloud is normalised by its own bounding box, as a user's
+scan is; no test-time refinement unless --refine, so that the numbers measure the network):
   * iou: the network's occupancy (probability > threshold) at the uniform points of points.npz
-    against their ground truth;
-  * a mesh is extracted (backend.extraction: MISE + marching cubes), 100k points with face normals
-    are sampled on it and compared with the 100k points + normals of pointcloud.npz
-    (training.metrics.mesh_metrics: accuracy, completeness, Chamfer-L1 (raw and x10, the paper's
-    table scale), normal consistency, F-score at 1% of the unit cube).
+    against their ground truth, the input encoded in the canonical frame as in training;
+  * 100k points with face normals are sampled on the mesh and compared with the 100k points +
+    normals of pointcloud.npz (training.metrics.mesh_metrics: accuracy, completeness, Chamfer-L1
+    (raw and x10, the paper's table scale), normal consistency, F-score at 1% of the unit cube).
+Viewer-centred image models get the render's true focal length and are scored in the view's viewer
+frame (backend.camera): the ground truth is moved there, and iou compares the winding-number
+inside of the returned mesh with the ground truth at the uniform points.
 Results per shape go to --out (CSV), means per class to <out>_classes.csv, and a table is printed.
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import math
 import sys
 import time
@@ -25,31 +30,38 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from backend.checkpoint import load_checkpoint
-from backend.extraction import grid_to_mesh, mise
+from backend import camera
+from backend.checkpoint import read_header
+from backend.errors import OccnetError
+from backend.pipeline import RESOLUTIONS, ReconstructOptions, Reconstructor, probability_to_logit
 from backend.preprocess import image_to_model_input
+from backend.viewer import FULL_FRAME_DIAGONAL_MM
 
 from .dataset import ShapeArrays, ShapeStore, decode_view, read_split, sample_surface_input, split_by_renders
-from .metrics import mesh_metrics, occupancy_iou, sample_mesh_surface
+from .errors import TrainingError
+from .metrics import mesh_metrics, occupancy_iou, sample_mesh_surface, unit_normals
 
-QUERY_BOX = (-0.55, 0.55)
-COARSE_RESOLUTION = 32
 METRIC_COLUMNS = ("iou", "chamfer_l1", "chamfer_l1_x10", "normal_consistency", "fscore", "accuracy",
                   "completeness", "chamfer_l2", "precision", "recall")
 TABLE_COLUMNS = ("iou", "chamfer_l1_x10", "normal_consistency", "fscore")
 
 
-def logit(probability: float) -> float:
-    return math.log(probability / (1.0 - probability))
+def observation(kind: str, shape: ShapeArrays, rng: np.random.Generator, num_points: int, noise: float,
+                view: int) -> np.ndarray:
+    """What a user gives for the shape: points (N, 3) on its surface, or one rendered view (H, W, 4)."""
+    if kind == "points":
+        return sample_surface_input(shape.surface_points, num_points, noise, rng)
+    return decode_view(shape.views[view % len(shape.views)])
 
 
-def model_input(model, config: dict, shape: ShapeArrays, rng: np.random.Generator, num_points: int,
-                noise: float, view: int) -> torch.Tensor:
-    """The encoder's input for one shape, batch of one: (1, N, 3) points or (1, 3, S, S) image."""
+@torch.no_grad()
+def canonical_code(model, config: dict, observed: np.ndarray, device):
+    """The network's code for an observation in the shape's canonical frame, as in training."""
     if model.input_kind == "points":
-        return torch.from_numpy(sample_surface_input(shape.surface_points, num_points, noise, rng))[None]
-    rgba = decode_view(shape.views[view % len(shape.views)])
-    return torch.from_numpy(image_to_model_input(rgba, int(config["input"]["image_size"])))[None]
+        inputs = torch.from_numpy(observed)[None]
+    else:
+        inputs = torch.from_numpy(image_to_model_input(observed, int(config["input"]["image_size"])))[None]
+    return model.encode(inputs.to(device))
 
 
 @torch.no_grad()
@@ -62,38 +74,94 @@ def predict_occupancy_logits(model, code, points: np.ndarray, device, batch_poin
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
-@torch.no_grad()
-def extract_mesh(model, code, resolution: int, level: float, device, seed_points: torch.Tensor | None):
-    """MISE from 32^3 up to resolution^3, then marching cubes -> (vertices (V, 3), faces (F, 3)),
-    both possibly empty, in canonical coordinates."""
-    steps = int(round(math.log2(resolution / COARSE_RESOLUTION))) if resolution > COARSE_RESOLUTION else 0
-    grid = mise(lambda p: model.decode(p[None], code)[0].float(), min(resolution, COARSE_RESOLUTION), steps,
-                level=level, box=QUERY_BOX, seed_points=seed_points, device=device)
-    mesh = grid_to_mesh(grid.values, level, grid.box_min, grid.spacing)
-    return mesh.vertices, mesh.faces
+def mesh_or_empty(reconstruct) -> tuple[np.ndarray, np.ndarray]:
+    """(vertices, faces) from reconstruct(); empty when the network found no surface, which is
+    scored as the worst case rather than stopping the evaluation."""
+    try:
+        return reconstruct()
+    except OccnetError as error:
+        if error.code != "empty_mesh":
+            raise
+        return np.zeros((0, 3)), np.zeros((0, 3), np.int64)
 
 
-def evaluate_shape(model, config: dict, shape: ShapeArrays, index: int, args, device) -> dict:
-    """All metrics for one shape -> one CSV row."""
-    start = time.perf_counter()
-    rng = np.random.default_rng([args.seed, index])
-    noise = float(config["input"].get("noise", 0.0)) if args.noise is None else args.noise
-    num_points = int(config["input"].get("num_points", 3000)) if args.num_points is None else args.num_points
-    inputs = model_input(model, config, shape, rng, num_points, noise, args.view).to(device)
-    level = logit(args.threshold)
-    with torch.no_grad():
-        code = model.encode(inputs)
-    logits = predict_occupancy_logits(model, code, shape.uniform_points, device)
-    iou = occupancy_iou(logits > level, shape.uniform_occupancies)
-    seeds = inputs[0] if model.input_kind == "points" else None
-    vertices, faces = extract_mesh(model, code, args.resolution, level, device, seeds)
+def shape_row(shape: ShapeArrays, iou: float, vertices, faces, gt_points, gt_normals, input_points: int,
+              rng: np.random.Generator, args, start: float) -> dict:
+    """One CSV row: the mesh (vertices, faces) scored against the ground-truth surface samples."""
     pred_points, pred_normals = sample_mesh_surface(vertices, faces, args.surface_points, rng)
-    metrics = mesh_metrics(pred_points, pred_normals, shape.surface_points, shape.surface_normals, args.fscore_threshold)
+    metrics = mesh_metrics(pred_points, pred_normals, gt_points, gt_normals, args.fscore_threshold)
     row = {"shape_id": shape.shape_id, "class": shape.class_name, "iou": iou}
     row.update({k: metrics[k] for k in METRIC_COLUMNS if k != "iou"})
-    row.update({"empty_mesh": metrics["empty_mesh"], "faces": len(faces), "input_points": num_points if seeds is not None else 0,
+    row.update({"empty_mesh": metrics["empty_mesh"], "faces": len(faces), "input_points": input_points,
                 "seconds": round(time.perf_counter() - start, 3)})
     return row
+
+
+def evaluate_shape(reconstructor: Reconstructor, options: ReconstructOptions, kind: str, shape: ShapeArrays,
+                   index: int, args) -> dict:
+    """All metrics of a canonical model (input kind "points" or "image") for one shape -> one CSV row."""
+    start = time.perf_counter()
+    rng = np.random.default_rng([args.seed, index])
+    model, config, device = reconstructor.model_for(kind, options)
+    noise = float(config["input"].get("noise", 0.0)) if args.noise is None else args.noise
+    num_points = int(config["input"].get("num_points", 3000)) if args.num_points is None else args.num_points
+    observed = observation(kind, shape, rng, num_points, noise, args.view)
+    code = canonical_code(model, config, observed, device)
+    logits = predict_occupancy_logits(model, code, shape.uniform_points, device)
+    iou = occupancy_iou(logits > probability_to_logit(args.threshold), shape.uniform_occupancies)
+    reconstruct = reconstructor.reconstruct_points if kind == "points" else reconstructor.reconstruct_image
+
+    def mesh():
+        result = reconstruct(observed, options)
+        return result.vertices, result.faces
+
+    vertices, faces = mesh_or_empty(mesh)
+    return shape_row(shape, iou, vertices, faces, shape.surface_points, shape.surface_normals,
+                     num_points if kind == "points" else 0, rng, args, start)
+
+
+def focal_35mm(camera_mat: np.ndarray, height: int, width: int) -> float:
+    """The 35 mm equivalent focal length (diagonal convention) of intrinsics (3, 3) for an H x W image."""
+    return float(camera_mat[0, 0] * FULL_FRAME_DIAGONAL_MM / math.hypot(height, width))
+
+
+def viewer_ground_truth(alpha: np.ndarray, world_mat: np.ndarray, camera_mat: np.ndarray) -> np.ndarray:
+    """(4, 4) similarity from a shape's canonical frame to the viewer frame of a render with alpha
+    (H, W) and camera (4, 4), (3, 3): the frame a viewer-centred model predicts in for that picture."""
+    crop = camera.crop_camera(camera_mat, camera.crop_box(alpha > 0.5))
+    return camera.viewer_from_world(world_mat, crop)
+
+
+def to_output_inverse(result) -> np.ndarray:
+    """The returned mesh's vertices (V, 3) moved back into the viewer frame."""
+    transform = np.asarray(result.stats["viewer_to_output"], dtype=np.float64)
+    return (result.vertices.astype(np.float64) - transform[:3, 3]) @ transform[:3, :3]
+
+
+def evaluate_viewer_shape(reconstructor: Reconstructor, options: ReconstructOptions, shape: ShapeArrays,
+                          index: int, args) -> dict:
+    """All metrics of a viewer-centred image model for one shape's view -> one CSV row."""
+    from .meshprep import inside
+
+    start = time.perf_counter()
+    rng = np.random.default_rng([args.seed, index])
+    view = args.view % len(shape.views)
+    rgba = decode_view(shape.views[view])
+    world_mat, camera_mat = shape.world_mats[view], shape.camera_mats[view]
+    similarity = viewer_ground_truth(rgba[..., 3], world_mat, camera_mat)
+    gt_points = camera.transform_points(similarity, shape.surface_points.astype(np.float64))
+    gt_normals = unit_normals(shape.surface_normals.astype(np.float64) @ similarity[:3, :3].T)
+    queries = camera.transform_points(similarity, shape.uniform_points.astype(np.float64))
+    options = dataclasses.replace(options, focal_length=focal_35mm(camera_mat, *rgba.shape[:2]))
+
+    def mesh():
+        result = reconstructor.reconstruct_image(rgba, options)
+        return to_output_inverse(result), result.faces
+
+    vertices, faces = mesh_or_empty(mesh)
+    predicted_inside = inside(vertices, faces.astype(np.int64), queries) if len(faces) else np.zeros(len(queries), bool)
+    iou = occupancy_iou(predicted_inside, shape.uniform_occupancies)
+    return shape_row(shape, iou, vertices, faces, gt_points, gt_normals, 0, rng, args, start)
 
 
 def class_means(rows: list[dict]) -> list[dict]:
@@ -143,7 +211,8 @@ def parse_args(argv=None):
     p.add_argument("checkpoint")
     p.add_argument("data_dir")
     p.add_argument("--split", default="test")
-    p.add_argument("--resolution", type=int, default=128, help="final marching-cubes grid (MISE from 32)")
+    p.add_argument("--resolution", type=int, default=128, choices=RESOLUTIONS,
+                   help="final marching-cubes grid (MISE from 32)")
     p.add_argument("--out", help="per-shape CSV (per-class means go to <out>_classes.csv)")
     p.add_argument("--threshold", type=float, default=0.5, help="occupancy probability of the surface")
     p.add_argument("--num-points", type=int, help="input points (default: the checkpoint's input.num_points)")
@@ -154,35 +223,48 @@ def parse_args(argv=None):
     p.add_argument("--max-shapes", type=int, help="evaluate only the first K shapes of the split")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--refine", action="store_true",
+                   help="point clouds: the pipeline's test-time refinement onto the input points, as users get it")
     args = p.parse_args(argv)
     if not 0.0 < args.threshold < 1.0:
         p.error("--threshold must lie strictly between 0 and 1")
-    if args.resolution < COARSE_RESOLUTION and args.resolution not in (16, 8):
-        p.error("--resolution must be 8, 16, or 32 * 2**k")
     return args
+
+
+def evaluate_split(args) -> list[dict]:
+    """One row per shape of the split, each reconstructed by the pipeline from the checkpoint."""
+    config, _ = read_header(args.checkpoint)
+    kind, frame = config["input"]["kind"], config["input"].get("frame", "canonical")
+    ids = read_split(Path(args.data_dir), args.split)
+    if kind == "image":
+        ids, bare = split_by_renders(args.data_dir, ids)
+        if bare:
+            print(f"left out {len(bare)} shapes without rendered views", file=sys.stderr)
+    ids = ids[: args.max_shapes] if args.max_shapes else ids
+    if not ids:
+        raise TrainingError(f"no shapes in split {args.split!r} of {args.data_dir}")
+    reconstructor = Reconstructor(args.device)
+    options = ReconstructOptions(checkpoint=args.checkpoint, resolution=args.resolution, threshold=args.threshold,
+                                 refine=args.refine)
+    store = ShapeStore(args.data_dir, ids, surface=True, normals=True, images=kind == "image")
+    rows = []
+    from tqdm import tqdm
+    for index in tqdm(range(len(store)), desc=f"evaluating {args.split}", unit="shape", dynamic_ncols=True):
+        if frame == "viewer":
+            rows.append(evaluate_viewer_shape(reconstructor, options, store.get(index), index, args))
+        else:
+            rows.append(evaluate_shape(reconstructor, options, kind, store.get(index), index, args))
+        store.forget(index)  # one shape at a time: the test split need not fit in memory
+    return rows
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    model, config, _ = load_checkpoint(args.checkpoint, device)
-    ids = read_split(Path(args.data_dir), args.split)
-    if model.input_kind == "image":
-        ids, bare = split_by_renders(args.data_dir, ids)
-        if bare:
-            print(f"left out {len(bare)} shapes without rendered views", file=sys.stderr)
-    if args.max_shapes:
-        ids = ids[: args.max_shapes]
-    if not ids:
-        print(f"no shapes in split {args.split!r} of {args.data_dir}", file=sys.stderr)
+    try:
+        rows = evaluate_split(args)
+    except (TrainingError, OccnetError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
         return 1
-    store = ShapeStore(args.data_dir, ids, surface=True, normals=True, images=model.input_kind == "image")
-    rows = []
-    from tqdm import tqdm
-    for index in tqdm(range(len(store)), desc=f"evaluating {args.split}", unit="shape", dynamic_ncols=True):
-        rows.append(evaluate_shape(model, config, store.get(index), index, args, device))
-        store.forget(index)  # one shape at a time: the test split need not fit in memory
     summary = class_means(rows)
     print(format_table(summary))
     print("chamfer_l1_x10 is Chamfer-L1 x 10 (the Occupancy Networks paper's table scale); "
