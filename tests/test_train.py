@@ -264,6 +264,7 @@ def test_killed_at_any_point_resumes_where_it_stopped_and_ends_bit_identical(dat
     assert 0 < killed_at < RESUME_STEPS
 
     trainer = Trainer(load_config(cfg_path), resume=True, command="pytest")
+    assert not list(out.glob(".*.tmp"))  # a write cut short leaves no orphan once resumed
     steps_taken, train_step = [], trainer.train_step
 
     def counted_train_step(item, step):

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 
-from backend.atomic import atomic_write
+from backend.atomic import TEMP_SUFFIX, atomic_write
 from backend.checkpoint import load_checkpoint, save_checkpoint
 from backend.errors import OccnetError
 from backend.models import build_model, preset, validate_config
@@ -77,6 +77,8 @@ DEFAULTS = {
     "progress": True,
 }
 OPTIMIZERS = ("adam", "adamw", "sgd")
+# Files of out_dir written through atomic_write.
+ATOMIC_OUTPUTS = ("state.safetensors", "model_last.safetensors", "model_best.safetensors", "log.csv")
 DECAYS = ("constant", "cosine", "step")
 
 
@@ -289,6 +291,14 @@ def keep_log_rows_before(path: Path, epoch: int) -> None:
         atomic_write(path, lambda temp: write_log_rows(temp, reader.fieldnames, kept))
 
 
+def remove_orphan_temporaries(out: Path) -> None:
+    """A run killed while writing an output leaves atomic_write's temporary file beside it (as
+    large as a checkpoint); the resumed run, the folder's only writer, removes them."""
+    for name in ATOMIC_OUTPUTS:
+        for temp in out.glob(f".{name}.*{TEMP_SUFFIX}"):
+            temp.unlink(missing_ok=True)
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -356,6 +366,7 @@ class Trainer:
                 if self.scaler is not None and scaler_state:
                     self.scaler.load_state_dict(scaler_state)
                 if self.dist.is_main:
+                    remove_orphan_temporaries(self.out)
                     keep_log_rows_before(self.out / "log.csv", self.progress["epoch"])
                 self.log(f"resumed from {self.state_path}: epoch {self.progress['epoch']}, "
                          f"batch {self.progress['batch']}, step {self.progress['step']}")
