@@ -6,6 +6,9 @@ CONFIG is a JSON file (see training/configs/). Outputs, in the config's out_dir:
   state.safetensors        everything --resume needs (weights, optimizer, RNG, progress); no pickles
   log.csv                  one row per epoch;   tb/  TensorBoard scalars when tensorboard is installed
 Multi-GPU / multi-node: `torchrun --nproc_per_node=K -m training.train CONFIG` (only rank 0 writes).
+A problem a person must fix (a bad configuration, no shapes, init_weights of another architecture,
+a full disk) ends the run with one line `error: ...` and exit code 1; every output is written
+atomically, so a failed write or a kill keeps the previous file, and --resume goes on from there.
 
 Loss (Occupancy Networks): binary cross-entropy with logits on the sampled query points, summed over
 the points of a shape and averaged over the shapes of the batch.
