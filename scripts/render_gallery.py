@@ -1,36 +1,56 @@
-"""Pictures for the README: input image | reconstruction | ground truth, rendered with Blender.
+"""Pictures for the README, rendered with Blender: input | result from the front | result from the
+side | ground truth from the front | ground truth from the side.
 
-    python scripts/render_gallery.py DATA_DIR OUT.png [--checkpoint PATH] [--count 6] [--resolution 128]
+    python scripts/render_gallery.py DATA_DIR OUT.png [--checkpoint PATH] [--count 8] [--resolution 128]
+        [--classic-renders out/bench_image] [--classic ../shared/data/meshes/classic] [--exclude-from CONFIG]
 
-Takes test-split shapes of DATA_DIR (prepared by training.prepare, with renders), one per class
-while classes last, reconstructs each from its first rendered view with the single-image model,
-and renders prediction and ground truth from that same camera (the model predicts in the shape's
-canonical frame, which is the frame the cameras are given in).
+Rows: test-split shapes of DATA_DIR (one per class while classes last), each from its first
+rendered view; then the benchmark's Cycles renders of classic meshes (bench/image.py makes them);
+then one of those composited on a plain background without alpha, so the mask is estimated.
+"Front" is Blender's Front view of the returned mesh (the picture's own view); "side" is the Right
+view. The ground truth is moved into the same frame (the view's viewer frame, then the result's
+viewer_to_output), so both columns compare like with like.
 """
 
 import argparse
-import tempfile
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 TILE = 256
+CLASSIC_ROWS = (("spot", 0), ("stanford-bunny", 3), ("teapot", 1), ("cow", 2))
+PHOTO_ROW = ("beetle", 0)
+
+
+def view_matrix(vertices: np.ndarray, direction: np.ndarray) -> np.ndarray:
+    """(4, 4) world->camera (OpenCV) of Blender's 50 mm camera looking along direction (3,) at the
+    bounding box of vertices (V, 3), far enough for the whole box to fit."""
+    from backend import camera
+
+    low, high = vertices.min(axis=0), vertices.max(axis=0)
+    centre, radius = (low + high) / 2, float(np.linalg.norm(high - low)) / 2
+    distance = camera.fitting_distance(50.0 / 36.0, radius=max(radius, 1e-3))
+    return camera.look_at(centre - distance * direction / np.linalg.norm(direction), centre)
 
 
 def render_tile(renderer, vertices, faces, world_mat, path: Path) -> Image.Image:
     from mathutils import Matrix
 
-    from training.render import BLENDER_FROM_OPENCV
+    from backend.camera import BLENDER_FROM_OPENCV
 
     renderer.set_mesh(np.asarray(vertices, np.float32), np.asarray(faces, np.int32))
     shading = renderer.scene.display.shading
+    shading.light, shading.color_type = "STUDIO", "SINGLE"
     shading.single_color = (0.75, 0.75, 0.78)
-    shading.show_cavity = True
+    shading.show_cavity, shading.show_shadows, shading.show_specular_highlight = True, False, True
+    renderer.camera.data.lens = 50.0
     renderer.camera.matrix_world = Matrix(np.linalg.inv(BLENDER_FROM_OPENCV @ world_mat).tolist())
     renderer.scene.render.filepath = str(path)
     renderer.bpy.ops.render.render(write_still=True)
@@ -57,9 +77,31 @@ def pick_shapes(data_dir: Path, count: int, exclude: set) -> list[str]:
     return picked
 
 
+def row_tiles(renderer, reconstructor, options, rgba, gt_vertices, gt_faces, similarity, name, work):
+    """The five tiles of one row; gt_vertices (canonical) go through similarity into the viewer frame."""
+    from backend import camera
+
+    result = reconstructor.reconstruct_image(rgba, options)
+    to_output = np.asarray(result.stats["viewer_to_output"])
+    gt_output = camera.transform_points(to_output @ similarity, gt_vertices)
+    both = np.concatenate([result.vertices, gt_output])
+    front, side = view_matrix(both, np.array([0.0, 1.0, 0.0])), view_matrix(both, np.array([-1.0, 0.0, 0.0]))
+    shown = Image.fromarray((np.clip(rgba, 0, 1) * 255).astype(np.uint8))
+    tiles = [on_white(shown)]
+    for label, (vertices, faces) in (("pred", (result.vertices, result.faces)), ("gt", (gt_output, gt_faces))):
+        tiles.append(render_tile(renderer, vertices, faces, front, work / f"{name}_{label}_front.png"))
+        tiles.append(render_tile(renderer, vertices, faces, side, work / f"{name}_{label}_side.png"))
+    print(f"{name}: {result.stats['faces']} faces, mask {result.stats['mask_source']}, "
+          f"elevation {result.stats['elevation_deg']} deg", flush=True)
+    return tiles
+
+
 def main(argv=None) -> int:
-    from backend.pipeline import Reconstructor, ReconstructOptions
+    import importlib.util
+
     from backend.inputs import load_image
+    from backend.pipeline import ReconstructOptions, Reconstructor
+    from training.evaluate import focal_35mm, viewer_ground_truth
     from training.meshprep import apply_normalisation, load_mesh
     from training.render import BlenderRenderer
 
@@ -67,35 +109,54 @@ def main(argv=None) -> int:
     parser.add_argument("data_dir", type=Path)
     parser.add_argument("out", type=Path)
     parser.add_argument("--checkpoint")
-    parser.add_argument("--count", type=int, default=6)
+    parser.add_argument("--count", type=int, default=8)
     parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--classic-renders", type=Path, default=ROOT / "out" / "bench_image")
+    parser.add_argument("--classic", type=Path, default=ROOT.parent / "shared" / "data" / "meshes" / "classic")
     parser.add_argument("--exclude-from", type=Path, help="a training config whose exclude_shapes to skip")
     args = parser.parse_args(argv)
     exclude = set(json.loads(args.exclude_from.read_text()).get("exclude_shapes", [])) if args.exclude_from else set()
     reconstructor = Reconstructor("cpu")
     renderer = BlenderRenderer(TILE)
-    rows = []
     work = Path(tempfile.mkdtemp(prefix="occnet_gallery_"))  # Blender renders to files
+    rows = []
     for shape_id in pick_shapes(args.data_dir, args.count, exclude):
         shape_dir = args.data_dir / shape_id
         info = json.loads((shape_dir / "shape.json").read_text())
-        world_mat = np.load(shape_dir / "cameras.npz")["world_mat"][0]
-        image_path = shape_dir / "images" / "000.png"
-        result = reconstructor.reconstruct_image(load_image(image_path), ReconstructOptions(
-            checkpoint=args.checkpoint, resolution=args.resolution))
+        with np.load(shape_dir / "cameras.npz") as cameras:
+            world_mat, camera_mat = cameras["world_mat"][0].astype(np.float64), cameras["camera_mat"][0].astype(np.float64)
+        rgba = load_image(shape_dir / "images" / "000.png")
+        options = ReconstructOptions(checkpoint=args.checkpoint, resolution=args.resolution,
+                                     focal_length=focal_35mm(camera_mat, *rgba.shape[:2]))
         gt_vertices, gt_faces = load_mesh(info["source"])
         gt_vertices = apply_normalisation(gt_vertices, np.array(info["center"]), info["scale"])
-        tiles = [on_white(Image.open(image_path)),
-                 render_tile(renderer, result.vertices, result.faces, world_mat, work / f"{shape_id}_pred.png"),
-                 render_tile(renderer, gt_vertices, gt_faces, world_mat, work / f"{shape_id}_gt.png")]
-        rows.append(tiles)
-        print(f"{shape_id} ({info['class']}): {result.stats['faces']} faces", flush=True)
-    sheet = Image.new("RGB", (3 * TILE, len(rows) * TILE), "white")
+        similarity = viewer_ground_truth(rgba[..., 3], world_mat, camera_mat)
+        rows.append(row_tiles(renderer, reconstructor, options, rgba, gt_vertices, gt_faces, similarity, shape_id, work))
+    spec = importlib.util.spec_from_file_location("bench_image", ROOT / "bench" / "image.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    world_mats, camera_mats = bench.view_cameras(bench.IMAGE_SIZE)
+    options = ReconstructOptions(checkpoint=args.checkpoint, resolution=args.resolution)
+    for (name, view), photo in [(row, False) for row in CLASSIC_ROWS] + [(PHOTO_ROW, True)]:
+        path = args.classic_renders / f"{name}_{view}.png"
+        if not path.is_file():
+            print(f"skipped {name}: {path} missing (run bench/image.py first)", file=sys.stderr)
+            continue
+        rgba = load_image(path)
+        similarity = viewer_ground_truth(rgba[..., 3], world_mats[view], camera_mats[view])
+        if photo:  # the same picture without transparency, on a plain light background
+            background = np.array([0.86, 0.84, 0.8], np.float32)
+            rgb = rgba[..., :3] * rgba[..., 3:4] + background * (1 - rgba[..., 3:4])
+            rgba = np.concatenate([rgb, np.ones_like(rgba[..., :1])], axis=-1)
+        gt_vertices, gt_faces = bench.load_normalised(str(args.classic / f"{name}.obj"))
+        rows.append(row_tiles(renderer, reconstructor, options, rgba, gt_vertices, gt_faces, similarity,
+                              f"{name}_{view}{'_photo' if photo else ''}", work))
+    sheet = Image.new("RGB", (5 * TILE, len(rows) * TILE), "white")
     for r, tiles in enumerate(rows):
         for c, tile in enumerate(tiles):
             sheet.paste(tile, (c * TILE, r * TILE))
     sheet.save(args.out)
-    print(f"wrote {args.out} (columns: input image, reconstruction, ground truth)")
+    print(f"wrote {args.out} (columns: input, result front, result side, truth front, truth side)")
     return 0
 
 
