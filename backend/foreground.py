@@ -1,19 +1,32 @@
 """The object's mask for an image model: from the alpha channel, a mask the user gives, or an
-automatic estimate for a picture of an object on a plain or gradient background.
+automatic estimate.
 
-The estimate models the background as a colour that varies linearly across the picture, fitted
-to the border pixels (where the object is assumed not to be), and calls foreground every pixel
-that is clearly not explained by that model. It says how far to trust it: `confidence` is low when
-the border itself is not explained (a busy background, an object touching the frame) or when the
-object barely differs from the background.
+Two estimates, each with a confidence:
+* the background model: the background is a colour that varies linearly across the picture,
+  fitted to the border pixels (where the object is assumed not to be); foreground is every pixel
+  clearly not explained by it. Exact on plain and gradient backdrops; `confidence` is low when the
+  border itself is not explained (a busy background, an object touching the frame) or when the
+  object barely differs from the background.
+* a salient-object network, U-2-Net-P (backend/weights/u2netp.onnx, Apache-2.0, run by
+  onnxruntime when it is installed: the `foreground` extra): for photos whose background is not
+  plain. Its confidence is how decided its per-pixel answers are.
+The background model is used when it is confident; otherwise the more confident of the two.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+
+SALIENCY_MODEL = Path(__file__).resolve().parent / "weights" / "u2netp.onnx"
+SALIENCY_SIZE = 320
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+# The background model is trusted without a second opinion from this confidence on.
+TRUSTED_CONFIDENCE = 0.6
 
 # Width of the border band that defines the background, as a fraction of the shorter side.
 BORDER_FRACTION = 0.03
@@ -28,8 +41,9 @@ MIN_PIECE_FRACTION = 0.05
 
 @dataclass(frozen=True)
 class Mask:
-    """mask (H, W) bool; source: "alpha", "user" or "estimate"; confidence in [0, 1] (1 for
-    alpha and user masks); touches_border: the object runs off the picture (it is cut off)."""
+    """mask (H, W) bool; source: "alpha", "user", "estimate" (background model) or "saliency"
+    (U-2-Net-P); confidence in [0, 1] (1 for alpha and user masks); touches_border: the object
+    runs off the picture (it is cut off)."""
     mask: np.ndarray
     source: str
     confidence: float
@@ -89,6 +103,58 @@ def touches_border(mask: np.ndarray) -> bool:
     return bool(mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
 
 
+_SALIENCY_SESSION = None
+
+
+def saliency_session():
+    """The U-2-Net-P onnxruntime session, made once; None when onnxruntime or the model file (not
+    bundled with the Blender add-on) is missing."""
+    global _SALIENCY_SESSION
+    if _SALIENCY_SESSION is None:
+        if not SALIENCY_MODEL.is_file():
+            return None
+        try:
+            import onnxruntime
+        except ImportError:
+            return None
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3
+        _SALIENCY_SESSION = onnxruntime.InferenceSession(str(SALIENCY_MODEL), options,
+                                                         providers=["CPUExecutionProvider"])
+    return _SALIENCY_SESSION
+
+
+def salient_foreground(rgb: np.ndarray) -> Mask | None:
+    """rgb (H, W, 3) float in [0, 1] -> U-2-Net-P's object mask, or None without onnxruntime.
+    Input: RGB at 320 x 320, ImageNet mean/std; the first output, min-max normalised, is the
+    saliency, resized back and thresholded at 0.5."""
+    from PIL import Image
+
+    session = saliency_session()
+    if session is None:
+        return None
+    small = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(rgb[..., k], np.float32))
+                                 .resize((SALIENCY_SIZE, SALIENCY_SIZE), Image.Resampling.BILINEAR)) for k in range(3)], -1)
+    batch = ((small - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)[None].astype(np.float32)
+    saliency = session.run(None, {session.get_inputs()[0].name: batch})[0][0, 0]
+    saliency = (saliency - saliency.min()) / max(float(saliency.max() - saliency.min()), 1e-6)
+    full = np.asarray(Image.fromarray(saliency.astype(np.float32)).resize((rgb.shape[1], rgb.shape[0]),
+                                                                          Image.Resampling.BILINEAR))
+    mask = clean_mask(full > 0.5)
+    confidence = float(np.mean(np.abs(2.0 * full - 1.0))) if mask.any() else 0.0
+    return Mask(mask, "saliency", confidence, touches_border(mask))
+
+
+def estimate_object(rgb: np.ndarray) -> Mask:
+    """The better automatic estimate for rgb (H, W, 3): the background model when it is trusted,
+    else whichever of it and the salient-object network is more confident."""
+    background = estimate_foreground(rgb)
+    if background.confidence >= TRUSTED_CONFIDENCE:
+        return background
+    salient = salient_foreground(rgb)
+    return salient if salient is not None and salient.confidence > background.confidence else background
+
+
 def object_mask(rgba: np.ndarray, user_mask: np.ndarray | None = None) -> Mask:
     """The mask of the object in rgba (H, W, 4) float in [0, 1]: the user's mask (H, W) if given,
     else the alpha channel if it holds any transparency, else the automatic estimate.
@@ -103,4 +169,4 @@ def object_mask(rgba: np.ndarray, user_mask: np.ndarray | None = None) -> Mask:
     if (alpha < 0.99).any():
         mask = alpha > 0.5
         return Mask(mask, "alpha", 1.0, touches_border(mask))
-    return estimate_foreground(rgba[..., :3])
+    return estimate_object(rgba[..., :3])

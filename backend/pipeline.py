@@ -228,8 +228,9 @@ class Reconstructor:
         warnings = []
         if found.touches_border:
             warnings.append("the object touches the picture's border: it is cut off there, and so is the result")
-        if found.source == "estimate":
-            warnings.append(f"the picture has no transparency: the object's mask was estimated from the background "
+        if found.source in ("estimate", "saliency"):
+            how = "from the background" if found.source == "estimate" else "by a salient-object network"
+            warnings.append(f"the picture has no transparency: the object's mask was estimated {how} "
                             f"(confidence {found.confidence:.2f}); give a mask if the outline is wrong")
         result.stats.update(evaluations=evaluations, image_size=[height, width], mask_source=found.source,
                             mask_confidence=round(found.confidence, 3), cut_off=found.touches_border,

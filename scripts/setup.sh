@@ -11,8 +11,8 @@ PYTHON=${PYTHON:-python3}
 extras="mesh"
 for arg in "$@"; do
   case "$arg" in
-    --test) extras="$extras,test,training" ;;
-    --bench) extras="$extras,test,training,bench" ;;
+    --test) extras="$extras,test,training,foreground" ;;
+    --bench) extras="$extras,test,training,foreground,bench" ;;
     *) echo "setup.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done

@@ -66,3 +66,22 @@ def test_a_user_mask_of_the_wrong_size_is_refused():
     rgba = np.concatenate([picture, np.ones(picture.shape[:2] + (1,))], axis=-1)
     with pytest.raises(ValueError, match="must match"):
         object_mask(rgba, np.ones((10, 10)))
+
+
+def test_a_photo_on_a_busy_background_gets_its_mask_from_the_salient_object_network():
+    """A bright object on a busy photo: the background model gives up (low confidence), U-2-Net-P
+    (if onnxruntime is installed, as the test extra installs it) finds the object."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime (the foreground extra) is not installed")
+    import skimage.data
+
+    from backend.foreground import estimate_object
+
+    gravel = skimage.data.gravel()[::2, ::2].astype(float) / 255.0         # 256 x 256, busy, no object
+    photo = np.stack([gravel * 0.9, gravel * 0.8, gravel * 0.7], axis=-1)
+    rows, cols = np.mgrid[0:256, 0:256]
+    truth = (rows - 140) ** 2 / 60 ** 2 + (cols - 128) ** 2 / 45 ** 2 < 1.0
+    shade = (0.6 + 0.4 * (1 - (rows - 80) / 120)).clip(0.3, 1.0)
+    photo[truth] = np.stack([0.95 * shade, 0.8 * shade, 0.1 * shade], -1)[truth]
+    found = estimate_object(photo)
+    assert found.source == "saliency", found
+    assert iou(found.mask, truth) > 0.8
