@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m backend", description="Occupancy-network reconstruction.")
     sub = parser.add_subparsers(dest="command", required=True)
     rec = sub.add_parser("reconstruct", help="image or point cloud -> mesh file")
-    rec.add_argument("input", help="point cloud (.ply .obj .off .xyz .txt .pts .csv .npy .npz) or image (.png .jpg ...)")
+    rec.add_argument("input", help="point cloud (.ply .las .laz .e57 .pcd .xyz .txt .pts .csv .npy .npz .obj .off) "
+                                      "or image (.png .jpg ...)")
     rec.add_argument("-o", "--output", required=True, help="mesh file: .obj .ply .glb .stl .off")
     rec.add_argument("--checkpoint", help="model checkpoint (.safetensors); default: the shipped model for the input")
     rec.add_argument("--resolution", type=int, default=128, choices=(32, 64, 128, 256, 512))
@@ -60,9 +61,10 @@ def require_decimation(faces: int | None) -> None:
 def reconstruct_command(args) -> int:
     from tqdm import tqdm
 
-    from .inputs import exif_focal_35mm, input_kind, load_image, load_mask, load_points
+    from .inputs import exif_focal_35mm, input_kind, load_image, load_mask
     from .mesh_io import check_output_path, save_mesh
     from .pipeline import Reconstructor, ReconstructOptions
+    from .pointclouds import load_point_cloud
 
     start = time.perf_counter()
     options = ReconstructOptions(checkpoint=args.checkpoint, resolution=args.resolution, threshold=args.threshold,
@@ -71,9 +73,13 @@ def reconstruct_command(args) -> int:
     require_decimation(args.faces)
     check_output_path(args.output)
     kind = input_kind(args.input)
-    data = load_points(args.input) if kind == "points" else load_image(args.input)
     extra = {}
-    if kind == "image":
+    if kind == "points":
+        cloud = load_point_cloud(args.input)
+        data = cloud.points
+        extra.update(colors=cloud.colors, normals=cloud.normals)
+    else:
+        data = load_image(args.input)
         options.focal_length = args.focal_length or exif_focal_35mm(args.input)
         options.validate()
         extra["mask"] = load_mask(args.mask) if args.mask else None

@@ -4,25 +4,16 @@ Every failure is an InputError naming the file and the problem; a damaged or hos
 escapes as another exception, and memory stays bounded by the limits below.
 """
 
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from .errors import InputError
+from .pointclouds import (MAX_COORDINATE, POINT_SUFFIXES, PointCloud, load_point_cloud, quiet_decoding,  # noqa: F401
+                          require_file, validate_points)
 
-TEXT_POINT_SUFFIXES = (".xyz", ".txt", ".pts", ".csv")
-POINT_SUFFIXES = (".ply", ".obj", ".off", *TEXT_POINT_SUFFIXES, ".npy", ".npz")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
-# Coordinates beyond this magnitude are refused: the mesh is extracted in a box padded around the
-# cloud, and mapped back to the cloud's units its vertices must still be finite 32-bit floats
-# (float32 ends at 3.4e38).
-MAX_COORDINATE = 1e37
-# A compressed .npz may expand to at most this many bytes (about 90 million float64 points): a
-# small file of compressed zeros must not fill the memory. Plain .npy files are bounded by their size.
-MAX_NPZ_BYTES = 2 * 2**30
 # Images are reduced on reading to at most this many pixels per side. The image model looks at
 # 128-224 pixels, so nothing is lost, and memory stays bounded whatever the file.
 MAX_IMAGE_SIDE = 2048
@@ -36,17 +27,6 @@ GREY_FULL_SCALE = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N":
 ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
 
 
-@contextmanager
-def quiet_decoding():
-    """Silence warnings while a third-party parser reads a file. Their remarks on damaged files
-    (Pillow's "Tag data larger than file", numpy deprecations inside trimesh, Pillow's
-    decompression-bomb warning, which MAX_DECODED_PIXELS replaces) would break the promise of one
-    `error:` line; a real problem raises, and becomes an InputError."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
 def input_kind(path) -> str:
     """'points' or 'image' from a file's extension."""
     suffix = Path(path).suffix.lower()
@@ -58,128 +38,9 @@ def input_kind(path) -> str:
                      f"{' '.join(POINT_SUFFIXES)}; images: {' '.join(IMAGE_SUFFIXES)}")
 
 
-def require_file(path: Path) -> None:
-    if path.is_dir():
-        raise InputError(f"{path}: is a folder, not a file")
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if not path.is_file():
-        raise InputError(f"{path}: is not a regular file")
-
-
-def validate_points(points, source: str = "input") -> np.ndarray:
-    """Any array-like -> (N, 3) float32 with finite values of a safe magnitude, or InputError
-    naming the problem. Columns after the third (colours, normals) are dropped."""
-    try:
-        arr = np.asarray(points)
-    except (ValueError, TypeError) as exc:  # ragged nested lists
-        raise InputError(f"{source}: expected an (N, 3) array of points ({exc})") from exc
-    if arr.ndim != 2 or arr.shape[1] < 3:
-        raise InputError(f"{source}: expected an (N, 3) array of points, got shape {arr.shape}")
-    if arr.dtype.kind not in "iuf":
-        raise InputError(f"{source}: point coordinates must be real numbers, got {arr.dtype}")
-    xyz = arr[:, :3]
-    if len(xyz) == 0:
-        raise InputError(f"{source}: the point cloud is empty")
-    bad = ~np.isfinite(xyz).all(axis=1)
-    if bad.any():
-        raise InputError(f"{source}: {int(bad.sum())} of {len(xyz)} points have NaN or infinite coordinates")
-    largest = max(abs(float(xyz.min())), abs(float(xyz.max())))
-    if largest > MAX_COORDINATE:
-        raise InputError(f"{source}: coordinates reach {largest:.3g}, beyond the supported +-{MAX_COORDINATE:.0e} "
-                         f"(a mesh around them would overflow 32-bit floats); scale the points down")
-    xyz = xyz.astype(np.float32)
-    if len(xyz) < 3 or float(np.ptp(xyz, axis=0).max()) == 0.0:
-        raise InputError(f"{source}: the points span no volume ({len(xyz)} points, all at one place)")
-    return xyz
-
-
-def is_number(token: str) -> bool:
-    try:
-        float(token)
-    except ValueError:
-        return False
-    return True
-
-
-def text_layout(path: Path) -> tuple[int, str | None]:
-    """(lines to skip, delimiter) of a text point cloud, from its first line that is not blank
-    or a # comment. That line is skipped when it is a column header (no numbers: "x,y,z") or
-    a .pts point count (a single whole number). Commas separate columns if that line has any."""
-    with open(path, encoding="utf-8-sig") as f:
-        for index, line in enumerate(f):
-            content = line.strip()
-            if not content or content.startswith("#"):
-                continue
-            delimiter = "," if "," in content else None
-            tokens = [t.strip() for t in content.split(delimiter)]
-            is_header = not any(is_number(t) for t in tokens)
-            is_count = len(tokens) == 1 and tokens[0].isdigit()
-            return (index + 1 if is_header or is_count else index), delimiter
-    raise InputError(f"{path}: expected lines of at least three numbers (x y z), found none")
-
-
-def load_text_points(path: Path) -> np.ndarray:
-    """(N, 3) float64 from lines "x y z [more columns]", separated by spaces, tabs or commas.
-    numpy's C parser streams the file: no per-line Python work, memory about the result's size."""
-    skip, delimiter = text_layout(path)
-    arr = np.loadtxt(path, dtype=np.float64, comments="#", delimiter=delimiter, skiprows=skip,
-                     usecols=(0, 1, 2), ndmin=2, encoding="utf-8-sig")
-    if len(arr) == 0:
-        raise InputError(f"{path}: expected lines of at least three numbers (x y z), found none")
-    return arr
-
-
-def load_array_points(path: Path) -> np.ndarray:
-    data = np.load(path, allow_pickle=False)
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        return data
-    with data:
-        if not data.files:
-            raise InputError(f"{path}: the .npz file holds no arrays")
-        expanded = sum(member.file_size for member in data.zip.infolist())
-        if expanded > MAX_NPZ_BYTES:
-            raise InputError(f"{path}: the .npz file expands to {expanded / 2**30:.1f} GiB, more than the "
-                             f"{MAX_NPZ_BYTES / 2**30:.0f} GiB this program reads")
-        return data["points" if "points" in data.files else data.files[0]]
-
-
-def load_mesh_vertices(path: Path) -> np.ndarray:
-    import trimesh
-
-    loaded = trimesh.load(path, process=False)
-    if hasattr(loaded, "geometry"):  # a scene: all its geometry's vertices
-        parts = [g.vertices for g in loaded.geometry.values() if hasattr(g, "vertices")]
-        return np.concatenate(parts) if parts else np.zeros((0, 3))
-    vertices = getattr(loaded, "vertices", None)
-    if vertices is None:
-        raise InputError(f"{path}: holds no vertices")
-    return vertices
-
-
-POINT_READERS = {
-    **{suffix: load_text_points for suffix in TEXT_POINT_SUFFIXES},
-    ".npy": load_array_points, ".npz": load_array_points,
-    ".ply": load_mesh_vertices, ".obj": load_mesh_vertices, ".off": load_mesh_vertices,
-}
-
-
 def load_points(path) -> np.ndarray:
-    """(N, 3) float32 points from .ply, .obj/.off (vertices), .xyz/.txt/.pts/.csv, .npy/.npz."""
-    path = Path(path)
-    require_file(path)
-    reader = POINT_READERS.get(path.suffix.lower())
-    if reader is None:
-        input_kind(path)  # raises the unknown-format error for anything but an image
-        raise InputError(f"{path}: is an image, not a point cloud")
-    try:
-        with quiet_decoding():
-            arr = reader(path)
-    except InputError:
-        raise
-    except Exception as exc:  # parsers of damaged files raise all kinds (zipfile, struct, trimesh's own)
-        raise InputError(f"{path}: cannot read points ({type(exc).__name__}: {exc})") from exc
-    return validate_points(arr, str(path))
+    """(N, 3) float64 points of a point-cloud file (backend.pointclouds has the colours and normals)."""
+    return load_point_cloud(path).points
 
 
 def validate_image(pixels, source: str = "input") -> np.ndarray:

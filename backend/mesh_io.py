@@ -1,4 +1,5 @@
-"""Writing meshes to files (trimesh picks the format from the extension)."""
+"""Writing meshes to files (trimesh picks the format from the extension). Vertex colours travel
+as PLY red/green/blue/alpha, OBJ `v x y z r g b` and GLB COLOR_0; STL and OFF hold none."""
 
 from pathlib import Path
 
@@ -29,13 +30,14 @@ def check_output_path(path) -> Path:
 
 def save_mesh(path, vertices: np.ndarray, faces: np.ndarray, normals: np.ndarray | None = None,
               colors: np.ndarray | None = None) -> Path:
-    """Write (V, 3) vertices and (F, 3) faces as they are (no merging or reordering), atomically."""
+    """Write (V, 3) vertices and (F, 3) faces as they are (no merging or reordering), atomically;
+    normals (V, 3) and colors (V, 3|4) RGB(A) in [0, 1] where the format holds them."""
     import trimesh
 
     path = check_output_path(path)
     mesh = trimesh.Trimesh(vertices=vertices, faces=faces, vertex_normals=normals, process=False)
     if colors is not None:
-        mesh.visual.vertex_colors = (np.clip(colors, 0.0, 1.0) * 255).astype(np.uint8)
+        mesh.visual.vertex_colors = np.round(np.clip(colors, 0.0, 1.0) * 255).astype(np.uint8)
     file_type = path.suffix.lower().lstrip(".")
     try:
         atomic_write(path, lambda temp: mesh.export(temp, file_type=file_type))

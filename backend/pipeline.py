@@ -24,7 +24,9 @@ from .errors import Cancelled, InputError, OccnetError
 from .extraction import MeshArrays, grid_to_mesh, mise, simplify_mesh
 from .extraction.refine import refine_to_points
 from .foreground import object_mask
-from .inputs import normalisation, validate_image, validate_points
+from .colours import transfer_colours
+from .inputs import normalisation, validate_image
+from .pointclouds import checked_cloud
 from .preprocess import image_to_model_input, subsample_points
 from .viewer import masked_logits, output_transform, photo_camera, viewer_input
 
@@ -35,6 +37,10 @@ QUERY_BOX = (-0.55, 0.55)
 VIEWER_BOX = (-VIEW_HALF_EXTENT, VIEW_HALF_EXTENT)
 # Masks smaller than this many pixels hold too little of the object to reconstruct it from.
 MIN_MASK_PIXELS = 64
+# The refinement fits planes to at most this many input points (a covering subset of a larger
+# scan): its search tree then stays within ~100 MB, and a mesh of at most 512^3 cells gains
+# nothing from more.
+MAX_REFINE_POINTS = 1_000_000
 # Below this confidence an estimated mask is not trusted: the user is asked for one.
 MIN_MASK_CONFIDENCE = 0.25
 Progress = Callable[[str, float], None]
@@ -92,10 +98,10 @@ class ReconstructOptions:
 
 @dataclass
 class ReconstructionResult:
-    vertices: np.ndarray               # (V, 3) float32
+    vertices: np.ndarray               # (V, 3) float32 (point clouds: float64)
     faces: np.ndarray                  # (F, 3) int32
     normals: np.ndarray | None = None  # (V, 3) float32
-    colors: np.ndarray | None = None   # (V, 4) float32
+    colors: np.ndarray | None = None   # (V, 4) float32 RGBA in [0, 1]
     stats: dict = field(default_factory=dict)
 
 
@@ -136,11 +142,16 @@ class Reconstructor:
 
     def reconstruct_points(self, points, options: ReconstructOptions | None = None,
                            progress: Progress | None = None,
-                           should_cancel: Callable[[], bool] | None = None) -> ReconstructionResult:
-        """points (N, 3) in the caller's coordinates -> mesh in the same coordinates."""
+                           should_cancel: Callable[[], bool] | None = None,
+                           colors=None, normals=None) -> ReconstructionResult:
+        """points (N, 3) in the caller's coordinates -> mesh in the same coordinates, vertices
+        float64 (a survey's coordinates 10^5 m from the origin keep their millimetres).
+        colors (N, 3) in [0, 1], 0..255 or 0..65535: the mesh gets vertex colours from the nearest
+        points. normals (N, 3): checked, but the current models do not use them."""
         options = options or ReconstructOptions()
         options.validate()
-        points = validate_points(points)
+        cloud = checked_cloud(points, colors, normals)
+        points = cloud.points
         timer = StageTimer()
         with timer("load"):
             model, config, device = self.model_for("points", options)
@@ -157,12 +168,17 @@ class Reconstructor:
                 progress("refine", 0.0)
             on_round = (lambda fraction: progress("refine", fraction)) if progress is not None else None
             with timer("refine"):
-                mesh = MeshArrays(refine_to_points(mesh.vertices, mesh.faces, canonical, progress=on_round,
+                surface = subsample_points(canonical, MAX_REFINE_POINTS)
+                mesh = MeshArrays(refine_to_points(mesh.vertices, mesh.faces, surface, progress=on_round,
                                                    should_cancel=should_cancel), mesh.faces)
         result = self._finish(model, code, device, mesh, options, timer, should_cancel)
-        result.vertices = (result.vertices.astype(np.float64) * scale + center).astype(np.float32)
+        if cloud.colors is not None:
+            with timer("colours"):
+                result.colors = transfer_colours(result.vertices, canonical, cloud.colors)
+        result.vertices = result.vertices.astype(np.float64) * scale + center
         result.stats.update(evaluations=evaluations, input_points=len(points), encoder_points=len(encoder_points),
-                            center=center.tolist(), scale=scale)
+                            center=center.tolist(), scale=scale, input_colours=cloud.colors is not None,
+                            input_normals=cloud.normals is not None)
         return result
 
     def reconstruct_image(self, pixels, options: ReconstructOptions | None = None,

@@ -226,8 +226,8 @@ class Server:
         elif mtype == "shutdown":
             self.out.send({"type": "bye", "id": req_id})
             self.begin_stop("shutdown requested")
-        elif mtype == "reconstruct":
-            problem = validate_reconstruct(header, arrays)
+        elif mtype in ("reconstruct", "read_points"):
+            problem = validate_reconstruct(header, arrays) if mtype == "reconstruct" else validate_read(header)
             if problem:
                 self.send_error(req_id, wire.E_BAD_REQUEST, problem)
                 return
@@ -311,6 +311,9 @@ class Server:
         h = job.header
         try:
             progress("starting", 0.0)
+            if h["type"] == "read_points":  # needs no model: no waiting for the warm-up
+                self.answer_read(job)
+                return
             # let the warm-up finish loading models (no double loads, no racing on the cache)
             while not self.warm_done.wait(0.05):
                 if job.cancel.is_set():
@@ -322,7 +325,8 @@ class Server:
             t0 = time.perf_counter()
             if h["input"] == "points":
                 res = r.reconstruct_points(job.arrays["points"], opts, progress=progress,
-                                           should_cancel=should_cancel)
+                                           should_cancel=should_cancel, colors=job.arrays.get("colors"),
+                                           normals=job.arrays.get("normals"))
             else:
                 res = r.reconstruct_image(job.arrays["pixels"], opts, progress=progress,
                                           should_cancel=should_cancel)
@@ -330,7 +334,8 @@ class Server:
                 raise Cancelled()
             stats = dict(res.stats or {})
             stats.setdefault("server_seconds", time.perf_counter() - t0)
-            arrays = {"vertices": np.asarray(res.vertices, dtype=np.float32),
+            # point clouds: float64 vertices, so survey coordinates keep their millimetres
+            arrays = {"vertices": np.asarray(res.vertices, dtype=np.float64 if h["input"] == "points" else np.float32),
                       "faces": np.asarray(res.faces, dtype=np.int32)}
             if res.normals is not None:
                 arrays["normals"] = np.asarray(res.normals, dtype=np.float32)
@@ -357,6 +362,19 @@ class Server:
                                 f"the reconstruction failed: {type(exc).__name__}: {_first_line(exc)}")
             if not isinstance(exc, Exception):
                 raise
+
+
+    def answer_read(self, job):
+        """Read the point-cloud file a read_points request names (backend.pointclouds, the one
+        reader) and send its points, colours and normals."""
+        from backend.errors import Cancelled
+        from backend.pointclouds import load_point_cloud
+
+        cloud = load_point_cloud(job.header["path"])
+        if job.cancel.is_set():
+            raise Cancelled()
+        arrays = {"points": cloud.points, "colors": cloud.colors, "normals": cloud.normals}
+        self.answer(job, {"type": "points", "id": job.id, "count": len(cloud.points)}, arrays)
 
 
 def _first_line(exc):
@@ -413,6 +431,11 @@ def validate_reconstruct(header, arrays):
             return f"'points' must be float32 or float64, got {pts.dtype}"
         if not np.isfinite(pts).all():
             return "the point cloud contains NaN or infinite coordinates"
+        for name in ("colors", "normals"):
+            extra = arrays.get(name)
+            if extra is not None and (extra.shape != pts.shape or extra.dtype.kind != "f"):
+                return f"'{name}' must be a float array of the points' shape {tuple(pts.shape)}, " \
+                       f"got {extra.dtype} {tuple(extra.shape)}"
     else:
         px = arrays.get("pixels")
         if px is None:
@@ -421,6 +444,14 @@ def validate_reconstruct(header, arrays):
             return f"'pixels' must have shape (H, W, 3|4), got {tuple(px.shape)}"
         if px.dtype not in (np.uint8, np.float32):
             return f"'pixels' must be uint8 or float32, got {px.dtype}"
+    return None
+
+
+def validate_read(header):
+    """Return a message naming what is wrong with a read_points request, or None."""
+    path = header.get("path")
+    if not isinstance(path, str) or not path:
+        return f"read_points needs the file's 'path' as a string (got {path!r})"
     return None
 
 

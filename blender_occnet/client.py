@@ -87,14 +87,14 @@ def child_env():
 
 
 class Request:
-    """Bookkeeping of one reconstruct request, updated by ``BackendClient.poll()``."""
+    """Bookkeeping of one reconstruct or read_points request, updated by ``BackendClient.poll()``."""
 
     def __init__(self, req_id, kind):
         self.id = req_id
         self.kind = kind
         self.stage = "queued"
         self.fraction = 0.0
-        self.result = None  # dict: vertices, faces, normals, colors, stats
+        self.result = None  # dict: vertices, faces, normals, colors, stats (read: points, colors, normals)
         self.error = None  # BackendError
         self.done = False
         self.started = time.monotonic()
@@ -265,12 +265,15 @@ class BackendClient:
             self.proc.stdin.write(data)
             self.proc.stdin.flush()
 
-    def reconstruct(self, kind, array, options):
-        """Start a reconstruction; returns its Request. ``kind`` is "points" (array (N, 3)) or
-        "image" (array (H, W, 3|4) uint8 or float32, row 0 = top)."""
+    def reconstruct(self, kind, array, options, colors=None):
+        """Start a reconstruction; returns its Request. ``kind`` is "points" (array (N, 3), float64
+        stays float64 so survey coordinates keep their precision; colors (N, 3) in [0, 1] or None)
+        or "image" (array (H, W, 3|4) uint8 or float32, row 0 = top)."""
         if kind == "points":
-            arr = np.ascontiguousarray(array, dtype=np.float32)
-            arrays = {"points": arr}
+            arr = np.asarray(array)
+            arr = np.ascontiguousarray(arr, dtype=np.float64 if arr.dtype == np.float64 else np.float32)
+            arrays = {"points": arr,
+                      "colors": None if colors is None else np.ascontiguousarray(colors, dtype=np.float32)}
         elif kind == "image":
             arr = np.asarray(array)
             if arr.dtype != np.uint8:
@@ -290,6 +293,19 @@ class BackendClient:
         try:
             self._send({"type": "reconstruct", "id": req.id, "input": kind,
                         "options": dict(options)}, arrays)
+        except BackendError as exc:
+            self._finish(req, error=exc)
+        return req
+
+    def read_points(self, path):
+        """Ask the backend to read a point-cloud file (backend.pointclouds: LAS/LAZ, E57, PCD, PLY,
+        text, NumPy); returns its Request, whose result holds "points" (N, 3) float64 and
+        "colors" / "normals" (N, 3) float32 or None."""
+        self.start()
+        req = Request(self._new_id(), "read")
+        self._requests[req.id] = req
+        try:
+            self._send({"type": "read_points", "id": req.id, "path": str(path)})
         except BackendError as exc:
             self._finish(req, error=exc)
         return req
@@ -378,6 +394,13 @@ class BackendClient:
                     wire.E_PROTOCOL, "the backend sent a result without vertices or faces"))
             else:
                 self._finish(req, result=res)
+            finished.append(req)
+        elif t == "points":
+            if arrays.get("points") is None:
+                self._finish(req, error=BackendError(wire.E_PROTOCOL, "the backend sent no points"))
+            else:
+                self._finish(req, result={"points": arrays["points"], "colors": arrays.get("colors"),
+                                          "normals": arrays.get("normals")})
             finished.append(req)
         elif t == "error":
             self._finish(req, error=BackendError(header.get("code", wire.E_INTERNAL),

@@ -23,10 +23,13 @@ describes them in ``"arrays"``::
 
 Requests (add-on -> backend); their bodies are at most MAX_REQUEST_BODY_BYTES
     reconstruct  {"id", "input": "points"|"image", "options": {...}}
-                 arrays: "points" (N, 3) <f4  or  "pixels" (H, W, 3|4) |u1 or <f4, row 0 = top
+                 arrays: "points" (N, 3) <f4 or <f8, optional "colors" (N, 3) <f4 in [0, 1] (the
+                         mesh gets vertex colours) and "normals" (N, 3) <f4;
+                         or "pixels" (H, W, 3|4) |u1 or <f4, row 0 = top
                  options: checkpoint (path or null), resolution, threshold, max_faces, device,
                           normals (bool: also send vertex normals), refine (bool)
-    cancel       {"id", "target": <id of the reconstruct request>}
+    read_points  {"id", "path"}: read a point-cloud file with the backend's reader -> points
+    cancel       {"id", "target": <id of the reconstruct or read_points request>}
     ping         {"id"}                       -> pong
     info         {"id"}                       -> info
     shutdown     {"id"}                       -> bye, then the server exits
@@ -34,8 +37,11 @@ Requests (add-on -> backend); their bodies are at most MAX_REQUEST_BODY_BYTES
 Replies (backend -> add-on)
     hello        sent once at start-up: {"protocol", "backend_version", "pid"}
     progress     {"id", "stage", "fraction"}
-    result       {"id", "stats"}; arrays "vertices" (V, 3) <f4, "faces" (F, 3) <i4,
-                 optional "normals" (V, 3) <f4 and "colors" (V, 4) <f4
+    result       {"id", "stats"}; arrays "vertices" (V, 3) <f4 (point clouds: <f8, the input's
+                 coordinates at full precision), "faces" (F, 3) <i4, optional "normals" (V, 3) <f4
+                 and "colors" (V, 4) <f4 RGBA in [0, 1] (when the points had colours)
+    points       {"id", "count"}; arrays "points" (N, 3) <f8, optional "colors" (N, 3) <f4 in
+                 [0, 1] and "normals" (N, 3) <f4
     error        {"id" (null when the frame could not be attributed, or when its id belongs to
                   another request still in flight), "code", "message"}
     pong         {"id", "protocol", "backend_version"}
@@ -78,8 +84,8 @@ DTYPES = {
     "|u1": np.dtype("u1"),
 }
 
-REQUEST_TYPES = ("reconstruct", "cancel", "ping", "info", "shutdown")
-REPLY_TYPES = ("hello", "progress", "result", "error", "pong", "info", "bye")
+REQUEST_TYPES = ("reconstruct", "read_points", "cancel", "ping", "info", "shutdown")
+REPLY_TYPES = ("hello", "progress", "result", "points", "error", "pong", "info", "bye")
 
 # Error codes the server sends (the backend's OccnetError codes pass through unchanged).
 E_PROTOCOL = "protocol_error"  # a frame that could not be read

@@ -1,0 +1,44 @@
+"""Vertex colours for a reconstructed mesh from the colours of the input points.
+
+Each vertex takes the inverse-distance-weighted mean colour of its k nearest input points. A scan
+of millions of points is first averaged per cell of a fine grid (TRANSFER_CELLS per side), so
+the search tree stays small (memory bounded by the grid, not the scan) while the colour detail
+stays finer than the mesh's own resolution (at most 512 cells per side)."""
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from .preprocess import cell_keys
+
+NEIGHBOURS = 8
+TRANSFER_CELLS = 1024
+# Distances below this fraction of the cloud's extent count as this much (a vertex on a point
+# would otherwise get an infinite weight).
+MIN_DISTANCE = 1e-6
+
+
+def cell_means(points: np.ndarray, colors: np.ndarray, cells: int) -> tuple[np.ndarray, np.ndarray]:
+    """(M, 3) mean positions and (M, 3) mean colours of the points (N, 3) and colours (N, 3) in
+    each occupied cell of a cells^3 grid over the points' bounding box (M <= N)."""
+    keys = cell_keys(points, cells)
+    _, group, counts = np.unique(keys, return_inverse=True, return_counts=True)
+
+    def mean(values: np.ndarray) -> np.ndarray:
+        return np.stack([np.bincount(group, values[:, axis], len(counts)) for axis in range(3)], axis=1) \
+            / counts[:, None]
+    return mean(points.astype(np.float64)), mean(colors.astype(np.float64))
+
+
+def transfer_colours(vertices: np.ndarray, points: np.ndarray, colors: np.ndarray,
+                     k: int = NEIGHBOURS, cells: int = TRANSFER_CELLS) -> np.ndarray:
+    """(V, 4) float32 RGBA in [0, 1] (alpha 1) for mesh vertices (V, 3) from points (N, 3) with
+    colours (N, 3) in [0, 1], all in the same coordinates: the weighted mean of the k nearest
+    (cell-averaged) points' colours, weights 1 / distance."""
+    centres, means = cell_means(points, colors, cells)
+    k = min(k, len(centres))
+    distances, index = cKDTree(centres).query(vertices, k=k, workers=-1)
+    distances, index = distances.reshape(len(vertices), k), index.reshape(len(vertices), k)
+    extent = max(float(np.ptp(points, axis=0).max()), 1e-30)
+    weights = 1.0 / np.maximum(distances, MIN_DISTANCE * extent)
+    rgb = (weights[:, :, None] * means[index]).sum(axis=1) / weights.sum(axis=1, keepdims=True)
+    return np.concatenate([np.clip(rgb, 0.0, 1.0), np.ones((len(vertices), 1))], axis=1).astype(np.float32)
