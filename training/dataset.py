@@ -346,6 +346,13 @@ def load_shape(shape_dir: Path, surface: bool, normals: bool, images: bool) -> S
     return arrays
 
 
+def near_inside_fraction(shape_dir) -> float:
+    """Share of a prepared shape's near-surface samples that are inside: about a half for a solid
+    (less for a thin one), near zero for an open sheet, whose winding-number labels say little."""
+    with np.load(Path(shape_dir) / "points.npz") as f:
+        return float(unpack_occupancies(f["near_occupancies"], len(f["near_points"])).mean())
+
+
 def split_by_renders(data_dir, shape_ids: list[str]) -> tuple[list[str], list[str]]:
     """(ids with rendered views, ids without): a folder may mix shapes prepared with and without
     renders (procedural solids are prepared for point-cloud training only)."""

@@ -39,7 +39,7 @@ from backend.checkpoint import load_checkpoint, save_checkpoint
 from backend.errors import OccnetError
 from backend.models import build_model, preset, validate_config
 
-from .dataset import OccupancyDataset, SamplingConfig, ShapeStore, read_split, split_by_renders
+from .dataset import OccupancyDataset, SamplingConfig, ShapeStore, near_inside_fraction, read_split, split_by_renders
 from .distributed import (DistInfo, ResumableBatchSampler, all_reduce_sum, broadcast_flag, init_distributed,
                           shutdown_distributed)
 from .errors import TrainingError
@@ -51,6 +51,8 @@ DEFAULTS = {
     "notes": "",
     "data_dir": "data/prepared",      # relative to the working directory
     "exclude_shapes": [],             # shape ids left out of training and validation (bad labels)
+    "min_near_inside_fraction": 0.0,  # leave out shapes whose near-surface samples are rarely inside:
+                                      # open sheets, whose winding-number labels are meaningless
     "out_dir": None,                  # default: runs/<name>
     "model": "local_points",          # preset name or a model configuration dict
     "init_weights": None,             # model checkpoint to start from (fine-tuning); same architecture
@@ -342,6 +344,13 @@ class Trainer:
             if train_bare or val_bare:
                 self.log(f"left out {len(train_bare) + len(val_bare)} shapes without rendered views "
                          f"(an image model needs them)")
+        if cfg["min_near_inside_fraction"]:
+            limit = float(cfg["min_near_inside_fraction"])
+            sheets = [i for i in train_ids + val_ids if near_inside_fraction(data_dir / i) < limit]
+            train_ids = [i for i in train_ids if i not in sheets]
+            val_ids = [i for i in val_ids if i not in sheets]
+            self.log(f"left out {len(sheets)} shapes whose near-surface samples are under {limit:.0%} inside "
+                     f"(open sheets)")
         if cfg["val_max_shapes"]:
             val_ids = val_ids[: int(cfg["val_max_shapes"])]
         if not train_ids:
