@@ -8,7 +8,7 @@ stays finer than the mesh's own resolution (at most 512 cells per side)."""
 import numpy as np
 from scipy.spatial import cKDTree
 
-from .preprocess import cell_keys
+from .preprocess import cell_keys, grid_cells
 
 NEIGHBOURS = 8
 TRANSFER_CELLS = 1024
@@ -20,7 +20,7 @@ MIN_DISTANCE = 1e-6
 def cell_means(points: np.ndarray, colors: np.ndarray, cells: int) -> tuple[np.ndarray, np.ndarray]:
     """(M, 3) mean positions and (M, 3) mean colours of the points (N, 3) and colours (N, 3) in
     each occupied cell of a cells^3 grid over the points' bounding box (M <= N)."""
-    keys = cell_keys(points, cells)
+    keys = cell_keys(grid_cells(points, cells), cells)
     _, group, counts = np.unique(keys, return_inverse=True, return_counts=True)
 
     def mean(values: np.ndarray) -> np.ndarray:

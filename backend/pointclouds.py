@@ -190,7 +190,8 @@ def columns_from_values(sample: np.ndarray) -> dict:
     width = sample.shape[1]
     normals = next((s for s in range(3, width - 2) if looks_like_normals(sample[:, s:s + 3])), None)
     taken = set() if normals is None else set(range(normals, normals + 3))
-    colour_starts = [s for s in (3, 4, 6) if s + 3 <= width and not taken & {s, s + 1, s + 2}]
+    preferred = (4, 3, 6) if width in (7, 10) else (3, 6, 4)  # 7 or 10 columns: an intensity first
+    colour_starts = [s for s in preferred if s + 3 <= width and not taken & {s, s + 1, s + 2}]
     colours = next((s for s in colour_starts if looks_like_colours(sample[:, s:s + 3])), None)
     as_triple = lambda start: None if start is None else (start, start + 1, start + 2)  # noqa: E731
     return {"points": (0, 1, 2), "colors": as_triple(colours), "normals": as_triple(normals)}

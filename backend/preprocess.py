@@ -44,41 +44,51 @@ def image_to_model_input(rgba: np.ndarray, size: int, background=(1.0, 1.0, 1.0)
     return np.asarray(canvas, np.float32).transpose(2, 0, 1) / 255.0
 
 
-# Cells per side of the grid that evens out a scan's density before the encoder's subsample.
+# Cells per side of the finest grid that evens out a scan's density for the encoder's subsample.
 COVERAGE_CELLS = 256
 
 
-def cell_keys(points: np.ndarray, cells: int) -> np.ndarray:
-    """(N,) int64 index of the cell of a cells^3 grid over the points' (N, 3) bounding box that
-    holds each point."""
+def grid_cells(points: np.ndarray, cells: int) -> np.ndarray:
+    """(N, 3) int64 cell coordinates of the points (N, 3) in a cells^3 grid over their bounding box."""
     lo = points.min(axis=0)
     extent = max(float(np.ptp(points, axis=0).max()), 1e-30)
-    cell = np.minimum(((points - lo) * (cells / extent)).astype(np.int64), cells - 1)
-    return (cell[:, 0] * cells + cell[:, 1]) * cells + cell[:, 2]
+    return np.minimum(((points - lo) * (cells / extent)).astype(np.int64), cells - 1)
 
 
-def one_per_cell(points: np.ndarray, cells: int) -> np.ndarray:
-    """Indices (M,) of one point in each occupied cell of a cells^3 grid over the points (N, 3),
-    ascending. Vectorised: one sort of N cell keys."""
-    return np.sort(np.unique(cell_keys(points, cells), return_index=True)[1])
+def cell_keys(coordinates: np.ndarray, cells: int) -> np.ndarray:
+    """(N,) int64 key of each cell coordinate (N, 3) of a cells^3 grid."""
+    return (coordinates[:, 0] * cells + coordinates[:, 1]) * cells + coordinates[:, 2]
+
+
+def covering_indices(points: np.ndarray, max_points: int, cells: int = COVERAGE_CELLS) -> np.ndarray:
+    """Indices (M <= max_points,) of one point in every occupied cell of the finest grid
+    (cells, cells / 2, cells / 4, ... per side) whose occupied cells number at most max_points.
+    One sort of N keys; the coarser grids sort only the occupied fine cells."""
+    fine = grid_cells(points, cells)
+    _, first = np.unique(cell_keys(fine, cells), return_index=True)
+    fine = fine[first]
+    step = 1
+    while True:
+        side = -(-cells // step)
+        _, representative = np.unique(cell_keys(fine // step, side), return_index=True)
+        if len(representative) <= max_points:
+            return np.sort(first[representative])
+        step *= 2
 
 
 def subsample_points(points: np.ndarray, max_points: int, seed: int = 0) -> np.ndarray:
     """(N, 3) -> (min(N, max_points), 3), a deterministic subset that covers the whole cloud.
 
     A scan is dense near the scanner and sparse far away; a plain random subset would spend the
-    encoder's points where the scan was dense. So one point per cell of a COVERAGE_CELLS^3 grid
-    comes first (a random choice among those cells when there are more of them than max_points),
-    and random other points fill up the rest, so the encoder still sees max_points points."""
+    encoder's points where the scan was dense and leave far parts with a handful. So one point per
+    occupied cell of the finest grid that allows it comes first (covering_indices), and random
+    other points fill up the rest, so the encoder still sees max_points points."""
     if len(points) <= max_points:
         return points
-    rng = np.random.default_rng(seed)
-    covering = one_per_cell(points, COVERAGE_CELLS)
-    if len(covering) >= max_points:
-        return points[np.sort(rng.choice(covering, max_points, replace=False))]
+    covering = covering_indices(points, max_points)
     others = np.ones(len(points), bool)
     others[covering] = False
-    fill = rng.choice(np.flatnonzero(others), max_points - len(covering), replace=False)
+    fill = np.random.default_rng(seed).choice(np.flatnonzero(others), max_points - len(covering), replace=False)
     return points[np.sort(np.concatenate([covering, fill]))]
 
 
