@@ -231,8 +231,8 @@ def main(argv=None):
         bench_mesh_build(args.repeat)
     bench_transfer(args.repeat)
 
-    from blender_occnet.pointio import load_points
-    points = load_points(args.input)
+    from backend.pointclouds import load_point_cloud
+    points = load_point_cloud(args.input).points.astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         if args.checkpoint:
             ckpt, what = args.checkpoint, f"checkpoint {args.checkpoint}"

@@ -20,7 +20,7 @@ import sys
 import time
 from collections import defaultdict
 
-from . import interpreter, pointio, request_options
+from . import filetypes, interpreter, request_options
 from .client import BackendError
 from .session import Session
 
@@ -38,8 +38,8 @@ def build_parser():
                     "headless (needs the bpy module or blender -b).")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="image or point-cloud files, or folders holding them "
-                        f"(point clouds: {' '.join(pointio.POINT_EXTENSIONS)}; "
-                        f"images: {' '.join(pointio.IMAGE_EXTENSIONS)})")
+                        f"(point clouds: {' '.join(filetypes.POINT_EXTENSIONS)}; "
+                        f"images: {' '.join(filetypes.IMAGE_EXTENSIONS)})")
     p.add_argument("--out", required=True, help="output folder (created if needed)")
     p.add_argument("--blend", help="also save all results in this .blend file "
                                    "(a relative path is inside --out)")
@@ -68,7 +68,7 @@ def expand_inputs(inputs):
     for item in inputs:
         if os.path.isdir(item):
             paths = [os.path.join(item, name) for name in sorted(os.listdir(item))]
-            paths = [p for p in paths if os.path.isfile(p) and pointio.input_kind(p) is not None]
+            paths = [p for p in paths if os.path.isfile(p) and filetypes.input_kind(p) is not None]
         else:
             paths = [item]
         for path in paths:
@@ -214,11 +214,11 @@ def convert_one(bpy, session, python, plan, i, prefix):
     """Reconstruct input i and export it; returns the object. Raises on failure."""
     from . import gather  # imports bpy: only once main() has found it
 
-    kind, data = gather.load_file(plan.inputs[i])
-    origin = pointio.bbox_center(data) if kind == "points" else None
+    kind, data, colors = gather.load_file(plan.inputs[i], lambda path: session.read_points(python, path))
+    origin = gather.bbox_center(data) if kind == "points" else None
     location = tuple(bpy.context.scene.cursor.location) if kind == "image" else None
     session.start_job(python, kind, data, plan.options[kind], plan.names[i], origin=origin,
-                      location=location)
+                      location=location, colors=colors)
     session.wait(on_progress=Progress(prefix))
     outcome = session.finish_job(bpy.context)
     if outcome.obj is None:

@@ -1,13 +1,16 @@
 """Turn what the user chose in Blender (selected objects, image datablocks, files) into the arrays a
-request sends: (N, 3) float32 world-space points, or (H, W, 4) uint8 pixels with row 0 at the top.
-Shared by the operators and the batch command; raises InputProblem with a sentence for the user."""
+request sends: (N, 3) world-space points (float64 from files) with optional (N, 3) colours in
+[0, 1], or (H, W, 4) uint8 pixels with row 0 at the top. Point-cloud files are read by the backend
+(its reader knows LAS/LAZ, E57, PCD, ...; see Session.read_points). Shared by the operators and the
+batch command; raises InputProblem with a sentence for the user."""
 
 import os
 
 import bpy
 import numpy as np
 
-from . import pointio
+from . import filetypes
+from .client import BackendError
 
 MESH_LIKE = {"MESH", "CURVE", "SURFACE", "FONT", "META"}
 ATTRIBUTE_GEOMETRY = {"POINTCLOUD", "CURVES"}
@@ -19,39 +22,54 @@ class InputProblem(Exception):
 
 
 def object_points(obj, depsgraph):
-    """World-space points of one object, modifiers applied; None for types without points.
-    Only vertices count: a mesh's faces add no points (a cube gives its 8 corners)."""
+    """(world-space points (N, 3) float32, colours (N, 3) in [0, 1] or None) of one object,
+    modifiers applied; None for types without points. Only vertices count: a mesh's faces add no
+    points (a cube gives its 8 corners). Colours come from the active colour attribute on points."""
     ev = obj.evaluated_get(depsgraph)
+    colours = None
     if obj.type in ATTRIBUTE_GEOMETRY:
         attr = ev.data.attributes.get("position")
         if attr is None:
-            return np.zeros((0, 3), np.float32)
+            return np.zeros((0, 3), np.float32), None
         buf = np.empty(len(attr.data) * 3, np.float32)
         attr.data.foreach_get("vector", buf)
     elif obj.type in MESH_LIKE:
         me = ev.to_mesh()
         try:
             if me is None:
-                return np.zeros((0, 3), np.float32)
+                return np.zeros((0, 3), np.float32), None
             buf = np.empty(len(me.vertices) * 3, np.float32)
             me.vertices.foreach_get("co", buf)
+            colours = point_colours(me)
         finally:
             ev.to_mesh_clear()
     else:
         return None
     pts = buf.reshape(-1, 3).astype(np.float64)
     m = np.array(ev.matrix_world, dtype=np.float64)
-    return (pts @ m[:3, :3].T + m[:3, 3]).astype(np.float32)
+    return (pts @ m[:3, :3].T + m[:3, 3]).astype(np.float32), colours
+
+
+def point_colours(mesh):
+    """(V, 3) float32 sRGB colours of a mesh's active colour attribute on points, or None."""
+    attr = mesh.color_attributes.active_color
+    if attr is None or attr.domain != "POINT" or len(attr.data) != len(mesh.vertices):
+        return None
+    buf = np.empty(len(attr.data) * 4, np.float32)
+    attr.data.foreach_get("color_srgb", buf)
+    return buf.reshape(-1, 4)[:, :3]
 
 
 def selected_points(context):
-    """Points of every selected object that has some, and the names of those objects."""
+    """Points of every selected object that has some, their colours ((N, 3) when every such object
+    has colours, else None) and the names of those objects."""
     depsgraph = context.evaluated_depsgraph_get()
-    chunks, names, without = [], [], []
+    chunks, colours, names, without = [], [], [], []
     for obj in context.selected_objects:
-        pts = object_points(obj, depsgraph)
-        if pts is not None and len(pts):
-            chunks.append(pts)
+        found = object_points(obj, depsgraph)
+        if found is not None and len(found[0]):
+            chunks.append(found[0])
+            colours.append(found[1])
             names.append(obj.name)
         else:
             without.append(f"{obj.name} ({obj.type.lower()})")
@@ -59,7 +77,8 @@ def selected_points(context):
         skipped = f" ({', '.join(without)} has no vertices or points)" if without else ""
         raise InputProblem("Select mesh, point-cloud or curve objects with vertices "
                            f"(or choose a point-cloud file){skipped}")
-    return np.concatenate(chunks), names
+    all_coloured = all(c is not None for c in colours)
+    return np.concatenate(chunks), np.concatenate(colours) if all_coloured else None, names
 
 
 def check_point_count(points):
@@ -106,25 +125,37 @@ def load_image_file(path):
         bpy.data.images.remove(img)
 
 
-def load_points_file(path):
+def load_points_file(path, read_points):
+    """(points (N, 3) float64, colours (N, 3) or None) of a point-cloud file, read by
+    read_points(path) -> dict (Session.read_points)."""
+    path = bpy.path.abspath(path)
+    if not os.path.isfile(path):
+        raise InputProblem(f"Point-cloud file {path!r} does not exist")
     try:
-        return check_point_count(pointio.load_points(bpy.path.abspath(path)))
-    except pointio.PointFileError as exc:
-        raise InputProblem(str(exc)) from None
+        cloud = read_points(path)
+    except BackendError as exc:
+        raise InputProblem(exc.message) from None
+    return check_point_count(cloud["points"]), cloud["colors"]
 
 
-def load_file(path):
-    """(kind, array) for an image or point-cloud file, by its extension."""
+def load_file(path, read_points):
+    """(kind, array, colours or None) for an image or point-cloud file, by its extension."""
     if not os.path.isfile(path):
         raise InputProblem(f"{path} does not exist")
-    kind = pointio.input_kind(path)
+    kind = filetypes.input_kind(path)
     if kind is None:
         raise InputProblem(f"unsupported file type {os.path.splitext(path)[1]!r} "
-                           f"(point clouds: {', '.join(pointio.POINT_EXTENSIONS)}; "
-                           f"images: {', '.join(pointio.IMAGE_EXTENSIONS)})")
+                           f"(point clouds: {', '.join(filetypes.POINT_EXTENSIONS)}; "
+                           f"images: {', '.join(filetypes.IMAGE_EXTENSIONS)})")
     if kind == "points":
-        return kind, load_points_file(path)
-    return kind, load_image_file(path)
+        return (kind, *load_points_file(path, read_points))
+    return kind, load_image_file(path), None
+
+
+def bbox_center(points):
+    """(3,) float64 centre of the points' bounding box: where a result object's origin goes."""
+    points = np.asarray(points, dtype=np.float64)
+    return (points.min(axis=0) + points.max(axis=0)) * 0.5
 
 
 def file_result_name(path):

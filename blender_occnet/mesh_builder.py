@@ -71,12 +71,57 @@ def build_mesh(name, vertices, faces, normals=None, colors=None, use_custom_norm
         if sharp is not None:
             me.attributes.remove(sharp)
         if colors is not None:
-            attr = me.color_attributes.new("Color", "FLOAT_COLOR", "POINT")
-            attr.data.foreach_set("color", colors.ravel())
-            me.color_attributes.active_color = attr
-            me.color_attributes.render_color_index = me.color_attributes.active_color_index
+            add_colours(me, colors)
         if normals is not None and use_custom_normals:
             me.normals_split_custom_set_from_vertices(normals)
+    except BaseException:
+        bpy.data.meshes.remove(me)
+        raise
+    return me
+
+
+COLOUR_ATTRIBUTE = "Color"
+
+
+def add_colours(me, colors):
+    """Give a mesh a point colour attribute (V, 4 RGBA in [0, 1], sRGB as files and the backend
+    give them; Blender keeps it linear) and a material whose Base Color reads it."""
+    attr = me.color_attributes.new(COLOUR_ATTRIBUTE, "FLOAT_COLOR", "POINT")
+    attr.data.foreach_set("color_srgb", colors.ravel())
+    me.color_attributes.active_color = attr
+    me.color_attributes.render_color_index = me.color_attributes.active_color_index
+    me.materials.append(colour_material(f"{me.name} colours"))
+
+
+def colour_material(name):
+    """A new material: Color Attribute node (COLOUR_ATTRIBUTE) -> Principled BSDF Base Color."""
+    material = bpy.data.materials.new(name)
+    if not material.node_tree:  # Blender before 5.0 makes node trees on request
+        material.use_nodes = True
+    nodes = material.node_tree.nodes
+    bsdf = next(n for n in nodes if n.bl_idname == "ShaderNodeBsdfPrincipled")
+    source = nodes.new("ShaderNodeVertexColor")
+    source.layer_name = COLOUR_ATTRIBUTE
+    source.location = (bsdf.location.x - 300, bsdf.location.y)
+    material.node_tree.links.new(source.outputs["Color"], bsdf.inputs["Base Color"])
+    return material
+
+
+def build_point_mesh(name, points, colors=None):
+    """A mesh of vertices only (a point cloud Blender can select, show and reconstruct from again),
+    with the colour attribute and material of add_colours when colors (N, 3|4) are given."""
+    v = np.ascontiguousarray(points, dtype=np.float32)
+    if v.ndim != 2 or v.shape[1] != 3 or len(v) == 0:
+        raise MeshDataError(f"points must have shape (N, 3), N > 0, got {v.shape}")
+    if colors is not None:
+        colors = check_arrays(v, np.zeros((1, 3), np.int32), None, colors)[3]
+    me = bpy.data.meshes.new(name)
+    try:
+        me.vertices.add(len(v))
+        _set_attribute(me, "position", "vector", v.ravel(), me.vertices, "co")
+        me.update()
+        if colors is not None:
+            add_colours(me, colors)
     except BaseException:
         bpy.data.meshes.remove(me)
         raise
@@ -107,10 +152,12 @@ def object_from_result(context, name, result, origin=None, location=None):
     """Build the object for a backend result. ``origin``: subtract it from the vertices and put the
     object there (point clouds: the result lands where the points were). ``location``: place the
     object there with vertices unchanged (images: the 3D cursor)."""
-    verts = np.asarray(result["vertices"], dtype=np.float32)
+    verts = np.asarray(result["vertices"], dtype=np.float64)  # point clouds: float64 survey coordinates
     loc = (0.0, 0.0, 0.0)
     if origin is not None:
-        origin = np.asarray(origin, dtype=np.float32)
+        # Blender keeps the location in float32: measure the vertices from that very point, in
+        # float64, so a survey 10^6 m away keeps its millimetres in the mesh's own coordinates
+        origin = np.asarray(origin, dtype=np.float32).astype(np.float64)
         verts = verts - origin
         loc = tuple(float(x) for x in origin)
     elif location is not None:

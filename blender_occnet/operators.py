@@ -1,6 +1,6 @@
-"""Operators: Mesh from Point Cloud, Mesh from Image, Cancel, Stop Backend. They gather the input
-(gather.py), run a job in the add-on's session (runtime.py, session.py) and turn domain errors
-into reports.
+"""Operators: Mesh from Point Cloud, Mesh from Image, Reconstruct Files (drag and drop onto the
+viewport), Import Point Cloud, Cancel, Stop Backend. They gather the input (gather.py), run a job
+in the add-on's session (runtime.py, session.py) and turn domain errors into reports.
 
 How a request flows without blocking Blender:
 * ``invoke`` (buttons, operator search) sends the request and returns RUNNING_MODAL; the client's
@@ -14,13 +14,14 @@ How a request flows without blocking Blender:
 import os
 
 import bpy
-from bpy.props import EnumProperty, FloatProperty, IntProperty, StringProperty
+import numpy as np
+from bpy.props import CollectionProperty, EnumProperty, FloatProperty, IntProperty, StringProperty
 
-from . import gather, pointio, request_options
+from . import filetypes, gather, mesh_builder, request_options
 from .client import BackendError
 from .interpreter import InterpreterProblem
 from .preferences import get_prefs, snap_face_budget
-from .runtime import request_options_for, session, start_job
+from .runtime import read_points, request_options_for, session, start_job
 from .session import POLL_INTERVAL_S
 
 # what the user can fix; each becomes an error report instead of a traceback
@@ -82,9 +83,9 @@ class _Generate:
 
     def _start(self, context):
         try:
-            kind, array, name, origin, location = self.gather(context)
+            kind, array, colors, name, origin, location = self.gather(context)
             start_job(context, kind, array, self._options(context, kind), name, origin=origin,
-                      location=location, label=self.bl_label)
+                      location=location, label=self.bl_label, colors=colors)
         except DOMAIN_ERRORS as exc:
             session.fail(str(exc))
             self.report({"ERROR"}, str(exc))
@@ -158,7 +159,7 @@ class OCCNET_OT_mesh_from_points(_Generate, bpy.types.Operator):
     source: EnumProperty(name="Source", items=[
         ("SELECTED", "Selected Objects", "Vertices of the selected mesh, point-cloud and curve "
                                          "objects, in world space with modifiers applied"),
-        ("FILE", "File", f"A point-cloud file ({', '.join(pointio.POINT_EXTENSIONS)})"),
+        ("FILE", "File", f"A point-cloud file ({', '.join(filetypes.POINT_EXTENSIONS)})"),
     ], default="SELECTED")
     filepath: StringProperty(name="File", subtype="FILE_PATH")
 
@@ -166,13 +167,13 @@ class OCCNET_OT_mesh_from_points(_Generate, bpy.types.Operator):
         if self.source == "FILE":
             if not self.filepath:
                 raise gather.InputProblem("Choose a point-cloud file")
-            pts = gather.load_points_file(self.filepath)
+            pts, colors = gather.load_points_file(self.filepath, lambda path: read_points(context, path))
             name = gather.file_result_name(self.filepath)
         else:
-            pts, names = gather.selected_points(context)
+            pts, colors, names = gather.selected_points(context)
             pts = gather.check_point_count(pts)
             name = (names[0] if len(names) == 1 else "PointCloud") + "_occnet"
-        return "points", pts, name, pointio.bbox_center(pts), None
+        return "points", pts, colors, name, gather.bbox_center(pts), None
 
 
 class OCCNET_OT_mesh_from_image(_Generate, bpy.types.Operator):
@@ -214,7 +215,122 @@ class OCCNET_OT_mesh_from_image(_Generate, bpy.types.Operator):
             img = self._image(context)
             pixels = gather.image_pixels(img)
             name = os.path.splitext(img.name)[0] + "_occnet"
-        return "image", pixels, name, None, tuple(context.scene.cursor.location)
+        return "image", pixels, None, name, None, tuple(context.scene.cursor.location)
+
+
+def chosen_paths(operator):
+    """The files an import-style operator was given: directory + files (a drop of several, the
+    file browser), else filepath."""
+    names = [f.name for f in operator.files if f.name]
+    if operator.directory and names:
+        return [os.path.join(operator.directory, name) for name in names]
+    return [operator.filepath] if operator.filepath else []
+
+
+class OCCNET_OT_reconstruct_files(bpy.types.Operator):
+    """Reconstruct a mesh from each point-cloud or image file (what a drop onto the 3D Viewport runs)"""
+    bl_idname = "occnet.reconstruct_files"
+    bl_label = "Reconstruct with OccNet"
+    bl_options = {"REGISTER", "UNDO"}
+
+    filepath: StringProperty(name="File", subtype="FILE_PATH", options={"SKIP_SAVE"})
+    directory: StringProperty(subtype="DIR_PATH", options={"SKIP_SAVE", "HIDDEN"})
+    files: CollectionProperty(type=bpy.types.OperatorFileListElement, options={"SKIP_SAVE", "HIDDEN"})
+
+    @classmethod
+    def poll(cls, context):
+        return not session.busy
+
+    def run(self, paths, mode):
+        """Hand each file to the generate operator of its kind; one file in a UI runs without
+        blocking (mode INVOKE_DEFAULT), several run one after the other."""
+        kinds = [filetypes.input_kind(p) for p in paths]
+        unsupported = [p for p, kind in zip(paths, kinds) if kind is None]
+        if unsupported or not paths:
+            self.report({"ERROR"}, f"Not a point cloud or image: {', '.join(unsupported) or 'no file given'}")
+            return {"CANCELLED"}
+        if len(paths) > 1:
+            mode = "EXEC_DEFAULT"
+        outcome = set()
+        for path, kind in zip(paths, kinds):
+            generate = bpy.ops.occnet.mesh_from_points if kind == "points" else bpy.ops.occnet.mesh_from_image
+            outcome |= generate(mode, source="FILE", filepath=path)
+        return {"FINISHED"} if outcome & {"FINISHED", "RUNNING_MODAL"} else {"CANCELLED"}
+
+    def execute(self, context):
+        return self.run(chosen_paths(self), "EXEC_DEFAULT")
+
+    def invoke(self, context, event):
+        if not chosen_paths(self):
+            context.window_manager.fileselect_add(self)
+            return {"RUNNING_MODAL"}
+        background = bpy.app.background or context.window is None
+        return self.run(chosen_paths(self), "EXEC_DEFAULT" if background else "INVOKE_DEFAULT")
+
+
+class OCCNET_OT_import_point_cloud(bpy.types.Operator):
+    """Import point-cloud files (LAS, LAZ, E57, PCD, PLY, XYZ, ...) as objects of vertices with their
+    colours, read by the OccNet backend"""
+    bl_idname = "occnet.import_point_cloud"
+    bl_label = "Import Point Cloud (OccNet)"
+    bl_options = {"REGISTER", "UNDO"}
+
+    filepath: StringProperty(name="File", subtype="FILE_PATH", options={"SKIP_SAVE"})
+    directory: StringProperty(subtype="DIR_PATH", options={"SKIP_SAVE", "HIDDEN"})
+    files: CollectionProperty(type=bpy.types.OperatorFileListElement, options={"SKIP_SAVE", "HIDDEN"})
+    filter_glob: StringProperty(default=";".join(f"*{e}" for e in filetypes.POINT_EXTENSIONS), options={"HIDDEN"})
+
+    @classmethod
+    def poll(cls, context):
+        return not session.busy
+
+    def execute(self, context):
+        paths = chosen_paths(self)
+        if not paths:
+            self.report({"ERROR"}, "Choose a point-cloud file")
+            return {"CANCELLED"}
+        try:
+            for path in paths:
+                points, colors = gather.load_points_file(path, lambda p: read_points(context, p))
+                origin = np.asarray(gather.bbox_center(points), np.float32).astype(np.float64)
+                name = os.path.splitext(os.path.basename(path))[0]
+                mesh = mesh_builder.build_point_mesh(name, points - origin, colors)
+                mesh_builder.add_object(context, name, mesh, tuple(origin))
+                self.report({"INFO"}, f"{name}: {len(points)} points" + (" with colours" if colors is not None else ""))
+        except DOMAIN_ERRORS + (BackendError, mesh_builder.MeshDataError) as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        return {"FINISHED"}
+
+    def invoke(self, context, event):
+        if chosen_paths(self):
+            return self.execute(context)
+        context.window_manager.fileselect_add(self)
+        return {"RUNNING_MODAL"}
+
+
+class OCCNET_FH_reconstruct(bpy.types.FileHandler):
+    """Dropping point clouds or images onto the 3D Viewport reconstructs them."""
+    bl_idname = "OCCNET_FH_reconstruct"
+    bl_label = "Reconstruct with OccNet"
+    bl_import_operator = OCCNET_OT_reconstruct_files.bl_idname
+    bl_file_extensions = ";".join(filetypes.POINT_EXTENSIONS + filetypes.IMAGE_EXTENSIONS)
+
+    @classmethod
+    def poll_drop(cls, context):
+        return context.area is not None and context.area.type == "VIEW_3D"
+
+
+class OCCNET_FH_import_point_cloud(bpy.types.FileHandler):
+    """Dropping a point-cloud file offers to import it as points (with colours)."""
+    bl_idname = "OCCNET_FH_import_point_cloud"
+    bl_label = "Import Point Cloud (OccNet)"
+    bl_import_operator = OCCNET_OT_import_point_cloud.bl_idname
+    bl_file_extensions = ";".join(filetypes.POINT_EXTENSIONS)
+
+    @classmethod
+    def poll_drop(cls, context):
+        return context.area is not None and context.area.type == "VIEW_3D"
 
 
 class OCCNET_OT_cancel(bpy.types.Operator):
@@ -246,7 +362,8 @@ class OCCNET_OT_stop_backend(bpy.types.Operator):
         return {"FINISHED"}
 
 
-classes = (OCCNET_OT_mesh_from_points, OCCNET_OT_mesh_from_image, OCCNET_OT_cancel,
+classes = (OCCNET_OT_mesh_from_points, OCCNET_OT_mesh_from_image, OCCNET_OT_reconstruct_files,
+           OCCNET_OT_import_point_cloud, OCCNET_FH_reconstruct, OCCNET_FH_import_point_cloud, OCCNET_OT_cancel,
            OCCNET_OT_stop_backend)
 
 
@@ -256,13 +373,19 @@ def _menu_func(self, context):
     self.layout.operator(OCCNET_OT_mesh_from_image.bl_idname, icon="IMAGE_DATA")
 
 
+def _import_menu_func(self, context):
+    self.layout.operator(OCCNET_OT_import_point_cloud.bl_idname, text="Point Cloud (OccNet: LAS, E57, PCD, PLY, ...)")
+
+
 def register():
     for cls in classes:
         bpy.utils.register_class(cls)
     bpy.types.VIEW3D_MT_mesh_add.append(_menu_func)
+    bpy.types.TOPBAR_MT_file_import.append(_import_menu_func)
 
 
 def unregister():
+    bpy.types.TOPBAR_MT_file_import.remove(_import_menu_func)
     bpy.types.VIEW3D_MT_mesh_add.remove(_menu_func)
     for cls in reversed(classes):
         bpy.utils.unregister_class(cls)

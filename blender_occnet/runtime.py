@@ -66,10 +66,16 @@ def client_for(prefs):
     return session.client_for(backend_python(prefs), server_args(prefs))
 
 
-def start_job(context, kind, array, options, name, origin=None, location=None, label=""):
+def start_job(context, kind, array, options, name, origin=None, location=None, label="", colors=None):
     prefs = get_prefs(context)
     return session.start_job(backend_python(prefs), kind, array, options, name, origin=origin,
-                             location=location, label=label, server_args=server_args(prefs))
+                             location=location, label=label, server_args=server_args(prefs), colors=colors)
+
+
+def read_points(context, path):
+    """A point-cloud file read by the backend (Session.read_points)."""
+    prefs = get_prefs(context)
+    return session.read_points(backend_python(prefs), path, server_args=server_args(prefs))
 
 
 def _chosen_python(prefs):

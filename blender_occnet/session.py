@@ -62,16 +62,27 @@ class Session:
         return self.client
 
     def start_job(self, python, kind, array, options, name, origin=None, location=None, label="",
-                  server_args=()):
-        """Send a reconstruction to the backend (starting it if needed). Raises
-        InterpreterProblem or client.BackendError."""
+                  server_args=(), colors=None):
+        """Send a reconstruction to the backend (starting it if needed); colors (N, 3) in [0, 1]
+        for points give the mesh vertex colours. Raises InterpreterProblem or client.BackendError."""
         client = self.client_for(python, server_args)
         self.last_error = ""
         self.last_info = ""
-        request = client.reconstruct(kind, array, options)
+        request = client.reconstruct(kind, array, options, colors=colors)
         self.job = Job(request, kind, name, origin, location, label,
                        n_points=len(array) if kind == "points" else None)
         return self.job
+
+    def read_points(self, python, path, server_args=()):
+        """Read a point-cloud file with the backend's reader (LAS/LAZ, E57, PCD, PLY, text, NumPy:
+        the libraries live in the backend's Python, not in Blender's) and wait for it: a dict of
+        "points" (N, 3) float64, "colors" and "normals" (N, 3) float32 or None. Raises
+        InterpreterProblem, or client.BackendError naming the problem with the file."""
+        request = self.client_for(python, server_args).read_points(path)
+        self.client.wait(request)
+        if request.error is not None:
+            raise request.error
+        return request.result
 
     def pump(self):
         """Apply the frames the reader thread received. Returns the requests that finished."""

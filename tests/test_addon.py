@@ -108,11 +108,11 @@ def test_mesh_from_selected_objects_world_space_with_modifiers(scene, tiny_check
     bpy.context.view_layer.update()
     dg = bpy.context.evaluated_depsgraph_get()
     from blender_occnet.gather import object_points
-    cube_pts = object_points(cube, dg)
-    assert len(cube_pts) == 16  # two cubes: the array modifier was applied
+    cube_pts, cube_colours = object_points(cube, dg)
+    assert len(cube_pts) == 16 and cube_colours is None  # two cubes: the array modifier was applied
     np.testing.assert_allclose(cube_pts.max(0), [8.0, 3.0, -1.0], atol=1e-5)  # world space
     np.testing.assert_allclose(cube_pts.min(0), [4.0, -1.0, -3.0], atol=1e-5)
-    pts = np.concatenate([cube_pts, object_points(pc, dg)])
+    pts = np.concatenate([cube_pts, object_points(pc, dg)[0]])
     lo, hi = pts.min(0), pts.max(0)
     n_before = len(bpy.data.objects)
     names_before = {o.name for o in bpy.data.objects}
@@ -395,8 +395,8 @@ def test_mesh_builder_colors_normals_and_refusals(addon):
         attr = me.color_attributes["Color"]
         assert attr.domain == "POINT" and attr.data_type == "FLOAT_COLOR"
         got = np.empty(16, np.float32)
-        attr.data.foreach_get("color", got)
-        np.testing.assert_allclose(got.reshape(4, 4), colors)
+        attr.data.foreach_get("color_srgb", got)  # colours from files and the backend are sRGB
+        np.testing.assert_allclose(got.reshape(4, 4), colors, atol=1e-4)
         assert me.has_custom_normals
         corner = np.empty(len(me.loops) * 3, np.float32)
         me.corner_normals.foreach_get("vector", corner)
@@ -731,3 +731,128 @@ def test_selection_without_geometry_and_a_mesh_with_faces_only(scene, addon, tin
     assert bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", resolution="32") == {"FINISHED"}
     assert "from 8 points" in addon.session.last_info
     assert bpy.context.active_object.name.startswith("Cube_occnet")
+
+
+def colour_link(obj):
+    """(node feeding the Base Color of the object's material, its attribute name)."""
+    material = obj.data.materials[0]
+    bsdf = next(n for n in material.node_tree.nodes if n.bl_idname == "ShaderNodeBsdfPrincipled")
+    base = bsdf.inputs["Base Color"]
+    assert base.is_linked, "the material's Base Color does not read the colour attribute"
+    node = base.links[0].from_node
+    return node, node.layer_name
+
+
+def srgb_colours(mesh, name="Color"):
+    attr = mesh.color_attributes[name]
+    assert attr.domain == "POINT" and mesh.color_attributes.active_color.name == name
+    got = np.empty(len(attr.data) * 4, np.float32)
+    attr.data.foreach_get("color_srgb", got)
+    return got.reshape(-1, 4)
+
+
+SURVEY_OFFSET = np.array([412_345.678, 5_312_345.678, 231.5])
+
+
+def coloured_survey_scan(n=3000):
+    """A 5 m sphere 5 * 10^6 m from the origin, red where x is below its centre, blue above."""
+    directions = np.random.default_rng(0).normal(size=(n, 3))
+    points = SURVEY_OFFSET + 5.0 * directions / np.linalg.norm(directions, axis=1, keepdims=True)
+    colours = np.where((points[:, 0] < SURVEY_OFFSET[0])[:, None], [255, 0, 0], [0, 0, 255]).astype(np.uint8)
+    return points, colours
+
+
+def write_las(path, points, colours):
+    import laspy
+
+    header = laspy.LasHeader(point_format=3, version="1.2")
+    header.scales, header.offsets = [0.001] * 3, points.min(axis=0)
+    las = laspy.LasData(header)
+    las.x, las.y, las.z = points.T
+    las.red, las.green, las.blue = (colours.astype(np.uint16) * 257).T
+    las.write(path)
+
+
+def test_coloured_scan_file_gives_a_coloured_object_in_place(scene, addon, tiny_checkpoints, tmp_path):
+    """A LAZ survey read by the backend's reader: the object sits on the survey's coordinates,
+    its colour attribute holds the points' colours and its material's Base Color reads it."""
+    _prefs(tiny_checkpoints)
+    points, colours = coloured_survey_scan()
+    write_las(tmp_path / "survey.laz", points, colours)
+    res = bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", source="FILE", filepath=str(tmp_path / "survey.laz"),
+                                          resolution="32")
+    assert res == {"FINISHED"}
+    obj = bpy.context.active_object
+    assert obj.name.startswith("survey_occnet")
+    center = (points.min(0) + points.max(0)) / 2
+    np.testing.assert_allclose(np.array(obj.location, np.float64), center, atol=0.5)  # float32 location
+    local, _ = mesh_arrays(obj)
+    world = local.astype(np.float64) + np.array(obj.location, np.float64)
+    np.testing.assert_allclose((world.min(0) + world.max(0)) / 2, center, atol=0.05)
+    rgba = srgb_colours(obj.data)
+    left, right = world[:, 0] < center[0] - 1.0, world[:, 0] > center[0] + 1.0
+    assert left.any() and right.any()
+    np.testing.assert_allclose(rgba[left], [[1, 0, 0, 1]] * int(left.sum()), atol=1e-4)
+    np.testing.assert_allclose(rgba[right], [[0, 0, 1, 1]] * int(right.sum()), atol=1e-4)
+    node, layer = colour_link(obj)
+    assert node.bl_idname == "ShaderNodeVertexColor" and layer == "Color"
+
+
+def test_import_point_cloud_then_reconstruct_from_the_selection(scene, addon, tiny_checkpoints, tmp_path):
+    """File > Import > Point Cloud reads a PCD through the backend: an object of vertices with their
+    colours; Mesh from Point Cloud on it carries the colours on."""
+    import pypcd4
+
+    _prefs(tiny_checkpoints)
+    points, colours = coloured_survey_scan(2000)
+    local = (points - SURVEY_OFFSET).astype(np.float32)
+    pypcd4.PointCloud.from_xyzrgb_points(np.column_stack([local, pypcd4.PointCloud.encode_rgb(colours)])
+                                         ).save(tmp_path / "scan.pcd")
+    assert bpy.ops.occnet.import_point_cloud("EXEC_DEFAULT", filepath=str(tmp_path / "scan.pcd")) == {"FINISHED"}
+    cloud = bpy.context.active_object
+    assert cloud.name == "scan" and len(cloud.data.vertices) == 2000 and len(cloud.data.polygons) == 0
+    np.testing.assert_allclose(srgb_colours(cloud.data)[:, :3], colours / 255.0, atol=1e-4)
+    assert colour_link(cloud)[1] == "Color"
+    world = mesh_arrays_vertices(cloud) + np.array(cloud.location)
+    np.testing.assert_allclose(world, local, atol=1e-4)
+
+    assert bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", source="SELECTED", resolution="32") == {"FINISHED"}
+    mesh = bpy.context.active_object
+    assert mesh.name.startswith("scan_occnet") and len(mesh.data.polygons) > 0
+    rgba = srgb_colours(mesh.data)
+    world = mesh_arrays_vertices(mesh) + np.array(mesh.location)
+    left, right = world[:, 0] < -1.0, world[:, 0] > 1.0
+    assert left.any() and right.any()
+    np.testing.assert_allclose(rgba[left], [[1, 0, 0, 1]] * int(left.sum()), atol=1e-4)
+    np.testing.assert_allclose(rgba[right], [[0, 0, 1, 1]] * int(right.sum()), atol=1e-4)
+
+
+def mesh_arrays_vertices(obj):
+    v = np.empty(len(obj.data.vertices) * 3, np.float32)
+    obj.data.vertices.foreach_get("co", v)
+    return v.reshape(-1, 3)
+
+
+def test_dropped_files_are_reconstructed(scene, addon, tiny_checkpoints, tmp_path):
+    """The file handler that a drop onto the 3D Viewport uses, and its operator with the
+    directory + files a drop of several files gives (run in EXEC mode: the bpy module has no
+    window to drop onto)."""
+    from PIL import Image
+
+    _prefs(tiny_checkpoints)
+    handler = bpy.types.FileHandler.bl_rna_get_subclass_py("OCCNET_FH_reconstruct")
+    assert handler.bl_import_operator == "occnet.reconstruct_files"
+    assert {".las", ".laz", ".e57", ".pcd", ".ply", ".png", ".jpg"} <= set(handler.bl_file_extensions.split(";"))
+    importer = bpy.types.FileHandler.bl_rna_get_subclass_py("OCCNET_FH_import_point_cloud")
+    assert importer.bl_import_operator == "occnet.import_point_cloud"
+    np.savetxt(tmp_path / "dropped.xyz", np.random.default_rng(0).uniform(-1, 1, (400, 3)))
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[16:48, 16:48] = (200, 60, 30, 255)
+    Image.fromarray(rgba).save(tmp_path / "dropped.png")
+    res = bpy.ops.occnet.reconstruct_files("EXEC_DEFAULT", directory=str(tmp_path),
+                                           files=[{"name": "dropped.xyz"}, {"name": "dropped.png"}])
+    assert res == {"FINISHED"}
+    names = sorted(o.name for o in bpy.data.objects)
+    assert len(names) == 2 and names[0].startswith("dropped_occnet") and names[1].startswith("dropped_occnet")
+    with pytest.raises(RuntimeError, match="Not a point cloud or image"):
+        bpy.ops.occnet.reconstruct_files("EXEC_DEFAULT", filepath=str(tmp_path / "notes.docx"))

@@ -143,7 +143,7 @@ def test_wire_imports_with_stdlib_and_numpy_only():
     code = (
         "import sys, json\n"
         "before = set(sys.modules)\n"
-        "import blender_occnet, blender_occnet.wire, blender_occnet.client, blender_occnet.pointio\n"
+        "import blender_occnet, blender_occnet.wire, blender_occnet.client, blender_occnet.filetypes\n"
         "new = {m.split('.')[0] for m in set(sys.modules) - before}\n"
         "print(json.dumps(sorted(new)))\n"
     )
