@@ -146,8 +146,8 @@ class Reconstructor:
                            colors=None, normals=None) -> ReconstructionResult:
         """points (N, 3) in the caller's coordinates -> mesh in the same coordinates, vertices
         float64 (a survey's coordinates 10^5 m from the origin keep their millimetres).
-        colors (N, 3) in [0, 1], 0..255 or 0..65535: the mesh gets vertex colours from the nearest
-        points. normals (N, 3): checked, but the current models do not use them."""
+        colors (N, 3), floats in [0, 1] or uint8 / uint16: the mesh gets vertex colours (V, 4) from
+        the nearest points. normals (N, 3): checked, but the current models do not use them."""
         options = options or ReconstructOptions()
         options.validate()
         cloud = checked_cloud(points, colors, normals)

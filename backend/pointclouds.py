@@ -132,19 +132,38 @@ def colour_unit(values: np.ndarray) -> float:
 
 
 def unit_colours(values, source: str = "input") -> np.ndarray:
-    """(N, 3) colours in 0..1, 0..255 or 0..65535 -> (N, 3) float32 in [0, 1]."""
+    """Colours (N, 3) read from a file, in 0..1, 0..255 or 0..65535 (the values decide, see
+    colour_unit) -> (N, 3) float32 in [0, 1]."""
     arr = validate_per_point(values, len(values), "colours", source)
     if arr.size and float(arr.min()) < 0.0:
         raise InputError(f"{source}: colours must not be negative (lowest {float(arr.min()):g})")
     return np.clip(arr / np.float32(colour_unit(values)), 0.0, 1.0)
 
 
+def colour_array(values, count: int, source: str = "input") -> np.ndarray | None:
+    """Colours (N, 3) handed over as an array -> (N, 3) float32 in [0, 1]; the dtype decides:
+    uint8 is 0..255, uint16 0..65535, floats must already lie in [0, 1] (the readers' output)."""
+    if values is None:
+        return None
+    kind = np.asarray(values).dtype
+    arr = validate_per_point(values, count, "colours", source)
+    unit = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(kind, 1.0)
+    if kind.kind == "f" and arr.size and (float(arr.min()) < 0.0 or float(arr.max()) > 1.0):
+        raise InputError(f"{source}: colours as floats must lie in [0, 1] (found {float(arr.min()):g}.."
+                         f"{float(arr.max()):g}); pass 0..255 values as uint8")
+    return arr / np.float32(unit) if unit != 1.0 else arr
+
+
 def checked_cloud(points, colors=None, normals=None, source: str = "input") -> PointCloud:
-    """A PointCloud from raw arrays, validated: points as validate_points, colours scaled to
-    [0, 1] (unit_colours), normals (N, 3) float32."""
+    """A PointCloud from raw arrays, validated: points as validate_points, colours as colour_array,
+    normals (N, 3) float32."""
     xyz = validate_points(points, source)
-    rgb = None if colors is None else unit_colours(validate_per_point(colors, len(xyz), "colours", source), source)
-    return PointCloud(xyz, rgb, validate_per_point(normals, len(xyz), "normals", source))
+    return PointCloud(xyz, colour_array(colors, len(xyz), source), validate_per_point(normals, len(xyz), "normals", source))
+
+
+def file_cloud(points, colors=None, normals=None, source: str = "input") -> PointCloud:
+    """checked_cloud for arrays read from a file, whose colour scale the values tell (unit_colours)."""
+    return checked_cloud(points, None if colors is None else unit_colours(colors, source), normals, source)
 
 
 # --- column layout of text and array clouds ----------------------------------------------------------
@@ -200,7 +219,7 @@ def columns_from_values(sample: np.ndarray) -> dict:
 def split_columns(table: np.ndarray, layout: dict, source: str) -> PointCloud:
     """A PointCloud from an (N, C) table and a layout of column indices."""
     pick = lambda key: None if layout[key] is None else table[:, list(layout[key])]  # noqa: E731
-    return checked_cloud(pick("points"), pick("colors"), pick("normals"), source)
+    return file_cloud(pick("points"), pick("colors"), pick("normals"), source)
 
 
 # --- text ------------------------------------------------------------------------------------------
@@ -284,7 +303,7 @@ def read_npz(path: Path) -> PointCloud:
         colour_key = next((k for k in ("colors", "colours") if k in data.files), None)
         colors = data[colour_key] if colour_key else None
         normals = data["normals"] if "normals" in data.files else None
-    return checked_cloud(points, colors, normals, str(path))
+    return file_cloud(points, colors, normals, str(path))
 
 
 # --- PLY -------------------------------------------------------------------------------------------
@@ -387,7 +406,7 @@ def read_las(path: Path) -> PointCloud:
         raise InputError(f"{path}: cannot read the LAS file ({exc})") from exc
     if start < count:
         raise InputError(f"{path}: the LAS header declares {count} points but the file holds {start}")
-    return checked_cloud(points, colors, None, str(path))
+    return file_cloud(points, colors, None, str(path))
 
 
 def read_e57(path: Path) -> PointCloud:
@@ -412,7 +431,7 @@ def read_e57(path: Path) -> PointCloud:
     with_colour = all("colorRed" in s for s in scans)
     colors = np.concatenate([np.column_stack([s["colorRed"], s["colorGreen"], s["colorBlue"]]) for s in scans]) \
         if with_colour else None
-    return checked_cloud(points, colors, None, str(path))
+    return file_cloud(points, colors, None, str(path))
 
 
 def read_pcd(path: Path) -> PointCloud:
@@ -433,7 +452,7 @@ def read_pcd(path: Path) -> PointCloud:
         points = points[present]
         colors = None if colors is None else colors[present]
         normals = None if normals is None else normals[present]
-    return checked_cloud(points, colors, normals, str(path))
+    return file_cloud(points, colors, normals, str(path))
 
 
 def read_mesh_vertices(path: Path) -> PointCloud:
@@ -448,7 +467,7 @@ def read_mesh_vertices(path: Path) -> PointCloud:
         vertices = getattr(loaded, "vertices", None)
     if vertices is None:
         raise InputError(f"{path}: holds no vertices")
-    return checked_cloud(vertices, None, None, str(path))
+    return file_cloud(vertices, None, None, str(path))
 
 
 READERS = {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the project needs into ./.venv (created if missing).
 #   bash scripts/setup.sh            backend + CLI + extraction extras
-#   bash scripts/setup.sh --test     ... plus the test suite's needs (bpy 5.0.1, libigl, pytest)
+#   bash scripts/setup.sh --test     ... plus the test suite's needs (bpy 5.0.1, libigl, pytest, and the
+#                                    scans extra: laspy/lazrs, pye57, pypcd4 for LAS/LAZ, E57, PCD files)
 #   bash scripts/setup.sh --bench    ... plus the benchmarks' needs (Open3D)
 # torch: the pinned CPU build is installed first, unless the venv already has a torch (a GPU user's
 # own CUDA build is left alone). Override with TORCH_SPEC, e.g. TORCH_SPEC="torch==2.13.0+cu126".
@@ -11,8 +12,8 @@ PYTHON=${PYTHON:-python3}
 extras="mesh"
 for arg in "$@"; do
   case "$arg" in
-    --test) extras="$extras,test,training,foreground" ;;
-    --bench) extras="$extras,test,training,foreground,bench" ;;
+    --test) extras="$extras,test,training,foreground,scans" ;;
+    --bench) extras="$extras,test,training,foreground,scans,bench" ;;
     *) echo "setup.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done

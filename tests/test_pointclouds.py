@@ -214,3 +214,21 @@ def test_subsample_covers_a_scan_whose_density_varies():
     assert len(subset) == 2000 and len(np.unique(subset, axis=0)) == 2000
     assert (subset[:, 0] > 1).sum() >= 150
     assert np.array_equal(subset, subsample_points(cloud, 2000))  # deterministic
+
+
+def test_the_addon_offers_every_format_the_backend_reads():
+    from blender_occnet import filetypes
+
+    assert set(filetypes.POINT_EXTENSIONS) == set(POINT_SUFFIXES)
+
+
+def test_float_colours_outside_0_1_are_refused_not_guessed():
+    """Arrays handed to the pipeline say their scale by their dtype (uint8, uint16, floats in [0, 1]):
+    1.0 in a float array is white, never 1/255."""
+    from backend.pointclouds import checked_cloud
+
+    points = np.eye(3)
+    assert np.array_equal(checked_cloud(points, np.eye(3)).colors, np.eye(3))
+    assert np.allclose(checked_cloud(points, np.eye(3, dtype=np.uint8) * 255).colors, np.eye(3))
+    with pytest.raises(InputError, match=r"colours as floats must lie in \[0, 1\]"):
+        checked_cloud(points, np.eye(3) * 255)
