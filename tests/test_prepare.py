@@ -299,3 +299,18 @@ def test_render_stage_adds_views_consistent_with_cameras(tmp_path):
             assert (seen.premultiplied[row, col, 3] > 0.25).mean() > 0.99
     meta = json.loads((out_dir / "meta.json").read_text())
     assert meta["views"] == views and meta["image_size"] == size
+
+
+def test_an_open_sheet_is_told_from_a_solid_by_its_near_surface_samples(tmp_path):
+    """training.dataset.near_inside_fraction, which training uses to leave out open sheets: about a
+    half of a solid's near-surface samples are inside, almost none of a flat open sheet's."""
+    from training.dataset import near_inside_fraction
+
+    folder = tmp_path / "toys"
+    folder.mkdir()
+    trimesh.creation.icosphere(subdivisions=3, radius=0.4).export(folder / "ball.obj")
+    sheet = trimesh.Trimesh([[0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0]], [[0, 1, 2], [0, 2, 3]])
+    sheet.export(folder / "sheet.obj")
+    run_prepare(folder, tmp_path / "out", "--views", "0")
+    assert 0.4 < near_inside_fraction(tmp_path / "out" / "toys_ball") < 0.6
+    assert near_inside_fraction(tmp_path / "out" / "toys_sheet") < 0.05
