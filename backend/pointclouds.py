@@ -252,6 +252,15 @@ def text_layout(path: Path) -> tuple[int, str | None, list[str] | None]:
     raise InputError(f"{path}: expected lines of at least three numbers (x y z), found none")
 
 
+def first_data_row(path: Path, skip: int) -> str:
+    """The first line after skip lines that is not blank or a # comment."""
+    with open(path, encoding="utf-8-sig") as f:
+        for index, line in enumerate(f):
+            if index >= skip and line.strip() and not line.lstrip().startswith("#"):
+                return line.strip()
+    return ""
+
+
 def load_text(path: Path, columns=None) -> np.ndarray:
     """(N, len(columns)) float64 via numpy's streaming C parser (no per-line Python work)."""
     skip, delimiter, _ = text_layout(path)
@@ -265,9 +274,10 @@ def read_text(path: Path) -> PointCloud:
     skip, delimiter, names = text_layout(path)
     if names is not None:
         layout = columns_from_names(names)
-    else:
+    else:  # as many columns as the first row has: rows with more (a ragged file) are not guessed from
+        width = len(first_data_row(path, skip).split(delimiter))
         sample = np.loadtxt(path, dtype=np.float64, comments="#", delimiter=delimiter, skiprows=skip,
-                            max_rows=SAMPLE_ROWS, ndmin=2, encoding="utf-8-sig")
+                            max_rows=SAMPLE_ROWS, usecols=range(width), ndmin=2, encoding="utf-8-sig")
         layout = columns_from_values(sample) if sample.shape[1] >= 3 else {"points": (0, 1, 2), "colors": None,
                                                                            "normals": None}
     wanted = [c for key in ("points", "colors", "normals") if layout[key] for c in layout[key]]

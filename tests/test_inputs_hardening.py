@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend import inputs
+from backend import pointclouds
 from backend.errors import InputError
 from backend.inputs import MAX_IMAGE_SIDE, load_image, load_points, normalisation, validate_points
 
@@ -66,7 +66,7 @@ def test_bad_text_lines_are_named(tmp_path, text, message):
 
 
 def test_npz_that_expands_beyond_the_limit_is_refused_unread(tmp_path, monkeypatch):
-    monkeypatch.setattr(inputs, "MAX_NPZ_BYTES", 100_000)
+    monkeypatch.setattr(pointclouds, "MAX_NPZ_BYTES", 100_000)
     np.savez_compressed(tmp_path / "bomb.npz", points=np.zeros((10_000, 3)))  # 240 KB expanded, 1 KB on disk
     with pytest.raises(InputError, match="bomb.npz: the .npz file expands to 0.0 GiB, more than the"):
         load_points(tmp_path / "bomb.npz")

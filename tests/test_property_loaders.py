@@ -5,7 +5,10 @@ import io
 import warnings
 from contextlib import contextmanager
 
+import laspy
 import numpy as np
+import pye57
+import pypcd4
 import pytest
 import trimesh
 from hypothesis import HealthCheck, given, settings
@@ -18,8 +21,9 @@ from backend.inputs import IMAGE_SUFFIXES, MAX_IMAGE_SIDE, POINT_SUFFIXES, load_
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def valid_point_file(suffix: str) -> bytes:
-    """A small, valid point cloud in the format of suffix: the seed that mutations start from."""
+def valid_point_file(suffix: str, folder) -> bytes:
+    """A small, valid point cloud in the format of suffix, written by the format's own library (in
+    folder, for pye57, which writes only to a path): the seed that mutations start from."""
     points = np.random.default_rng(0).uniform(-1, 1, (12, 3))
     if suffix in (".xyz", ".txt", ".pts"):
         return "".join(f"{x:.4f} {y:.4f} {z:.4f}\n" for x, y, z in points).encode()
@@ -28,6 +32,21 @@ def valid_point_file(suffix: str) -> bytes:
     if suffix in (".ply", ".obj", ".off"):
         exported = trimesh.convex.convex_hull(points).export(file_type=suffix[1:])
         return exported.encode() if isinstance(exported, str) else exported
+    if suffix in (".las", ".laz"):
+        las = laspy.LasData(laspy.LasHeader(point_format=2, version="1.2"))
+        las.x, las.y, las.z = points.T
+        buffer = io.BytesIO()
+        las.write(buffer, do_compress=suffix == ".laz")
+        return buffer.getvalue()
+    if suffix == ".pcd":
+        buffer = io.BytesIO()
+        pypcd4.PointCloud.from_xyz_points(points.astype(np.float32)).save(buffer)
+        return buffer.getvalue()
+    if suffix == ".e57":
+        e57 = pye57.E57(str(folder / "seed.e57"), mode="w")
+        e57.write_scan_raw({"cartesianX": points[:, 0], "cartesianY": points[:, 1], "cartesianZ": points[:, 2]})
+        e57.close()
+        return (folder / "seed.e57").read_bytes()
     buffer = io.BytesIO()
     if suffix == ".npy":
         np.save(buffer, points)
@@ -82,7 +101,7 @@ def check_points(path) -> None:
             points = load_points(path)
     except InputError:
         return
-    assert points.dtype == np.float32 and points.ndim == 2 and points.shape[1] == 3
+    assert points.dtype == np.float64 and points.ndim == 2 and points.shape[1] == 3
     assert len(points) >= 3 and np.isfinite(points).all()
 
 
@@ -99,10 +118,11 @@ def check_image(path) -> None:
 
 @pytest.mark.parametrize("suffix", POINT_SUFFIXES)
 def test_point_loader_on_any_bytes(tmp_path_factory, suffix):
-    path = tmp_path_factory.mktemp("fuzz") / f"cloud{suffix}"
+    folder = tmp_path_factory.mktemp("fuzz")
+    path = folder / f"cloud{suffix}"
 
     @FUZZ
-    @given(file_contents(valid_point_file(suffix)))
+    @given(file_contents(valid_point_file(suffix, folder)))
     def run(content):
         path.write_bytes(content)
         check_points(path)
