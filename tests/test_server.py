@@ -136,7 +136,8 @@ def test_reconstruct_points_progress_and_result(conn, tiny_checkpoints):
         break
     assert "extract" in stages
     v, f = arrays["vertices"], arrays["faces"]
-    assert v.dtype == np.float32 and f.dtype == np.int32 and v.shape[1] == 3 and f.shape[1] == 3
+    # point clouds: float64 vertices, the input's coordinates at full precision
+    assert v.dtype == np.float64 and f.dtype == np.int32 and v.shape[1] == 3 and f.shape[1] == 3
     assert h["stats"]["faces"] == len(f) and h["stats"]["vertices"] == len(v)
     assert edges_watertight(f)
     # the octahedron |x|+|y|+|z| = 0.4 of the canonical box, mapped back: centred on the bbox
@@ -148,6 +149,47 @@ def test_reconstruct_points_progress_and_result(conn, tiny_checkpoints):
     rid = conn.request("info")
     h, _ = conn.expect("info", rid)
     assert any(m["checkpoint"].endswith("octa_points.safetensors") for m in h["loaded_models"])
+
+
+def test_read_points_sends_the_files_points_colours_and_normals(conn, tmp_path):
+    """The add-on's file reader: the backend reads the file (backend.pointclouds) and sends the
+    arrays back; a bad file or path is an error reply naming it, and the server carries on."""
+    rng = np.random.default_rng(0)
+    points = rng.uniform(0, 10, (300, 3)) + [412_345.678, 5_312_345.678, 0]
+    colours = rng.integers(0, 256, (300, 3))
+    np.savetxt(tmp_path / "scan.xyz", np.column_stack([points, colours]), fmt="%.12g")
+    rid = conn.request("read_points", path=str(tmp_path / "scan.xyz"))
+    h, arrays = conn.expect("points", rid)
+    assert h["count"] == 300
+    assert arrays["points"].dtype == np.float64 and np.abs(arrays["points"] - points).max() < 1e-5
+    np.testing.assert_allclose(arrays["colors"] * 255, colours, atol=1e-3)
+    assert "normals" not in arrays
+    (tmp_path / "junk.las").write_bytes(b"not a las file")
+    rid = conn.request("read_points", path=str(tmp_path / "junk.las"))
+    h, _ = conn.expect("error", rid)
+    assert h["code"] == "bad_input" and "junk.las" in h["message"]
+    rid = conn.request("read_points", path=None)
+    h, _ = conn.expect("error", rid)
+    assert h["code"] == wire.E_BAD_REQUEST and "'path'" in h["message"]
+    rid = conn.request("ping")
+    conn.expect("pong", rid)
+
+
+def test_coloured_points_give_a_coloured_result(conn, tiny_checkpoints):
+    rng = np.random.default_rng(1)
+    pts = rng.uniform(-1, 1, (2000, 3))
+    colours = np.where((pts[:, 0] < 0)[:, None], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]).astype(np.float32)
+    rid = conn.request("reconstruct", input="points", options={"checkpoint": str(tiny_checkpoints["points"]),
+                                                               "resolution": 32, "refine": False},
+                       arrays={"points": pts, "colors": colours})
+    h, arrays = conn.expect("result", rid)
+    v, rgba = arrays["vertices"], arrays["colors"]
+    assert rgba.shape == (len(v), 4) and rgba.dtype == np.float32
+    np.testing.assert_allclose(rgba[v[:, 0] < -0.2], [[1, 0, 0, 1]] * int((v[:, 0] < -0.2).sum()), atol=1e-6)
+    rid = conn.request("reconstruct", input="points", options={"checkpoint": str(tiny_checkpoints["points"])},
+                       arrays={"points": pts, "colors": colours[:10]})
+    h, _ = conn.expect("error", rid)
+    assert h["code"] == wire.E_BAD_REQUEST and "'colors' must be a float array of the points' shape" in h["message"]
 
 
 def test_cancel_during_extraction_is_fast(conn, tiny_checkpoints):
