@@ -23,16 +23,22 @@ REPO = Path(__file__).resolve().parents[1]
 FORMATS = ("ply", "las", "laz", "e57", "pcd", "xyz", "npy")
 
 PROBE = """
-import json, resource, sys, time
+import json, sys, time
 from backend.pointclouds import load_point_cloud
 import laspy, pye57, pypcd4, trimesh  # the readers' own imports are not the cloud's memory
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def peak_rss_mb():  # this process's own high-water mark (ru_maxrss would include the parent's at fork)
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
+
+
+before = peak_rss_mb()
 start = time.perf_counter()
 cloud = load_point_cloud(sys.argv[1])
 seconds = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"points": len(cloud.points), "colours": cloud.colors is not None, "seconds": seconds,
-                  "baseline_mb": before / 1024, "peak_rss_mb": peak / 1024}))
+                  "baseline_mb": before, "peak_rss_mb": peak_rss_mb()}))
 """
 
 
