@@ -158,7 +158,8 @@ def checked_cloud(points, colors=None, normals=None, source: str = "input") -> P
     """A PointCloud from raw arrays, validated: points as validate_points, colours as colour_array,
     normals (N, 3) float32."""
     xyz = validate_points(points, source)
-    return PointCloud(xyz, colour_array(colors, len(xyz), source), validate_per_point(normals, len(xyz), "normals", source))
+    return PointCloud(xyz, colour_array(colors, len(xyz), source),
+                      validate_per_point(normals, len(xyz), "normals", source))
 
 
 def file_cloud(points, colors=None, normals=None, source: str = "input") -> PointCloud:
@@ -212,14 +213,26 @@ def columns_from_values(sample: np.ndarray) -> dict:
     preferred = (4, 3, 6) if width in (7, 10) else (3, 6, 4)  # 7 or 10 columns: an intensity first
     colour_starts = [s for s in preferred if s + 3 <= width and not taken & {s, s + 1, s + 2}]
     colours = next((s for s in colour_starts if looks_like_colours(sample[:, s:s + 3])), None)
-    as_triple = lambda start: None if start is None else (start, start + 1, start + 2)  # noqa: E731
-    return {"points": (0, 1, 2), "colors": as_triple(colours), "normals": as_triple(normals)}
+    return {"points": (0, 1, 2), "colors": triple(colours), "normals": triple(normals)}
+
+
+def triple(start: int | None) -> tuple[int, int, int] | None:
+    return None if start is None else (start, start + 1, start + 2)
+
+
+def wanted_columns(layout: dict) -> tuple[list[int], dict]:
+    """The file's columns a layout uses, in order, and the layout re-indexed into a table that
+    holds just those columns."""
+    wanted = [c for key in ("points", "colors", "normals") if layout[key] for c in layout[key]]
+    position = {c: i for i, c in enumerate(wanted)}
+    return wanted, {key: columns and tuple(position[c] for c in columns) for key, columns in layout.items()}
 
 
 def split_columns(table: np.ndarray, layout: dict, source: str) -> PointCloud:
-    """A PointCloud from an (N, C) table and a layout of column indices."""
-    pick = lambda key: None if layout[key] is None else table[:, list(layout[key])]  # noqa: E731
-    return file_cloud(pick("points"), pick("colors"), pick("normals"), source)
+    """A PointCloud from an (N, C) table and a layout {"points"|"colors"|"normals": column
+    indices or None}."""
+    picked = {key: None if columns is None else table[:, list(columns)] for key, columns in layout.items()}
+    return file_cloud(picked["points"], picked["colors"], picked["normals"], source)
 
 
 # --- text ------------------------------------------------------------------------------------------
@@ -280,12 +293,11 @@ def read_text(path: Path) -> PointCloud:
                             max_rows=SAMPLE_ROWS, usecols=range(width), ndmin=2, encoding="utf-8-sig")
         layout = columns_from_values(sample) if sample.shape[1] >= 3 else {"points": (0, 1, 2), "colors": None,
                                                                            "normals": None}
-    wanted = [c for key in ("points", "colors", "normals") if layout[key] for c in layout[key]]
+    wanted, table_layout = wanted_columns(layout)
     table = load_text(path, wanted)
     if len(table) == 0:
         raise InputError(f"{path}: expected lines of at least three numbers (x y z), found none")
-    positions = {c: i for i, c in enumerate(wanted)}
-    return split_columns(table, {k: v and tuple(positions[c] for c in v) for k, v in layout.items()}, str(path))
+    return split_columns(table, table_layout, str(path))
 
 
 # --- numpy -----------------------------------------------------------------------------------------
@@ -373,7 +385,7 @@ def read_ply(path: Path) -> PointCloud:
                   "normals": named_columns(names, NORMAL_NAMES)}
         if layout["points"] is None:
             raise InputError(f"{path}: PLY vertices need x, y and z properties (have {', '.join(names)})")
-        wanted = [c for key in ("points", "colors", "normals") if layout[key] for c in layout[key]]
+        wanted, table_layout = wanted_columns(layout)
         order = PLY_FORMATS[fmt]
         if order is None:
             table = np.loadtxt(path, dtype=np.float64, skiprows=header_lines, max_rows=count, usecols=wanted,
@@ -387,8 +399,7 @@ def read_ply(path: Path) -> PointCloud:
             del records
     if len(table) < count:
         raise InputError(f"{path}: the PLY file declares {count} vertices but holds {len(table)}")
-    positions = {c: i for i, c in enumerate(wanted)}
-    return split_columns(table, {k: v and tuple(positions[c] for c in v) for k, v in layout.items()}, str(path))
+    return split_columns(table, table_layout, str(path))
 
 
 # --- LAS / LAZ, E57, PCD ------------------------------------------------------------------------------
