@@ -274,11 +274,10 @@ def first_data_row(path: Path, skip: int) -> str:
     return ""
 
 
-def load_text(path: Path, columns=None) -> np.ndarray:
+def parse_text(path: Path, skip: int, delimiter: str | None, columns, max_rows=None) -> np.ndarray:
     """(N, len(columns)) float64 via numpy's streaming C parser (no per-line Python work)."""
-    skip, delimiter, _ = text_layout(path)
-    return np.loadtxt(path, dtype=np.float64, comments="#", delimiter=delimiter, skiprows=skip,
-                      usecols=columns, ndmin=2, encoding="utf-8-sig")
+    return np.loadtxt(path, dtype=np.float64, comments="#", delimiter=delimiter, skiprows=skip, usecols=columns,
+                      max_rows=max_rows, ndmin=2, encoding="utf-8-sig")
 
 
 def read_text(path: Path) -> PointCloud:
@@ -289,12 +288,9 @@ def read_text(path: Path) -> PointCloud:
         layout = columns_from_names(names)
     else:  # as many columns as the first row has: rows with more (a ragged file) are not guessed from
         width = len(first_data_row(path, skip).split(delimiter))
-        sample = np.loadtxt(path, dtype=np.float64, comments="#", delimiter=delimiter, skiprows=skip,
-                            max_rows=SAMPLE_ROWS, usecols=range(width), ndmin=2, encoding="utf-8-sig")
-        layout = columns_from_values(sample) if sample.shape[1] >= 3 else {"points": (0, 1, 2), "colors": None,
-                                                                           "normals": None}
+        layout = columns_from_values(parse_text(path, skip, delimiter, range(width), SAMPLE_ROWS))
     wanted, table_layout = wanted_columns(layout)
-    table = load_text(path, wanted)
+    table = parse_text(path, skip, delimiter, wanted)
     if len(table) == 0:
         raise InputError(f"{path}: expected lines of at least three numbers (x y z), found none")
     return split_columns(table, table_layout, str(path))
