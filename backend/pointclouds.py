@@ -137,7 +137,8 @@ def unit_colours(values, source: str = "input") -> np.ndarray:
     arr = validate_per_point(values, len(values), "colours", source)
     if arr.size and float(arr.min()) < 0.0:
         raise InputError(f"{source}: colours must not be negative (lowest {float(arr.min()):g})")
-    return np.clip(arr / np.float32(colour_unit(values)), 0.0, 1.0)
+    arr /= np.float32(colour_unit(values))  # in place: validate_per_point made a float32 copy already
+    return np.clip(arr, 0.0, 1.0, out=arr)
 
 
 def colour_array(values, count: int, source: str = "input") -> np.ndarray | None:
@@ -381,21 +382,22 @@ def read_ply(path: Path) -> PointCloud:
                   "normals": named_columns(names, NORMAL_NAMES)}
         if layout["points"] is None:
             raise InputError(f"{path}: PLY vertices need x, y and z properties (have {', '.join(names)})")
-        wanted, table_layout = wanted_columns(layout)
         order = PLY_FORMATS[fmt]
         if order is None:
+            wanted, table_layout = wanted_columns(layout)
             table = np.loadtxt(path, dtype=np.float64, skiprows=header_lines, max_rows=count, usecols=wanted,
                                ndmin=2, encoding="ascii")
-        else:
+            found = len(table)
+            groups = {key: None if c is None else table[:, list(c)] for key, c in table_layout.items()}
+        else:  # each group straight from the records, in the file's own types
             record = np.dtype([(f"p{i}", order + PLY_TYPES[kind]) for i, (_, kind) in enumerate(properties)])
             records = np.fromfile(f, dtype=record, count=count)
-            table = np.empty((len(records), len(wanted)))
-            for column, index in enumerate(wanted):
-                table[:, column] = records[f"p{index}"]
-            del records
-    if len(table) < count:
-        raise InputError(f"{path}: the PLY file declares {count} vertices but holds {len(table)}")
-    return split_columns(table, table_layout, str(path))
+            found = len(records)
+            groups = {key: None if c is None else np.column_stack([records[f"p{i}"] for i in c])
+                      for key, c in layout.items()}
+    if found < count:
+        raise InputError(f"{path}: the PLY file declares {count} vertices but holds {found}")
+    return file_cloud(groups["points"], groups["colors"], groups["normals"], str(path))
 
 
 # --- LAS / LAZ, E57, PCD ------------------------------------------------------------------------------
