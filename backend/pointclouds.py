@@ -13,6 +13,7 @@ naming the file and the problem; a damaged or hostile file never escapes as anot
 """
 
 import importlib
+import struct
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -402,13 +403,46 @@ def read_ply(path: Path) -> PointCloud:
 
 # --- LAS / LAZ, E57, PCD ------------------------------------------------------------------------------
 
+# LAZ compresses point records about 5-15 times; a header that claims more than this many times the
+# file's bytes of records is a lie that would cost gigabytes of preallocated arrays.
+MAX_LAZ_RATIO = 100
+LAS_VLR_HEADER_BYTES = 54
+
+
+def check_las_header(path: Path) -> None:
+    """Refuse a LAS/LAZ file whose public header does not fit the file (its VLR count, point-data
+    offset), before laspy reads it: laspy would create a VLR object per claimed VLR (billions, for
+    one flipped byte)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(104)
+    if len(head) < 104 or head[:4] != b"LASF":
+        raise InputError(f"{path}: not a LAS file (no LASF signature)")
+    header_size, offset, vlrs = struct.unpack_from("<HII", head, 94)
+    if not header_size <= offset <= size or vlrs * LAS_VLR_HEADER_BYTES > offset - header_size:
+        raise InputError(f"{path}: damaged LAS header ({vlrs} VLRs and point data at byte {offset} "
+                         f"do not fit a {header_size}-byte header in a {size}-byte file)")
+
+
+def check_las_count(path: Path, header) -> int:
+    """The header's point count, refused when the file cannot hold that many records."""
+    count, record = int(header.point_count), int(header.point_format.size)
+    room = path.stat().st_size - int(header.offset_to_point_data)
+    ratio = MAX_LAZ_RATIO if header.are_points_compressed else 1
+    if count * record > ratio * max(room, 0):
+        raise InputError(f"{path}: the LAS header declares {count} points, more than its "
+                         f"{room} bytes of point data can hold")
+    return count
+
+
 def read_las(path: Path) -> PointCloud:
     """LAS or LAZ (laspy; LAZ through its lazrs backend), read in chunks into preallocated arrays,
     scaled and offset to real coordinates; colours where the point format has them."""
     laspy = require_package("laspy", "laspy[lazrs]", path.suffix.lower())
+    check_las_header(path)
     try:
         with laspy.open(path) as reader:
-            count = int(reader.header.point_count)
+            count = check_las_count(path, reader.header)
             has_colour = "red" in reader.header.point_format.dimension_names
             points = np.empty((count, 3))
             colors = np.empty((count, 3), np.uint16) if has_colour else None
@@ -428,6 +462,11 @@ def read_las(path: Path) -> PointCloud:
     return file_cloud(points, colors, None, str(path))
 
 
+# E57 packs coordinates into as few bits as their range needs; 8 points per byte is far beyond any
+# real scan, and a claim beyond it would cost gigabytes of buffers.
+MAX_E57_POINTS_PER_BYTE = 8
+
+
 def read_e57(path: Path) -> PointCloud:
     """Every scan of an E57 file (pye57), each placed by its pose; colours when every scan has them.
     Points marked invalid by the scanner are left out."""
@@ -435,6 +474,9 @@ def read_e57(path: Path) -> PointCloud:
     e57 = pye57.E57(str(path))
     try:
         scans = []
+        declared = sum(e57.get_header(index).point_count for index in range(e57.scan_count))
+        if declared > MAX_E57_POINTS_PER_BYTE * path.stat().st_size:
+            raise InputError(f"{path}: damaged E57 file: {declared} points declared in {path.stat().st_size} bytes")
         for index in range(e57.scan_count):
             fields = set(e57.get_header(index).point_fields)
             if "cartesianX" not in fields:
@@ -453,10 +495,37 @@ def read_e57(path: Path) -> PointCloud:
     return file_cloud(points, colors, None, str(path))
 
 
+# LZF expands at most about 90 times (a 3-byte token copies at most 264 bytes): a binary_compressed
+# PCD that claims more is a lie that would cost gigabytes.
+MAX_LZF_RATIO = 100
+
+
+def check_pcd_sizes(path: Path, pypcd4) -> None:
+    """Refuse a binary_compressed PCD whose declared sizes its bytes cannot hold, before pypcd4
+    allocates the declared uncompressed size and the declared points."""
+    with open(path, "rb") as f:
+        lines = []
+        for raw in f:  # the header as pypcd4 reads it: at most 10 lines, up to DATA
+            line = raw.decode("utf-8", "replace").strip()
+            if line and not line.startswith("#"):
+                lines.append(line)
+                if line.startswith("DATA") or len(lines) >= 10:
+                    break
+        metadata = pypcd4.MetaData.parse_header(lines)
+        if metadata.data != pypcd4.Encoding.BINARY_COMPRESSED:
+            return  # ascii and binary are read as far as the file goes
+        sizes = f.read(8)
+    compressed, uncompressed = struct.unpack("<II", sizes) if len(sizes) == 8 else (0, 0)
+    if uncompressed > MAX_LZF_RATIO * compressed or metadata.points * metadata.build_dtype().itemsize != uncompressed:
+        raise InputError(f"{path}: damaged PCD: {metadata.points} points declared, {uncompressed} bytes after "
+                         f"decompressing {compressed}")
+
+
 def read_pcd(path: Path) -> PointCloud:
     """PCD (ascii, binary, binary_compressed; pypcd4) with rgb/rgba and normal_x.. fields. Organised
     clouds (depth cameras) mark missing points with NaN: those points are left out."""
     pypcd4 = require_package("pypcd4", "pypcd4", ".pcd")
+    check_pcd_sizes(path, pypcd4)
     cloud = pypcd4.PointCloud.from_path(path)
     fields = list(cloud.fields)
     if not {"x", "y", "z"} <= set(fields):

@@ -232,3 +232,30 @@ def test_float_colours_outside_0_1_are_refused_not_guessed():
     assert np.allclose(checked_cloud(points, np.eye(3, dtype=np.uint8) * 255).colors, np.eye(3))
     with pytest.raises(InputError, match=r"colours as floats must lie in \[0, 1\]"):
         checked_cloud(points, np.eye(3) * 255)
+
+
+def test_lying_headers_are_refused_before_anything_big_is_allocated(tmp_path):
+    """One flipped field in a header must not cost gigabytes (or hours): a LAS claiming 4 billion
+    VLRs or points, a PCD claiming more decompressed bytes than LZF can make."""
+    import struct
+
+    points, _, _ = scan(100)
+    las = laspy.LasData(laspy.LasHeader(point_format=1, version="1.2"))
+    las.x, las.y, las.z = points.T
+    las.write(tmp_path / "good.las")
+    data = bytearray((tmp_path / "good.las").read_bytes())
+    for name, offset in (("vlrs", 100), ("points", 107)):
+        forged = bytearray(data)
+        struct.pack_into("<I", forged, offset, 0xFFFFFFF0)
+        (tmp_path / f"{name}.las").write_bytes(forged)
+        with pytest.raises(InputError, match=f"{name}.las: (damaged LAS header|the LAS header declares)"):
+            load_point_cloud(tmp_path / f"{name}.las")
+    pypcd4.PointCloud.from_xyz_points(points.astype(np.float32)).save(tmp_path / "good.pcd",
+                                                                       encoding=pypcd4.Encoding.BINARY_COMPRESSED)
+    data = (tmp_path / "good.pcd").read_bytes()
+    at = data.index(b"DATA binary_compressed\n") + len(b"DATA binary_compressed\n")
+    forged = bytearray(data)
+    struct.pack_into("<I", forged, at + 4, 0xFFFFFFF0)  # the uncompressed size
+    (tmp_path / "bomb.pcd").write_bytes(forged)
+    with pytest.raises(InputError, match="bomb.pcd: damaged PCD"):
+        load_point_cloud(tmp_path / "bomb.pcd")
