@@ -161,6 +161,8 @@ def test_cli_writes_per_shape_and_per_class_csv(data_dir, tmp_path, monkeypatch,
     for r in rows:
         assert float(r["chamfer_l1_x10"]) == pytest.approx(10 * float(r["chamfer_l1"]))
         assert 0.0 <= float(r["iou"]) <= 1.0
+        if model == "tiny_pixel_image":  # viewer-centred: how far the predicted up is from the camera's
+            assert r["up_error_deg"] == "nan" or 0.0 <= float(r["up_error_deg"]) <= 180.0
     classes = list(csv.DictReader(open(tmp_path / "eval_classes.csv")))
     assert classes[-1]["class"] == "mean (shapes)"
     assert "chamfer_l1_x10" in capsys.readouterr().out

@@ -154,14 +154,22 @@ def evaluate_viewer_shape(reconstructor: Reconstructor, options: ReconstructOpti
     queries = camera.transform_points(similarity, shape.uniform_points.astype(np.float64))
     options = dataclasses.replace(options, focal_length=focal_35mm(camera_mat, *rgba.shape[:2]))
 
+    predicted_up = []
+
     def mesh():
         result = reconstructor.reconstruct_image(rgba, options)
+        predicted_up.append(np.asarray(result.stats["viewer_to_output"])[2, :3])  # output +z, in the viewer frame
         return to_output_inverse(result), result.faces
 
     vertices, faces = mesh_or_empty(mesh)
     predicted_inside = inside(vertices, faces.astype(np.int64), queries) if len(faces) else np.zeros(len(queries), bool)
     iou = occupancy_iou(predicted_inside, shape.uniform_occupancies)
-    return shape_row(shape, iou, vertices, faces, gt_points, gt_normals, 0, rng, args, start)
+    row = shape_row(shape, iou, vertices, faces, gt_points, gt_normals, 0, rng, args, start)
+    row["up_error_deg"] = float("nan")  # no mesh, no placement: the pipeline stopped before it
+    if predicted_up:
+        cosine = float(np.clip(predicted_up[0] @ camera.up_in_viewer(similarity), -1.0, 1.0))
+        row["up_error_deg"] = round(math.degrees(math.acos(cosine)), 2)
+    return row
 
 
 def class_means(rows: list[dict]) -> list[dict]:
@@ -269,6 +277,10 @@ def main(argv=None) -> int:
     print(format_table(summary))
     print("chamfer_l1_x10 is Chamfer-L1 x 10 (the Occupancy Networks paper's table scale); "
           f"F-score at {args.fscore_threshold}; IoU at probability {args.threshold}")
+    up_errors = [row["up_error_deg"] for row in rows if not math.isnan(row.get("up_error_deg", math.nan))]
+    if up_errors:
+        print(f"up direction (camera elevation and roll) error: median {np.median(up_errors):.1f} deg, "
+              f"mean {np.mean(up_errors):.1f} deg, over {len(up_errors)} views")
     if args.out:
         out = Path(args.out)
         write_csv(out, rows)
