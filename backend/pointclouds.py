@@ -403,6 +403,8 @@ def read_ply(path: Path) -> PointCloud:
 
 # --- LAS / LAZ, E57, PCD ------------------------------------------------------------------------------
 
+# LAZ writers use chunks of 50,000 points; a chunk holds at most this many (lazrs allocates a chunk).
+MAX_LAZ_CHUNK_POINTS = 10_000_000
 # LAZ compresses point records about 5-15 times; a header that claims more than this many times the
 # file's bytes of records is a lie that would cost gigabytes of preallocated arrays.
 MAX_LAZ_RATIO = 100
@@ -424,6 +426,43 @@ def check_las_header(path: Path) -> None:
                          f"do not fit a {header_size}-byte header in a {size}-byte file)")
 
 
+LASZIP_VLR = (b"laszip encoded", 22204)
+VARIABLE_CHUNKS = 0xFFFFFFFF
+
+
+def check_laz_tables(path: Path) -> None:
+    """Refuse a LAZ file whose chunk size or chunk table cannot be right, before lazrs reads them:
+    lazrs allocates what they claim and aborts the whole process when that fails (a flipped byte in
+    the chunk count asked for 48 GB)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(104)
+        header_size, offset, vlrs = struct.unpack_from("<HII", head, 94)
+        f.seek(header_size)
+        records = f.read(offset - header_size)  # the VLRs: check_las_header saw that they fit
+        f.seek(offset)
+        table = struct.unpack("<q", f.read(8).ljust(8, b"\xff"))[0]
+        if table == -1:  # written at the end by a writer that could not seek back
+            f.seek(max(size - 8, 0))
+            table = struct.unpack("<q", f.read(8).ljust(8, b"\0"))[0]
+        if not offset + 8 <= table <= size - 8:
+            raise InputError(f"{path}: damaged LAZ file (its chunk table at byte {table} lies outside the points)")
+        f.seek(table + 4)
+        chunks = struct.unpack("<I", f.read(4).ljust(4, b"\0"))[0]
+    if chunks > size:  # every chunk takes at least a byte
+        raise InputError(f"{path}: damaged LAZ file ({chunks} chunks in {size} bytes)")
+    at = 0
+    for _ in range(vlrs):
+        if at + 54 > len(records):
+            break
+        user, record, length = struct.unpack_from("<2x16sHH", records, at)
+        if (user.rstrip(b"\0"), record) == LASZIP_VLR and length >= 16 and at + 54 + 16 <= len(records):
+            chunk_size = struct.unpack_from("<I", records, at + 54 + 12)[0]
+            if chunk_size != VARIABLE_CHUNKS and chunk_size > MAX_LAZ_CHUNK_POINTS:
+                raise InputError(f"{path}: damaged LAZ header (chunks of {chunk_size} points)")
+        at += 54 + length
+
+
 def check_las_count(path: Path, header) -> int:
     """The header's point count, refused when the file cannot hold that many records."""
     count, record = int(header.point_count), int(header.point_format.size)
@@ -440,6 +479,8 @@ def read_las(path: Path) -> PointCloud:
     scaled and offset to real coordinates; colours where the point format has them."""
     laspy = require_package("laspy", "laspy[lazrs]", path.suffix.lower())
     check_las_header(path)
+    if path.suffix.lower() == ".laz":
+        check_laz_tables(path)
     try:
         with laspy.open(path) as reader:
             count = check_las_count(path, reader.header)

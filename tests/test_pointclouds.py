@@ -259,3 +259,24 @@ def test_lying_headers_are_refused_before_anything_big_is_allocated(tmp_path):
     (tmp_path / "bomb.pcd").write_bytes(forged)
     with pytest.raises(InputError, match="bomb.pcd: damaged PCD"):
         load_point_cloud(tmp_path / "bomb.pcd")
+
+
+def test_a_laz_chunk_table_that_lies_is_refused_not_a_crash(tmp_path):
+    """lazrs aborts the whole process when an allocation fails: a flipped byte in the chunk count
+    asked for 48 GB. Run in a child, so that a regression shows as a crash, not a dead test run."""
+    import struct
+    import subprocess
+
+    points, _, _ = scan(100)
+    las = laspy.LasData(laspy.LasHeader(point_format=2, version="1.2"))
+    las.x, las.y, las.z = points.T
+    las.write(tmp_path / "good.laz")
+    data = bytearray((tmp_path / "good.laz").read_bytes())
+    offset = struct.unpack_from("<I", data, 96)[0]
+    table = struct.unpack_from("<q", data, offset)[0]
+    data[table + 7] = 0xB4  # the high byte of the chunk count
+    (tmp_path / "chunks.laz").write_bytes(data)
+    probe = ("from backend.pointclouds import load_point_cloud\nfrom backend.errors import InputError\n"
+             f"try:\n    load_point_cloud({str(tmp_path / 'chunks.laz')!r})\nexcept InputError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "chunks.laz: damaged LAZ file" in out.stdout, out.stderr[-500:]
