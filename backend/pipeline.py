@@ -18,13 +18,13 @@ import torch
 from . import __version__
 from .camera import VIEW_HALF_EXTENT, elevation_of_up
 from .checkpoint import load_checkpoint
+from .colours import transfer_colours
 from .defaults import default_checkpoint, installed_defaults
 from .device import resolve_device
 from .errors import Cancelled, InputError, OccnetError
 from .extraction import MeshArrays, grid_to_mesh, mise, simplify_mesh
 from .extraction.refine import refine_to_points
 from .foreground import object_mask
-from .colours import transfer_colours
 from .inputs import normalisation, validate_image
 from .pointclouds import checked_cloud
 from .preprocess import image_to_model_input, subsample_points
