@@ -329,7 +329,7 @@ class Server:
                                            normals=job.arrays.get("normals"))
             else:
                 res = r.reconstruct_image(job.arrays["pixels"], opts, progress=progress,
-                                          should_cancel=should_cancel)
+                                          should_cancel=should_cancel, mask=job.arrays.get("mask"))
             if job.cancel.is_set():
                 raise Cancelled()
             stats = dict(res.stats or {})
@@ -444,6 +444,10 @@ def validate_reconstruct(header, arrays):
             return f"'pixels' must have shape (H, W, 3|4), got {tuple(px.shape)}"
         if px.dtype not in (np.uint8, np.float32):
             return f"'pixels' must be uint8 or float32, got {px.dtype}"
+        mask = arrays.get("mask")
+        if mask is not None and (mask.shape != px.shape[:2] or mask.dtype not in (np.uint8, np.float32, np.bool_)):
+            return (f"'mask' must be uint8, float32 or bool of the picture's size {tuple(px.shape[:2])}, "
+                    f"got {mask.dtype} {tuple(mask.shape)}")
     return None
 
 

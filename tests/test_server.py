@@ -406,6 +406,26 @@ def test_image_request(conn, tiny_checkpoints):
     assert np.abs(v).max() < 0.55  # canonical box, centred at the origin
 
 
+def test_an_image_request_may_carry_the_objects_mask(conn, solid_pixel_checkpoint):
+    """A mask array travels with the pixels and is law: with the solid test model the result's
+    outline is the mask's (a 20 x 10 box, twice as tall as wide), not the opaque picture's; a mask
+    of another size is refused up front."""
+    picture = np.full((60, 60, 3), 128, np.uint8)           # no alpha: without the mask, an estimate
+    mask = np.zeros((60, 60), np.uint8)
+    mask[20:40, 25:35] = 255
+    options = {"checkpoint": solid_pixel_checkpoint, "resolution": 32}
+    rid = conn.request("reconstruct", input="image", options=options, arrays={"pixels": picture, "mask": mask})
+    h, arrays = conn.expect("result", rid)
+    v = arrays["vertices"]
+    assert h["stats"]["mask_source"] == "user"
+    height, width = np.ptp(v[:, 2]), np.ptp(v[:, 0])
+    assert height / width == pytest.approx(2.0, rel=0.2)
+    rid = conn.request("reconstruct", input="image", options=options,
+                       arrays={"pixels": picture, "mask": mask[:30]})
+    h, _ = conn.expect("error", rid)
+    assert "'mask'" in h["message"]
+
+
 def test_thread_policy():
     """Idle OpenMP threads must not spin (they starve Blender); --threads caps torch's pool."""
     env_before = os.environ.pop("OMP_WAIT_POLICY", None)
