@@ -35,6 +35,8 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 COARSE_RESOLUTION = 32
 QUERY_BOX = (-0.55, 0.55)
 VIEWER_BOX = (-VIEW_HALF_EXTENT, VIEW_HALF_EXTENT)
+# Out of memory during extraction: batches shrink fourfold down to this before giving up.
+MIN_BATCH_POINTS = 4096
 # Masks smaller than this many pixels hold too little of the object to reconstruct it from.
 MIN_MASK_PIXELS = 64
 # The refinement fits planes to at most this many input points (a covering subset of a larger
@@ -234,14 +236,15 @@ class Reconstructor:
         def evaluate(p: torch.Tensor) -> torch.Tensor:
             return masked_logits(lambda q: model.decode(q[None], code)[0], p, mask_tensor, view.crop.focal)
 
-        mesh, evaluations = self._extract(evaluate, VIEWER_BOX, device, options, timer, progress, should_cancel)
+        warnings = []
+        mesh, evaluations = self._extract(evaluate, VIEWER_BOX, device, options, timer, progress, should_cancel,
+                                          warnings=warnings)
         result = self._finish(model, code, device, mesh, options, timer, should_cancel)
         up = code["up"][0].double().cpu().numpy()
         transform = output_transform(up, result.vertices.astype(np.float64))
         result.vertices = (result.vertices.astype(np.float64) @ transform[:3, :3].T + transform[:3, 3]).astype(np.float32)
         if result.normals is not None:
             result.normals = (result.normals.astype(np.float64) @ transform[:3, :3].T).astype(np.float32)
-        warnings = []
         if found.touches_border:
             warnings.append("the object touches the picture's border: it is cut off there, and so is the result")
         if found.source in ("estimate", "saliency"):
@@ -254,7 +257,8 @@ class Reconstructor:
                             viewer_to_output=transform.tolist(), warnings=warnings)
         return result
 
-    def _extract(self, evaluate, box, device, options, timer, progress, should_cancel, seed_points=None):
+    def _extract(self, evaluate, box, device, options, timer, progress, should_cancel, seed_points=None,
+                 warnings: list | None = None):
         """evaluate(points (M, 3)) -> logits (M,), in the box (low, high) -> (grid mesh, evaluations)."""
         level = probability_to_logit(options.threshold)
         steps = int(round(math.log2(options.resolution / COARSE_RESOLUTION))) if options.resolution > COARSE_RESOLUTION else 0
@@ -266,10 +270,24 @@ class Reconstructor:
 
         if should_cancel is not None and should_cancel():
             raise Cancelled()
-        with timer("extract"), torch.inference_mode():
-            grid = mise(evaluate, resolution0, steps, level=level, box=box, seed_points=seed_points,
-                        batch_points=options.batch_points, device=device, progress=on_fraction,
-                        should_cancel=should_cancel)
+        batch_points = options.batch_points
+        while True:
+            try:
+                with timer("extract"), torch.inference_mode():
+                    grid = mise(evaluate, resolution0, steps, level=level, box=box, seed_points=seed_points,
+                                batch_points=batch_points, device=device, progress=on_fraction,
+                                should_cancel=should_cancel)
+                break
+            except torch.OutOfMemoryError:
+                if batch_points <= MIN_BATCH_POINTS:
+                    raise OccnetError("out_of_memory", f"{device} ran out of memory even with network batches of "
+                                                       f"{batch_points} points: use a lower resolution or the CPU "
+                                                       f"(--device cpu)") from None
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                batch_points //= 4
+                if warnings is not None:
+                    warnings.append(f"out of memory on {device}: retried with network batches of {batch_points} points")
         if progress is not None:
             progress("marching_cubes", 0.0)
         if not np.isfinite(grid.values).all():

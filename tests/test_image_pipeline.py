@@ -155,3 +155,25 @@ def test_the_focal_length_comes_from_exif_when_the_photo_has_one(tmp_path):
     Image.new("RGB", (60, 40)).save(tmp_path / "plain.jpg")
     assert exif_focal_35mm(tmp_path / "photo.jpg") == 28.0
     assert exif_focal_35mm(tmp_path / "plain.jpg") is None
+
+
+def test_out_of_memory_during_extraction_retries_with_smaller_batches_and_says_so(solid_checkpoint, monkeypatch):
+    from backend import pipeline
+
+    real_mise, batches = pipeline.mise, []
+
+    def mise_short_of_memory(*args, batch_points, **kwargs):
+        batches.append(batch_points)
+        if batch_points > 20000:
+            raise torch.OutOfMemoryError("simulated")
+        return real_mise(*args, batch_points=batch_points, **kwargs)
+
+    monkeypatch.setattr(pipeline, "mise", mise_short_of_memory)
+    picture, _ = ell_picture()
+    result = Reconstructor("cpu").reconstruct_image(picture, ReconstructOptions(checkpoint=solid_checkpoint, resolution=32))
+    assert batches == [65536, 16384]
+    assert any("out of memory" in w and "16384" in w for w in result.stats["warnings"])
+    monkeypatch.setattr(pipeline, "mise", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("always")))
+    with pytest.raises(OccnetError, match="ran out of memory") as error:
+        Reconstructor("cpu").reconstruct_image(picture, ReconstructOptions(checkpoint=solid_checkpoint, resolution=32))
+    assert error.value.code == "out_of_memory"
