@@ -177,3 +177,13 @@ def test_out_of_memory_during_extraction_retries_with_smaller_batches_and_says_s
     with pytest.raises(OccnetError, match="ran out of memory") as error:
         Reconstructor("cpu").reconstruct_image(picture, ReconstructOptions(checkpoint=solid_checkpoint, resolution=32))
     assert error.value.code == "out_of_memory"
+
+
+def test_a_network_that_outputs_nan_is_reported_as_broken_not_as_empty(solid_checkpoint, monkeypatch):
+    from backend import pipeline
+
+    monkeypatch.setattr(pipeline, "masked_logits", lambda decode, p, mask, focal: torch.full((len(p),), float("nan")))
+    picture, _ = ell_picture()
+    with pytest.raises(OccnetError, match="not a number") as error:
+        Reconstructor("cpu").reconstruct_image(picture, ReconstructOptions(checkpoint=solid_checkpoint, resolution=32))
+    assert error.value.code == "bad_model"
