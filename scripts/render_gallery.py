@@ -63,6 +63,14 @@ def on_white(image: Image.Image) -> Image.Image:
     return Image.alpha_composite(canvas, rgba).convert("RGB")
 
 
+def text_tile(text: str) -> Image.Image:
+    from PIL import ImageDraw
+
+    tile = Image.new("RGB", (TILE, TILE), "white")
+    ImageDraw.Draw(tile).text((TILE // 2, TILE // 2), text, fill=(160, 30, 30), anchor="mm")
+    return tile
+
+
 def pick_shapes(data_dir: Path, count: int, exclude: set) -> list[str]:
     ids = [i for i in (data_dir / "split" / "test.txt").read_text().split() if i not in exclude
            and (data_dir / i / "images" / "000.png").is_file()]
@@ -80,13 +88,18 @@ def pick_shapes(data_dir: Path, count: int, exclude: set) -> list[str]:
 def row_tiles(renderer, reconstructor, options, rgba, gt_vertices, gt_faces, similarity, name, work):
     """The five tiles of one row; gt_vertices (canonical) go through similarity into the viewer frame."""
     from backend import camera
+    from backend.errors import OccnetError
 
-    result = reconstructor.reconstruct_image(rgba, options)
+    shown = Image.fromarray((np.clip(rgba, 0, 1) * 255).astype(np.uint8))
+    try:
+        result = reconstructor.reconstruct_image(rgba, options)
+    except OccnetError as error:  # a failure is part of the picture, not a reason to drop the row
+        print(f"{name}: {error.code}: {error}", flush=True)
+        return [on_white(shown)] + [text_tile(error.code.replace("_", " "))] * 2 + [text_tile("")] * 2
     to_output = np.asarray(result.stats["viewer_to_output"])
     gt_output = camera.transform_points(to_output @ similarity, gt_vertices)
     both = np.concatenate([result.vertices, gt_output])
     front, side = view_matrix(both, np.array([0.0, 1.0, 0.0])), view_matrix(both, np.array([-1.0, 0.0, 0.0]))
-    shown = Image.fromarray((np.clip(rgba, 0, 1) * 255).astype(np.uint8))
     tiles = [on_white(shown)]
     for label, (vertices, faces) in (("pred", (result.vertices, result.faces)), ("gt", (gt_output, gt_faces))):
         tiles.append(render_tile(renderer, vertices, faces, front, work / f"{name}_{label}_front.png"))

@@ -238,8 +238,10 @@ def uninterrupted_run(data_dir, tmp_path_factory):
 
 
 def kill_at(point: str, cfg_path: Path, marker: Path) -> None:
-    """Run training in a child until it reaches point, then SIGKILL it."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    """Run training in a child until it reaches point, then SIGKILL it. The child uses as many
+    threads as this process, whose runs it is compared with bit for bit (a sum over another number
+    of threads rounds differently)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen([sys.executable, "-c", PAUSING_CHILD, str(cfg_path), str(marker), point], cwd=REPO,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 180
