@@ -3,8 +3,9 @@
 Conventions (docs/CONTRACTS.md): world_mat (4, 4) maps canonical coordinates to OpenCV camera
 coordinates (x right, y down, z forward); camera_mat (3, 3) holds intrinsics in pixels with pixel
 centres at integer coordinates, so pixel (row r, col c) is centred at (u, v) = (c, r).
-Cameras orbit the origin at a fixed distance with the canonical +z axis up (CAPOD and Blender
-are z-up), far enough that the whole canonical box [-0.5, 0.5]^3 is always in the frame.
+Cameras orbit the origin with the canonical +z axis up (CAPOD and Blender are z-up), each with
+its own lens and as far as that lens needs for the whole canonical box [-0.5, 0.5]^3 to be in the
+frame (backend.camera holds the pinhole maths).
 
 The numpy camera functions are pure and testable without Blender; BlenderRenderer holds one
 Blender scene per process and is reused for every shape that process renders.
@@ -12,7 +13,6 @@ Blender scene per process and is reused for every shape that process renders.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +24,6 @@ SENSOR_MM = 36.0
 # Focal lengths of the renders, as a fraction of the image width: from a wide phone camera to a
 # short telephoto, so image models do not learn one perspective.
 FOCAL_FRACTION_RANGE = (0.9, 2.2)
-# Distance at which the bounding sphere of the canonical box (radius sqrt(3)/2) just fits the
-# field of view of the nominal 50 mm lens, plus a small margin.
-CAMERA_DISTANCE = fitting_distance(FOCAL_MM / SENSOR_MM)
 # From slightly below to steeply above: photos of objects are mostly taken from above.
 ELEVATION_RANGE_DEG = (-15.0, 70.0)
 UP = np.array([0.0, 0.0, 1.0])
