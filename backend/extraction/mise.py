@@ -2,8 +2,8 @@
 catch structures thinner than a coarse cell, which plain MISE loses entirely:
   * seed points: every cell that contains an input point is refined at every level;
   * a value margin: a cell whose corners come within `margin` of the threshold is refined.
-Active cells are also dilated by one cell, so a surface that leaves an active cell through a face
-is followed into its neighbour.
+Where the refined surface runs into a cell that was not refined, that cell is refined too, so the
+surface is followed into its neighbours.
 
 Values are kept on a level grid that doubles at each step. Points outside refined cells are never
 evaluated: they take the trilinear interpolation of the coarser level, which has the same sign as
@@ -78,20 +78,6 @@ def active_cells(values: torch.Tensor, level: float, margin: float | None) -> to
     return active
 
 
-def dilate(cells: torch.Tensor, radius: int) -> torch.Tensor:
-    """Grow a (n, n, n) bool cell mask by radius cells in every direction (26-neighbourhood)."""
-    out = cells.clone()
-    for _ in range(radius):
-        for axis in range(3):
-            src = out.clone()
-            lo = [slice(None)] * 3
-            hi = [slice(None)] * 3
-            lo[axis], hi[axis] = slice(None, -1), slice(1, None)
-            out[tuple(lo)] |= src[tuple(hi)]
-            out[tuple(hi)] |= src[tuple(lo)]
-    return out
-
-
 def cells_containing(points: torch.Tensor, n_cells: int, box: tuple[float, float]) -> torch.Tensor:
     """(n, n, n) bool mask of the cells that contain at least one of points (P, 3)."""
     lo, hi = box
@@ -133,7 +119,7 @@ def upsample(grid: torch.Tensor) -> torch.Tensor:
 
 def mise(evaluate: Evaluate, resolution0: int = 32, upsampling_steps: int = 2, level: float = 0.0,
          box: tuple[float, float] = (-0.55, 0.55), seed_points: torch.Tensor | None = None,
-         margin: float | None = None, dilation: int = 0, batch_points: int = 65536,
+         margin: float | None = None, batch_points: int = 65536,
          device: torch.device | str = "cpu",
          progress: Callable[[float], None] | None = None,
          should_cancel: Callable[[], bool] | None = None) -> MiseResult:
@@ -143,8 +129,6 @@ def mise(evaluate: Evaluate, resolution0: int = 32, upsampling_steps: int = 2, l
     evaluate: points (M, 3) -> values (M,), inside where value > level.
     seed_points: (P, 3) points known to lie on the surface (the input point cloud), or None.
     margin: also refine cells whose corner values come within margin of level (thin structures).
-    dilation: also refine this many cells around every active cell up front (0: refine the
-        neighbours only where the refined surface actually runs into them).
     progress(fraction in [0, 1]) is called after every batch; should_cancel() before every batch.
     """
     device = torch.device(device)
@@ -169,7 +153,7 @@ def mise(evaluate: Evaluate, resolution0: int = 32, upsampling_steps: int = 2, l
     known = torch.ones_like(values, dtype=torch.bool)
 
     for step in range(1, steps_total):
-        cells = dilate(active_cells(values, level, margin), dilation)
+        cells = active_cells(values, level, margin)
         if seed_points is not None and len(seed_points):
             cells |= cells_containing(seed_points.to(device=device, dtype=torch.float32), n, box)
         values = upsample(values)
