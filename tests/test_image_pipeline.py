@@ -1,8 +1,8 @@
 """The viewer-centred image path end to end (backend.pipeline with backend.viewer): the mask is
 law, the result is placed as docs/CONTRACTS.md says, and bad pictures fail or warn clearly.
 
-A "solid" model (every point inside, camera level) makes the result the mask's extrusion through
-the viewer box, so what must come back is known exactly without any training."""
+A "solid" model (tests/conftest.py: every point inside, camera level) makes the result the mask's
+extrusion through the viewer box, so what must come back is known exactly without any training."""
 
 import numpy as np
 import pytest
@@ -11,12 +11,6 @@ import torch
 from backend.errors import OccnetError
 from backend.pipeline import ReconstructOptions, Reconstructor
 from backend.viewer import OUTSIDE_LOGIT, inside_mask, masked_logits
-
-
-@pytest.fixture(scope="module")
-def solid_checkpoint(solid_pixel_checkpoint):
-    """Every point inside, a level camera (tests/conftest.py): the result is the mask's extrusion."""
-    return solid_pixel_checkpoint
 
 
 def ell_picture(size=200, alpha=True):
@@ -40,10 +34,10 @@ def test_a_point_outside_the_mask_is_empty_whatever_the_network_says():
     assert inside_mask(points, mask, 1.4).tolist() == [True, False, False]
 
 
-def test_the_result_is_the_picture_seen_from_the_front_resting_on_the_ground(solid_checkpoint):
+def test_the_result_is_the_picture_seen_from_the_front_resting_on_the_ground(solid_pixel_checkpoint):
     picture, mask = ell_picture()
     result = Reconstructor("cpu").reconstruct_image(
-        picture, ReconstructOptions(checkpoint=solid_checkpoint, resolution=64))
+        picture, ReconstructOptions(checkpoint=solid_pixel_checkpoint, resolution=64))
     v = result.vertices
     assert v[:, 2].min() == pytest.approx(0.0, abs=1e-5), "rests on z = 0"
     assert (v[:, 0].min() + v[:, 0].max()) / 2 == pytest.approx(0.0, abs=1e-5)
@@ -58,36 +52,36 @@ def test_the_result_is_the_picture_seen_from_the_front_resting_on_the_ground(sol
     assert result.stats["elevation_deg"] == pytest.approx(0.0, abs=1e-3)
 
 
-def test_the_outline_of_the_result_is_the_mask(solid_checkpoint):
+def test_the_outline_of_the_result_is_the_mask(solid_pixel_checkpoint):
     """Projected back through the crop camera, the result covers the mask and nothing else."""
+    from scipy.ndimage import binary_dilation
+
     from backend import camera, viewer
     from backend.foreground import object_mask
 
     picture, mask = ell_picture()
     result = Reconstructor("cpu").reconstruct_image(
-        picture, ReconstructOptions(checkpoint=solid_checkpoint, resolution=64))
+        picture, ReconstructOptions(checkpoint=solid_pixel_checkpoint, resolution=64))
     to_output = np.array(result.stats["viewer_to_output"])
     in_viewer = (result.vertices - to_output[:3, 3]) @ to_output[:3, :3]
     rgba = picture.astype(np.float32) / 255.0
     view = viewer.viewer_input(rgba, object_mask(rgba), viewer.photo_camera(*mask.shape), 64)
     uv, _ = camera.project_viewer(in_viewer, view.mask.shape[0], view.crop.focal)
     col, row = np.clip(np.round(uv).astype(int), 0, view.mask.shape[0] - 1).T
-    near_mask = np.zeros_like(view.mask)
-    from scipy.ndimage import binary_dilation
     near_mask = binary_dilation(view.mask, iterations=6)   # a voxel of the 64^3 grid is ~5 mask pixels
     assert near_mask[row, col].all(), "no vertex outside the mask"
 
 
-def test_a_picture_without_transparency_uses_the_estimated_mask_and_says_so(solid_checkpoint):
+def test_a_picture_without_transparency_uses_the_estimated_mask_and_says_so(solid_pixel_checkpoint):
     picture, _ = ell_picture(alpha=False)
     result = Reconstructor("cpu").reconstruct_image(
-        picture, ReconstructOptions(checkpoint=solid_checkpoint, resolution=32))
+        picture, ReconstructOptions(checkpoint=solid_pixel_checkpoint, resolution=32))
     assert result.stats["mask_source"] == "estimate"
     assert any("estimated" in w for w in result.stats["warnings"])
 
 
-def test_bad_pictures_fail_or_warn_clearly(solid_checkpoint):
-    options = ReconstructOptions(checkpoint=solid_checkpoint, resolution=32)
+def test_bad_pictures_fail_or_warn_clearly(solid_pixel_checkpoint):
+    options = ReconstructOptions(checkpoint=solid_pixel_checkpoint, resolution=32)
     reconstructor = Reconstructor("cpu")
     empty = np.zeros((50, 50, 4), np.uint8)
     with pytest.raises(OccnetError, match="no object"):
@@ -117,7 +111,7 @@ def run_cli(*args, cwd):
                           capture_output=True, text=True, timeout=300)
 
 
-def test_cli_takes_a_mask_file_and_warns_about_an_estimated_mask(solid_checkpoint, tmp_path):
+def test_cli_takes_a_mask_file_and_warns_about_an_estimated_mask(solid_pixel_checkpoint, tmp_path):
     from pathlib import Path
 
     from PIL import Image
@@ -127,7 +121,7 @@ def test_cli_takes_a_mask_file_and_warns_about_an_estimated_mask(solid_checkpoin
     Image.fromarray(picture).save(tmp_path / "ell.png")
     Image.fromarray((mask * 255).astype(np.uint8)).save(tmp_path / "ell_mask.png")
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "small_mask.png")
-    common = ["--checkpoint", solid_checkpoint, "--resolution", "32", "--quiet"]
+    common = ["--checkpoint", solid_pixel_checkpoint, "--resolution", "32", "--quiet"]
 
     given = run_cli(tmp_path / "ell.png", "-o", tmp_path / "given.obj", "--mask", tmp_path / "ell_mask.png",
                     "--focal-length", "35", *common, cwd=root)
@@ -157,7 +151,7 @@ def test_the_focal_length_comes_from_exif_when_the_photo_has_one(tmp_path):
     assert exif_focal_35mm(tmp_path / "plain.jpg") is None
 
 
-def test_out_of_memory_during_extraction_retries_with_smaller_batches_and_says_so(solid_checkpoint, monkeypatch):
+def test_out_of_memory_during_extraction_retries_with_smaller_batches_and_says_so(solid_pixel_checkpoint, monkeypatch):
     from backend import pipeline
 
     real_mise, batches = pipeline.mise, []
@@ -170,20 +164,20 @@ def test_out_of_memory_during_extraction_retries_with_smaller_batches_and_says_s
 
     monkeypatch.setattr(pipeline, "mise", mise_short_of_memory)
     picture, _ = ell_picture()
-    result = Reconstructor("cpu").reconstruct_image(picture, ReconstructOptions(checkpoint=solid_checkpoint, resolution=32))
+    result = Reconstructor("cpu").reconstruct_image(picture, ReconstructOptions(checkpoint=solid_pixel_checkpoint, resolution=32))
     assert batches == [65536, 16384]
     assert any("out of memory" in w and "16384" in w for w in result.stats["warnings"])
     monkeypatch.setattr(pipeline, "mise", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("always")))
     with pytest.raises(OccnetError, match="ran out of memory") as error:
-        Reconstructor("cpu").reconstruct_image(picture, ReconstructOptions(checkpoint=solid_checkpoint, resolution=32))
+        Reconstructor("cpu").reconstruct_image(picture, ReconstructOptions(checkpoint=solid_pixel_checkpoint, resolution=32))
     assert error.value.code == "out_of_memory"
 
 
-def test_a_network_that_outputs_nan_is_reported_as_broken_not_as_empty(solid_checkpoint, monkeypatch):
+def test_a_network_that_outputs_nan_is_reported_as_broken_not_as_empty(solid_pixel_checkpoint, monkeypatch):
     from backend import pipeline
 
     monkeypatch.setattr(pipeline, "masked_logits", lambda decode, p, mask, focal: torch.full((len(p),), float("nan")))
     picture, _ = ell_picture()
     with pytest.raises(OccnetError, match="not a number") as error:
-        Reconstructor("cpu").reconstruct_image(picture, ReconstructOptions(checkpoint=solid_checkpoint, resolution=32))
+        Reconstructor("cpu").reconstruct_image(picture, ReconstructOptions(checkpoint=solid_pixel_checkpoint, resolution=32))
     assert error.value.code == "bad_model"
