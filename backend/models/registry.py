@@ -20,24 +20,28 @@ from .. import camera
 from .decoders import DecoderCBatchNorm, LocalDecoder
 from .encoders import LocalPoolPointNet, ResNet18Encoder, ResnetPointNet
 from .pixel_aligned import EfficientNetPixelEncoder, PixelAlignedDecoder
+from .textured import NoEncoder, TexturedField
 
 ENCODERS = {
     "resnet18": ResNet18Encoder,
     "resnet_pointnet": ResnetPointNet,
     "local_pointnet": LocalPoolPointNet,
     "efficientnet_pixel": EfficientNetPixelEncoder,
+    "none": NoEncoder,
 }
 DECODERS = {
     "cbatchnorm": DecoderCBatchNorm,
     "local": LocalDecoder,
     "pixel_aligned": PixelAlignedDecoder,
+    "textured_field": TexturedField,
 }
 # Which encoder feeds which decoder: a global code, feature planes or an image feature map.
+# A model of input kind "none" is one object's field fitted to its views (training.dvr).
 ENCODER_OUTPUT = {"resnet18": "global", "resnet_pointnet": "global", "local_pointnet": "planes",
-                  "efficientnet_pixel": "pixel"}
-DECODER_INPUT = {"cbatchnorm": "global", "local": "planes", "pixel_aligned": "pixel"}
+                  "efficientnet_pixel": "pixel", "none": "none"}
+DECODER_INPUT = {"cbatchnorm": "global", "local": "planes", "pixel_aligned": "pixel", "textured_field": "none"}
 IMAGE_ENCODERS = ("resnet18", "efficientnet_pixel")
-INPUT_KINDS = ("points", "image")
+INPUT_KINDS = ("points", "image", "none")
 # Where an image model predicts occupancy: the object's canonical box (orientation guessed), or
 # the viewer frame of backend.camera (what the picture shows, as it shows it).
 FRAMES = ("canonical", "viewer")
