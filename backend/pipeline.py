@@ -23,6 +23,7 @@ from .defaults import default_checkpoint, installed_defaults
 from .device import resolve_device
 from .errors import Cancelled, InputError, OccnetError
 from .extraction import MeshArrays, grid_to_mesh, mise, simplify_mesh
+from .extraction.marching import DEFAULT_TOLERANCE, simplify_to_tolerance
 from .extraction.refine import refine_to_points
 from .foreground import object_mask
 from .inputs import normalisation, validate_image
@@ -306,6 +307,9 @@ class Reconstructor:
         if options.max_faces is not None:
             with timer("decimate"):
                 mesh = simplify_mesh(mesh, options.max_faces, should_cancel=should_cancel)
+        elif model.input_kind == "points":  # as many faces as the detail needs
+            with timer("decimate"):
+                mesh = simplify_to_tolerance(mesh, DEFAULT_TOLERANCE, should_cancel=should_cancel)
         normals = None
         if options.normals:
             with timer("normals"):

@@ -1,9 +1,19 @@
 """MISE against the dense grid, and decoder throughput. Prints one JSON line per measurement.
 
     python bench/extraction.py [--resolutions 128 256] [--full] [--device cpu|cuda]
+    python bench/extraction.py --decimation [--tolerances 0.001 0.002] [--meshes DIR] [--limit N]
+    python bench/extraction.py --refinement [--resolutions 128] [--meshes DIR] [--limit N]
 
 Dense grids of the paper's decoder at 256^3 take minutes on a small CPU (17M evaluations); they
 are skipped unless --full is given or the device is CUDA.
+
+--decimation: faces against quality of the point-cloud path's output. bench/pointcloud.py's
+convonet protocol (3000 noisy points per classic mesh, its metrics and its screened Poisson); each
+cloud is reconstructed once, with every face of the grid kept, and that same mesh is then
+decimated to each tolerance (canonical units), so the rows differ in the decimation alone.
+--refinement: the same clouds; the unrefined grid mesh refined with fresh searches and fits every
+round and with the defaults (which keep planes and neighbours while they hold): seconds (wall and
+CPU, the refinement alone) and quality.
 """
 
 import argparse
@@ -16,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from backend.extraction import dense_grid, grid_to_mesh, mise  # noqa: E402
 from backend.models import build_model, preset  # noqa: E402
@@ -138,12 +149,133 @@ def throughput(name: str, device, repeats: int = 3):
     return row["points_per_second"]
 
 
+def decimation_rows(reconstructor, path: Path, seed: int, tolerances: list[float], resolution: int) -> list[dict]:
+    """Rows (method, faces, seconds, metrics) for one mesh: the grid's mesh as is, decimated to each
+    tolerance, and screened Poisson, all on the same 3000 noisy points."""
+    from backend.extraction import MeshArrays
+    from backend.extraction.marching import simplify_to_tolerance
+    from backend.pipeline import ReconstructOptions
+    from bench.pointcloud import EVAL_POINTS, PROTOCOLS, poisson_mesh, score
+    from training.meshprep import apply_normalisation, inside, load_mesh, normalisation, sample_surface
+
+    rng = np.random.default_rng(seed)
+    vertices, faces = load_mesh(path)
+    vertices = apply_normalisation(vertices, *normalisation(vertices))
+    gt_surface, gt_normals = sample_surface(rng, vertices, faces, EVAL_POINTS)
+    queries = rng.uniform(-0.55, 0.55, size=(EVAL_POINTS, 3))
+    occupancy = inside(vertices, faces, queries)
+    if not occupancy.any():
+        return []
+    count, sigma = PROTOCOLS["convonet"]
+    surface, _ = sample_surface(rng, vertices, faces, count)
+    noisy = surface + rng.normal(scale=sigma, size=surface.shape)
+    start = time.perf_counter()
+    result = reconstructor.reconstruct_points(noisy, ReconstructOptions(resolution=resolution, max_faces=2 ** 31 - 1))
+    seconds = time.perf_counter() - start
+    center, scale = np.asarray(result.stats["center"]), result.stats["scale"]
+    canonical = MeshArrays(((result.vertices - center) / scale).astype(np.float32), result.faces)
+    meshes = {"grid": (canonical, seconds)}
+    for tolerance in tolerances:
+        start = time.perf_counter()
+        meshes[f"tolerance_{tolerance:g}"] = (simplify_to_tolerance(canonical, tolerance), time.perf_counter() - start)
+    rows = []
+    for method, (mesh, seconds) in meshes.items():
+        metrics = score(mesh.vertices.astype(np.float64) * scale + center, mesh.faces, gt_surface, gt_normals,
+                        queries, occupancy, rng)
+        rows.append({"shape": path.stem, "method": method, "faces": len(mesh.faces), "seconds": seconds, **metrics})
+    start = time.perf_counter()
+    v, f = poisson_mesh(noisy)
+    rows.append({"shape": path.stem, "method": "screened_poisson", "faces": len(f),
+                 "seconds": time.perf_counter() - start, **score(v, f, gt_surface, gt_normals, queries, occupancy, rng)})
+    return rows
+
+
+def refinement_rows(reconstructor, path: Path, seed: int, resolution: int) -> list[dict]:
+    """Rows (settings, refine seconds wall and CPU, metrics) for one mesh: the grid's unrefined
+    mesh refined with fresh searches and fits every round (refit_distance 0, the planes of the
+    refinement as first written, to float rounding) and with the defaults, on the same points."""
+    from backend.extraction.refine import RefineSettings, refine_to_points
+    from backend.pipeline import ReconstructOptions
+    from bench.pointcloud import EVAL_POINTS, PROTOCOLS, score
+    from training.meshprep import apply_normalisation, inside, load_mesh, normalisation, sample_surface
+
+    rng = np.random.default_rng(seed)
+    vertices, faces = load_mesh(path)
+    vertices = apply_normalisation(vertices, *normalisation(vertices))
+    gt_surface, gt_normals = sample_surface(rng, vertices, faces, EVAL_POINTS)
+    queries = rng.uniform(-0.55, 0.55, size=(EVAL_POINTS, 3))
+    occupancy = inside(vertices, faces, queries)
+    if not occupancy.any():
+        return []
+    count, sigma = PROTOCOLS["convonet"]
+    surface, _ = sample_surface(rng, vertices, faces, count)
+    noisy = surface + rng.normal(scale=sigma, size=surface.shape)
+    raw = reconstructor.reconstruct_points(noisy, ReconstructOptions(resolution=resolution, refine=False,
+                                                                     max_faces=2 ** 31 - 1))
+    center, scale = np.asarray(raw.stats["center"]), raw.stats["scale"]
+    canonical, points = (raw.vertices - center) / scale, (noisy - center) / scale
+    rows = []
+    for name, settings in (("every_round", RefineSettings(refit_distance=0.0)), ("default", RefineSettings())):
+        wall, cpu = time.perf_counter(), time.process_time()
+        refined = refine_to_points(canonical, raw.faces, points, settings)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        metrics = score(refined.astype(np.float64) * scale + center, raw.faces, gt_surface, gt_normals, queries,
+                        occupancy, rng)
+        rows.append({"shape": path.stem, "method": name, "faces": len(raw.faces), "seconds": wall, "cpu_seconds": cpu,
+                     **metrics})
+    return rows
+
+
+def shape_table(bench: str, shape_rows, meshes: Path, resolution: int, limit: int | None) -> None:
+    """bench --decimation or --refinement: shape_rows(reconstructor, path, seed) for each mesh as one
+    JSON line per shape and method, then the means as a Markdown table."""
+    from backend.pipeline import Reconstructor
+
+    reconstructor = Reconstructor("cpu")
+    paths = sorted(p for p in meshes.iterdir() if p.suffix.lower() in (".obj", ".off", ".ply", ".stl", ".glb"))
+    rows = []
+    for seed, path in enumerate(paths[:limit]):
+        try:
+            found = shape_rows(reconstructor, path, seed)
+        except Exception as exc:  # as bench/pointcloud.py: a mesh that cannot be read is skipped, and named
+            print(json.dumps({"bench": bench, "shape": path.stem, "error": f"{type(exc).__name__}: {exc}"}))
+            continue
+        for row in found:
+            row = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()
+                   if k in ("shape", "method", "faces", "seconds", "cpu_seconds", "iou", "chamfer_l1_x10",
+                            "normal_consistency", "fscore")}
+            print(json.dumps({"bench": bench, "resolution": resolution, **row}), flush=True)
+            rows.append(row)
+    columns = ("faces", "iou", "chamfer_l1_x10", "normal_consistency", "fscore", "seconds") + \
+        (("cpu_seconds",) if rows and "cpu_seconds" in rows[0] else ())
+    print(f"\n{resolution}^3, means over {len(rows) and len({r['shape'] for r in rows})} shapes\n")
+    print("| method | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for method in dict.fromkeys(r["method"] for r in rows):
+        means = [np.mean([r[c] for r in rows if r["method"] == method]) for c in columns]
+        print(f"| {method} | {means[0]:,.0f} | " + " | ".join(f"{m:.4f}" for m in means[1:]) + " |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--resolutions", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--full", action="store_true", help="also run the slow dense grids")
+    parser.add_argument("--decimation", action="store_true", help="faces against quality at 3000 points instead")
+    parser.add_argument("--refinement", action="store_true", help="refinement time and quality at 3000 points instead")
+    parser.add_argument("--tolerances", type=float, nargs="+", default=[0.0005, 0.001, 0.002, 0.004])
+    parser.add_argument("--meshes", type=Path, default=ROOT.parent / "shared" / "data" / "meshes" / "classic")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N meshes")
     args = parser.parse_args()
+    if args.decimation or args.refinement:
+        for resolution in args.resolutions:
+            if args.decimation:
+                shape_table("decimation", lambda *a: decimation_rows(*a, args.tolerances, resolution), args.meshes,
+                            resolution, args.limit)
+            else:
+                shape_table("refinement", lambda *a: refinement_rows(*a, resolution), args.meshes, resolution,
+                            args.limit)
+        return
     device = torch.device(args.device)
     print(json.dumps({"bench": "machine", "cpu": platform.processor() or platform.machine(),
                       "threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device),

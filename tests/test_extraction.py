@@ -185,3 +185,74 @@ def test_simplify_checks_cancel_before_each_pass():
     with pytest.raises(Cancelled):
         simplify_mesh(mesh, 2000, should_cancel=lambda: True)
     assert simplify_mesh(mesh, 2000, should_cancel=lambda: False).faces.shape == simplify_mesh(mesh, 2000).faces.shape
+
+
+def box(p: torch.Tensor) -> torch.Tensor:
+    return 0.3 - p.abs().max(dim=1).values
+
+
+def surface_error(mesh, distance_to_truth, count=20000):
+    points, _ = trimesh.sample.sample_surface(trimesh.Trimesh(mesh.vertices, mesh.faces, process=False), count, seed=0)
+    return np.abs(distance_to_truth(points))
+
+
+@pytest.mark.parametrize("tolerance", [0.0005, 0.002])
+def test_simplify_to_tolerance_keeps_the_surface_within_it(tolerance):
+    """Where the surface bends (a sphere) faces go in proportion to the tolerance, and the surface
+    stays within it (this bound rests on fast-simplification's threshold schedule); where it is
+    flat (a box) almost every face goes; the mesh stays closed."""
+    pytest.importorskip("fast_simplification")
+    from backend.extraction.marching import simplify_to_tolerance
+
+    grid = mise(sphere, 32, 2)
+    mesh = grid_to_mesh(grid.values, 0.0, grid.box_min, grid.spacing)
+    small = simplify_to_tolerance(mesh, tolerance)
+    assert len(small.faces) < len(mesh.faces) / (4 if tolerance < 0.001 else 10)
+    assert surface_error(small, lambda p: np.linalg.norm(p, axis=1) - 0.35).max() < tolerance
+    assert trimesh.Trimesh(small.vertices, small.faces, process=False).is_watertight
+    grid = mise(box, 32, 2)
+    cube = grid_to_mesh(grid.values, 0.0, grid.box_min, grid.spacing)   # its edges cut by marching cubes
+    small = simplify_to_tolerance(cube, tolerance)
+    assert len(small.faces) < 300
+    error = surface_error(cube, lambda p: np.abs(p).max(axis=1) - 0.3).max()
+    assert surface_error(small, lambda p: np.abs(p).max(axis=1) - 0.3).max() < error + tolerance
+
+
+def test_point_cloud_meshes_are_decimated_by_default_and_a_budget_still_rules(tmp_path):
+    pytest.importorskip("fast_simplification")
+    from backend.pipeline import Reconstructor, ReconstructOptions
+    from conftest import make_octahedron_checkpoint
+
+    checkpoint = str(make_octahedron_checkpoint(tmp_path / "octa.safetensors", radius=0.4))
+    rng = np.random.default_rng(0)
+    p = rng.exponential(size=(3000, 3)) * rng.choice([-1.0, 1.0], size=(3000, 3))
+    scan = p / np.abs(p).sum(axis=1, keepdims=True) * 0.4            # on the network's own surface
+    reconstructor = Reconstructor("cpu")
+    every = reconstructor.reconstruct_points(scan, ReconstructOptions(checkpoint=checkpoint, max_faces=10 ** 9))
+    default = reconstructor.reconstruct_points(scan, ReconstructOptions(checkpoint=checkpoint))
+    budget = reconstructor.reconstruct_points(scan, ReconstructOptions(checkpoint=checkpoint, max_faces=5000))
+    assert len(default.faces) < len(every.faces) / 4 and "decimate" in default.stats["seconds"]
+    assert 2500 < len(budget.faces) <= 5000
+
+
+def test_a_decimation_that_opens_a_closed_mesh_is_redone_at_half_the_tolerance(monkeypatch):
+    """fast-simplification can leave an edge with four faces where two sheets come close; the
+    retry is checked with a stand-in that opens the mesh on its first calls."""
+    fast_simplification = pytest.importorskip("fast_simplification")
+    from backend.extraction.marching import is_closed, simplify_to_tolerance
+
+    grid = mise(sphere, 32, 1)
+    mesh = grid_to_mesh(grid.values, 0.0, grid.box_min, grid.spacing)
+    real, calls = fast_simplification.simplify, []
+
+    def opens_at_first(points, faces, agg, **kwargs):
+        calls.append(agg)
+        verts, out = real(points, faces, agg=agg, **kwargs)
+        return (verts, out[1:]) if len(calls) < 3 else (verts, out)  # one face less: open
+
+    monkeypatch.setattr(fast_simplification, "simplify", opens_at_first)
+    small = simplify_to_tolerance(mesh, 0.002)
+    assert is_closed(small.faces) and len(small.faces) < len(mesh.faces) and len(calls) == 3
+    assert calls[0] > calls[1] > calls[2]                   # each retry with a smaller tolerance
+    calls.clear()
+    assert simplify_to_tolerance(mesh, 0.002, attempts=2) is mesh and len(calls) == 2

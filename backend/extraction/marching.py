@@ -1,6 +1,7 @@
 """From a value grid to a triangle mesh: marching cubes (scikit-image) on a padded grid, so every
-mesh is closed, and optional decimation to a face budget."""
+mesh is closed, and decimation to a face budget or to a geometric tolerance."""
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -56,6 +57,56 @@ def simplify_mesh(mesh: MeshArrays, max_faces: int,
         ratio = 1.0 - max_faces / len(faces)
         verts, faces = fast_simplification.simplify(verts, faces, target_reduction=ratio)
     return MeshArrays(np.asarray(verts, np.float32), np.asarray(faces, np.int32))
+
+
+# fast-simplification (Fast-Quadric-Mesh-Simplification) collapses, in its iteration i of 100, every
+# edge whose quadric error is below 1e-9 * (i + 3) ** agg (Simplify.h, simplify_mesh). Choosing agg
+# so that the last threshold is tolerance^2 bounds every collapse by that error; a quadric error is a
+# sum of squared distances to the original planes merged into a vertex, so no original face plane
+# ends up further than the tolerance from the vertex that replaced it. tests/test_extraction.py checks
+# the bound, so a change of schedule in the library shows.
+_QUADRIC_SCALE = 1e-9
+_LAST_ITERATION_BASE = 102
+
+
+# Point-cloud meshes are decimated by default to this tolerance (canonical units: 0.1% of the longest
+# edge; backend/pipeline.py): at 3000 points about the faces of screened Poisson at 128^3, quality
+# within the fourth decimal of the full mesh's (docs/performance.md).
+DEFAULT_TOLERANCE = 0.001
+
+
+def simplify_to_tolerance(mesh: MeshArrays, tolerance: float,
+                          should_cancel: Callable[[], bool] | None = None, attempts: int = 3) -> MeshArrays:
+    """Quadric decimation of mesh (V, 3) / (F, 3) that spends triangles where the surface bends:
+    edges collapse only while the surface moves less than about tolerance (the mesh's units), so
+    flat and gently curved parts end with a few large triangles and detail keeps its small ones.
+    fast-simplification does not check that a collapse keeps the surface a manifold: where two
+    sheets come close (a chair's thin seat) an edge can end up with four faces. A closed mesh that
+    comes back open is decimated again from the start at half the tolerance, up to `attempts` times
+    in all, and otherwise returned as it is. should_cancel() is checked before each attempt. Without
+    the fast-simplification package (an extra) the mesh comes back as it is."""
+    if tolerance <= 0:
+        raise ValueError("the tolerance must be positive")
+    try:
+        import fast_simplification
+    except ImportError:
+        return mesh
+    must_stay_closed = is_closed(mesh.faces)
+    for attempt in range(attempts):
+        _check_cancel(should_cancel)
+        allowed = tolerance / 2 ** attempt
+        aggressiveness = math.log(allowed ** 2 / _QUADRIC_SCALE) / math.log(_LAST_ITERATION_BASE)
+        verts, faces = fast_simplification.simplify(mesh.vertices, mesh.faces, target_count=4, agg=aggressiveness)
+        if not must_stay_closed or is_closed(faces):
+            return MeshArrays(np.asarray(verts, np.float32), np.asarray(faces, np.int32))
+    return mesh
+
+
+def is_closed(faces: np.ndarray) -> bool:
+    """Is every edge of the triangles (F, 3) shared by exactly two of them?"""
+    edges = np.sort(np.asarray(faces, np.int64)[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2), axis=1)
+    _, counts = np.unique(edges[:, 0] * (int(edges.max(initial=0)) + 1) + edges[:, 1], return_counts=True)
+    return bool(len(faces)) and bool((counts == 2).all())
 
 
 def _check_cancel(should_cancel: Callable[[], bool] | None) -> None:
