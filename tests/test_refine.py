@@ -67,13 +67,16 @@ def octahedron_error(vertices, radius):
     return np.abs(np.abs(vertices).sum(axis=1) - radius).mean() / np.sqrt(3.0)
 
 
-def test_the_pipeline_refines_point_cloud_meshes_by_default(tmp_path):
+def test_the_pipeline_refines_point_cloud_meshes_by_default(tmp_path, monkeypatch):
     """The network says |x|+|y|+|z| < 0.4 of the canonical box; the scanned points (normalised to the
     canonical box like any input) lie on |x|+|y|+|z| = 0.5, about 0.06 further out. Refined, the
     mesh follows the points; with refine=False it stays the network's."""
     from backend.pipeline import Reconstructor, ReconstructOptions
     from conftest import make_octahedron_checkpoint
 
+    from backend import pipeline
+
+    monkeypatch.setattr(pipeline, "POINT_SUPPORT", None, raising=False)  # the network's surface, as it is
     checkpoint = str(make_octahedron_checkpoint(tmp_path / "octa.safetensors", radius=0.4))
     scan = octahedron_points(0.5, 3000)
     reconstructor = Reconstructor("cpu")
@@ -124,3 +127,74 @@ def test_cancel_is_checked_before_every_block_of_every_round(monkeypatch):
                          should_cancel=cancel_at_fifth_check)
     # three checks in round 1, the fifth is the second block of round 2, which it stops
     assert len(mesh.vertices) == 5694 and checks == [0, 0, 0, 1, 1] and fractions == [0.2]
+
+
+def reference_refinement(vertices, faces, points, settings):
+    """The refinement as first written: a fresh k-nearest search, a fresh plane and LAPACK's
+    eigensolver for every vertex in every round."""
+    mesh = trimesh.Trimesh(np.asarray(vertices, np.float64), faces, process=False)
+    averaging = trimesh.smoothing.laplacian_calculation(mesh)
+    tree = cKDTree(points)
+    for _ in range(settings.rounds):
+        v = np.asarray(mesh.vertices)
+        distances, index = tree.query(v, k=settings.neighbours, distance_upper_bound=settings.radius)
+        valid = np.isfinite(distances)
+        width = np.where(valid[:, settings.weight_rank - 1], distances[:, settings.weight_rank - 1], settings.radius)
+        weights = np.where(valid, np.exp(-(np.where(valid, distances, 0) / width[:, None]) ** 2), 0.0)
+        offsets = points[np.where(valid, index, 0)] - v[:, None]
+        centroid = np.einsum("vk,vki->vi", weights, offsets) / weights.sum(axis=1, keepdims=True)
+        spread = (offsets - centroid[:, None]) * np.sqrt(weights)[..., None]
+        normal = np.linalg.eigh(spread.transpose(0, 2, 1) @ spread)[1][:, :, 0]
+        move = np.einsum("vi,vi->v", centroid, normal)[:, None] * normal
+        move *= np.minimum(1.0, settings.max_move / np.maximum(np.linalg.norm(move, axis=1, keepdims=True), 1e-12))
+        move[valid.sum(axis=1) < settings.min_neighbours] = 0.0
+        mesh.vertices = v + move
+        trimesh.smoothing.filter_taubin(mesh, iterations=settings.smoothing_steps, laplacian_operator=averaging)
+    return np.asarray(mesh.vertices)
+
+
+def test_remembered_neighbours_and_planes_give_the_reference_result():
+    """Kept candidates (searched again only beyond their slack) and closed-form normals: with
+    refit_distance 0 the reference result to float rounding; the default, which keeps planes of
+    vertices that barely moved, within a small fraction of a grid cell of it."""
+    mesh = sphere_mesh(0.30)
+    points = sphere_points(0.34, 3000, noise=0.005)
+    reference = reference_refinement(mesh.vertices, mesh.faces, points, RefineSettings())
+    exact = refine_to_points(mesh.vertices, mesh.faces, points, RefineSettings(refit_distance=0.0))
+    assert np.abs(exact - reference).max() < 1e-5
+    default = refine_to_points(mesh.vertices, mesh.faces, points)
+    assert np.abs(default - reference).mean() < 1e-4 and np.abs(default - reference).max() < 0.005
+
+
+def test_later_rounds_search_and_fit_few_vertices(monkeypatch):
+    from backend.extraction import refine
+
+    searched, fitted = [], []
+    search, fit = refine.search_neighbours, refine.fit_planes
+    monkeypatch.setattr(refine, "search_neighbours", lambda v, *a: searched.append(len(v)) or search(v, *a))
+    monkeypatch.setattr(refine, "fit_planes", lambda v, *a: fitted.append(len(v)) or fit(v, *a))
+    mesh = sphere_mesh(0.30)                       # 5694 vertices: one block per round
+    refine_to_points(mesh.vertices, mesh.faces, sphere_points(0.34, 3000, noise=0.005))
+    later = (RefineSettings().rounds - 1) * len(mesh.vertices)   # what searching and fitting every round costs
+    assert searched[0] == fitted[0] == len(mesh.vertices)
+    assert sum(searched[1:]) < 0.6 * later and sum(fitted[1:]) < 0.95 * later
+
+
+@pytest.mark.parametrize("kind", ["random", "flat", "line", "point", "zero"])
+def test_closed_form_normals_are_lapacks(kind):
+    from backend.extraction.refine import smallest_eigenvectors
+
+    rng = np.random.default_rng(1)
+    spread = rng.normal(size=(500, 16, 3)) * {"random": [1.0, 0.7, 0.4], "flat": [1.0, 1.0, 1e-3],
+                                               "line": [1.0, 1e-4, 1e-4], "point": [1e-9, 1e-9, 1e-9],
+                                               "zero": [0.0, 0.0, 0.0]}[kind]
+    spread = spread @ np.linalg.qr(rng.normal(size=(3, 3)))[0]          # turned: not along the axes
+    a = spread.transpose(0, 2, 1) @ spread
+    found = smallest_eigenvectors(a[:, 0, 0], a[:, 0, 1], a[:, 0, 2], a[:, 1, 1], a[:, 1, 2], a[:, 2, 2])
+    assert np.allclose(np.linalg.norm(found, axis=1), 1.0)
+    values, vectors = np.linalg.eigh(a)
+    # An eigenvector of the smallest eigenvalue: A n = lambda n, up to the matrix's own scale.
+    residual = np.linalg.norm(np.einsum("vij,vj->vi", a, found) - values[:, :1] * found, axis=1)
+    assert (residual <= 1e-6 * np.maximum(values[:, 2], 1e-300)).all() or kind == "zero"
+    if kind in ("random", "flat"):                 # a unique answer: LAPACK's, up to sign
+        assert np.allclose(np.abs(np.einsum("vi,vi->v", found, vectors[:, :, 0])), 1.0, atol=1e-6)

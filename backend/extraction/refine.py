@@ -12,9 +12,17 @@ are measured data. So, a few rounds of:
     the mesh stays a clean surface rather than a set of independently snapped points.
 Faces never change, so the mesh stays watertight. Parameters were chosen on the validation split
 of our own training data (never on the benchmark meshes); see backend/weights/MODEL_CARD.md.
+
+Speed (docs/performance.md): after the first rounds most vertices move by a fraction of the spacing
+of the points. Each vertex remembers its last plane and keeps it while it has moved less than
+`refit_distance` since (0: refit every round); it remembers SPARE_NEIGHBOURS more nearest points than
+a fit uses, and searches the tree again only when it has moved so far that its nearest points may
+have changed (search_neighbours says why that is exact). The plane normal is the covariance's
+smallest eigenvector in closed form. With refit_distance 0 the planes are those of a fresh search and
+a LAPACK eigensolver every round, to float rounding.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import numpy as np
@@ -32,47 +40,155 @@ class RefineSettings:
     weight_rank: int = 4         # Gaussian weight width = distance to this nearest neighbour
     min_neighbours: int = 6      # fewer points within radius: the vertex keeps the network's position
     smoothing_steps: int = 3     # Taubin steps per round
+    refit_distance: float = 0.0005  # a vertex that moved less since its last plane fit keeps that plane
 
 
-def plane_projection(vertices: np.ndarray, tree: cKDTree, points: np.ndarray, settings: RefineSettings) -> np.ndarray:
-    """Displacements (V, 3) that move each vertex (V, 3) onto the weighted least-squares plane of
-    its nearby input points (P, 3), capped at settings.max_move; zero where too few points.
-    Works in float32 on coordinates relative to each vertex (this runs once per round on every
-    vertex, and is the refinement's whole cost)."""
+# Each vertex keeps this many more of its nearest points than a plane fit uses. The more it keeps,
+# the further it may move before it has to search again (see search_neighbours); 8 more make the
+# rounds after the first search for few vertices (docs/performance.md).
+SPARE_NEIGHBOURS = 8
+
+
+@dataclass
+class VertexMemory:
+    """What the refinement keeps of each vertex from one round to the next. Rows of a block are
+    views (`rows`), so a block's updates land in the whole."""
+    candidates: np.ndarray  # (V, C) int64 the C nearest points within the radius when searched; len(points): none
+    searched_at: np.ndarray  # (V, 3) float64 where the vertex was then
+    slack: np.ndarray        # (V,) float64 while closer than this to searched_at, its k nearest are candidates
+    centre: np.ndarray       # (V, 3) float64 a point of its last fitted plane
+    normal: np.ndarray       # (V, 3) float64 that plane's unit normal
+    usable: np.ndarray       # (V,) bool the plane had settings.min_neighbours points or more
+    fitted_at: np.ndarray    # (V, 3) float64 where the vertex was then (inf: never fitted)
+
+    @classmethod
+    def empty(cls, count: int, candidates: int) -> "VertexMemory":
+        """Nothing searched or fitted: the first round does both for every vertex."""
+        return cls(np.empty((count, candidates), np.int64), np.full((count, 3), np.inf), np.zeros(count),
+                   np.zeros((count, 3)), np.zeros((count, 3)), np.zeros(count, bool), np.full((count, 3), np.inf))
+
+    def rows(self, block: slice) -> "VertexMemory":
+        return VertexMemory(*(getattr(self, f.name)[block] for f in fields(self)))
+
+
+def search_neighbours(vertices: np.ndarray, tree: cKDTree, settings: RefineSettings) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates (V, C) and slack (V,) of vertices (V, 3): the C = settings.neighbours +
+    SPARE_NEIGHBOURS nearest points within settings.radius. A point that is no candidate lies at
+    least d_C = min(C-th distance, radius) from where the vertex was, and its k-th nearest candidate
+    at d_k; each changes by at most the vertex's move, so while it moves less than
+    (d_C - min(d_k, radius)) / 2 its k nearest points within the radius are all candidates."""
+    k = min(settings.neighbours, tree.n)
+    count = k + SPARE_NEIGHBOURS
+    distances, index = tree.query(vertices, k=count, distance_upper_bound=settings.radius, workers=-1)
+    bounded = np.minimum(distances.reshape(len(vertices), count), settings.radius)
+    return index.reshape(len(vertices), count), 0.5 * (bounded[:, count - 1] - bounded[:, k - 1])
+
+
+def smallest_eigenvectors(a00, a01, a02, a11, a12, a22) -> np.ndarray:
+    """Unit eigenvectors (V, 3) of the smallest eigenvalue of the symmetric 3x3 matrices whose upper
+    triangles are the arrays (V,), in closed form (float64): eigenvalues by the trigonometric
+    method, the eigenvector as the longest cross product of two rows of (A - smallest I). Where the
+    two smallest eigenvalues (nearly) coincide, the points on a line or at one spot, every vector of
+    their plane is as good and LAPACK picks one."""
+    a00, a01, a02, a11, a12, a22 = (np.asarray(x, np.float64) for x in (a00, a01, a02, a11, a12, a22))
+    mean = (a00 + a11 + a22) / 3.0
+    b00, b11, b22 = a00 - mean, a11 - mean, a22 - mean
+    p = np.maximum(np.sqrt((b00 * b00 + b11 * b11 + b22 * b22 + 2.0 * (a01 * a01 + a02 * a02 + a12 * a12)) / 6.0),
+                   1e-90)
+    det = b00 * (b11 * b22 - a12 * a12) - a01 * (a01 * b22 - a12 * a02) + a02 * (a01 * a12 - b11 * a02)
+    angle = np.arccos(np.clip(det / (2.0 * p ** 3), -1.0, 1.0)) / 3.0
+    smallest = mean + 2.0 * p * np.cos(angle + 2.0 * np.pi / 3.0)
+    rows = np.stack([np.stack([a00 - smallest, a01, a02], -1), np.stack([a01, a11 - smallest, a12], -1),
+                     np.stack([a02, a12, a22 - smallest], -1)], axis=1)                    # (V, 3, 3)
+    crosses = np.cross(rows[:, [0, 0, 1]], rows[:, [1, 2, 2]])                          # (V, 3, 3)
+    lengths = np.einsum("vij,vij->vi", crosses, crosses)
+    best = lengths.argmax(axis=1)
+    longest = np.take_along_axis(lengths, best[:, None], axis=1)[:, 0]
+    vectors = np.take_along_axis(crosses, best[:, None, None], axis=1)[:, 0] / np.sqrt(np.maximum(longest, 1e-300))[:, None]
+    # Near-equal smallest eigenvalues make every cross product short: hand those few to LAPACK.
+    unsure = longest <= 1e-8 * np.einsum("vij,vij->v", rows, rows) ** 2
+    if unsure.any():
+        vectors[unsure] = np.linalg.eigh(rows[unsure] + smallest[unsure, None, None] * np.eye(3))[1][:, :, 0]
+    return vectors
+
+
+def fit_planes(vertices: np.ndarray, points: np.ndarray, candidates: np.ndarray,
+               settings: RefineSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The weighted least-squares plane of each vertex's (V, 3) settings.neighbours nearest input
+    points (P, 3) within settings.radius, found among candidates (V, C) (len(points): none) ->
+    centroid (V, 3) relative to the vertex, unit normal (V, 3), usable (V,) (at least
+    settings.min_neighbours points). Float32 on coordinates relative to each vertex; candidates
+    beyond the k nearest get zero weight."""
     k = min(settings.neighbours, len(points))
-    distances, index = tree.query(vertices, k=k, distance_upper_bound=settings.radius, workers=-1)
-    distances, index = distances.reshape(len(vertices), k), index.reshape(len(vertices), k)
-    valid = np.isfinite(distances)
+    offsets = np.take(points, np.minimum(candidates, len(points) - 1), axis=0)            # (V, C, 3)
+    offsets -= vertices.astype(np.float32)[:, None]
+    squared = np.einsum("vci,vci->vc", offsets, offsets)                                    # (V, C)
+    squared[(candidates >= len(points)) | (squared > np.float32(settings.radius ** 2))] = np.inf
     rank = min(settings.weight_rank, k) - 1
-    width = np.where(valid[:, rank], distances[:, rank], settings.radius).astype(np.float32)[:, None]
-    scaled = np.where(valid, distances, 0.0).astype(np.float32) / np.maximum(width, 1e-9)
-    weights = np.where(valid, np.exp(-scaled * scaled), 0.0).astype(np.float32)      # (V, k)
-    offsets = points.astype(np.float32)[np.where(valid, index, 0)] - vertices.astype(np.float32)[:, None]
+    ranked = np.partition(squared, (rank, k - 1), axis=1)
+    valid = np.isfinite(squared) & (squared <= ranked[:, k - 1:k])                          # the k nearest
+    width = np.where(np.isfinite(ranked[:, rank:rank + 1]), ranked[:, rank:rank + 1], np.float32(settings.radius ** 2))
+    weights = np.where(valid, np.exp(-squared / np.maximum(width, np.float32(1e-18))), np.float32(0.0))
     total = np.maximum(weights.sum(axis=1, keepdims=True), 1e-30)
-    centroid = (weights[:, None, :] @ offsets)[:, 0] / total                          # (V, 3)
-    spread = (offsets - centroid[:, None]) * np.sqrt(weights)[..., None]
-    normal = np.linalg.eigh(spread.transpose(0, 2, 1) @ spread)[1][:, :, 0]         # smallest eigenvector
-    move = (np.einsum("vi,vi->v", centroid, normal)[:, None] * normal).astype(np.float64)
+    centroid = (weights[:, None, :] @ offsets)[:, 0] / total                                # (V, 3)
+    offsets -= centroid[:, None]
+    covariance = (offsets * weights[:, :, None]).transpose(0, 2, 1) @ offsets             # (V, 3, 3)
+    normal = smallest_eigenvectors(covariance[:, 0, 0], covariance[:, 0, 1], covariance[:, 0, 2],
+                                   covariance[:, 1, 1], covariance[:, 1, 2], covariance[:, 2, 2])
+    return centroid.astype(np.float64), normal, valid.sum(axis=1) >= settings.min_neighbours
+
+
+def plane_moves(vertices: np.ndarray, centre: np.ndarray, normal: np.ndarray, usable: np.ndarray,
+                settings: RefineSettings) -> np.ndarray:
+    """Displacements (V, 3) of vertices (V, 3) onto planes through centre (V, 3) with unit normal
+    (V, 3), capped at settings.max_move; zero where not usable (V,)."""
+    move = np.einsum("vi,vi->v", centre - vertices, normal)[:, None] * normal
     length = np.linalg.norm(move, axis=1, keepdims=True)
     move *= np.minimum(1.0, settings.max_move / np.maximum(length, 1e-12))
-    move[valid.sum(axis=1) < settings.min_neighbours] = 0.0
+    move[~usable] = 0.0
     return move
 
 
-PROJECTION_BLOCK = 16384  # vertices per plane_projection call: ~0.1 s and ~10 MB of temporaries
+def plane_projection(vertices: np.ndarray, tree: cKDTree, points: np.ndarray, settings: RefineSettings) -> np.ndarray:
+    """Moves (V, 3) of vertices (V, 3) onto the planes of points (P, 3), with a fresh search of tree
+    (over points) and fresh fits: one round of the refinement without its memory or smoothing."""
+    centroid, normal, usable = fit_planes(vertices, points.astype(np.float32),
+                                          search_neighbours(vertices, tree, settings)[0], settings)
+    return plane_moves(vertices, vertices + centroid, normal, usable, settings)
 
 
-def blockwise_projection(vertices: np.ndarray, tree: cKDTree, points: np.ndarray, settings: RefineSettings,
-                         should_cancel: Callable[[], bool] | None = None) -> np.ndarray:
-    """plane_projection over blocks of PROJECTION_BLOCK vertices, checking should_cancel before
-    each. A vertex's move depends on that vertex alone, so the result is bit-identical to one
-    call over all vertices; blocks bound the (V, neighbours, 3) temporaries and let a cancel land
+PROJECTION_BLOCK = 16384  # vertices per block: a few hundredths of a second, ~15 MB of temporaries
+
+
+def remembered_moves(vertices: np.ndarray, tree: cKDTree, points: np.ndarray, memory: VertexMemory,
+                     settings: RefineSettings) -> np.ndarray:
+    """One round's moves (V, 3) of vertices (V, 3) onto points (P, 3) float32. Vertices that moved
+    settings.refit_distance or more since their last fit get a fresh plane (searching the tree
+    again only when they moved beyond their slack); the others keep theirs. memory is updated."""
+    refit = np.linalg.norm(vertices - memory.fitted_at, axis=1) >= settings.refit_distance
+    search = refit & (np.linalg.norm(vertices - memory.searched_at, axis=1) >= memory.slack)
+    if search.any():
+        memory.candidates[search], memory.slack[search] = search_neighbours(vertices[search], tree, settings)
+        memory.searched_at[search] = vertices[search]
+    if refit.any():
+        centroid, memory.normal[refit], memory.usable[refit] = fit_planes(vertices[refit], points,
+                                                                          memory.candidates[refit], settings)
+        memory.centre[refit] = vertices[refit] + centroid
+        memory.fitted_at[refit] = vertices[refit]
+    return plane_moves(vertices, memory.centre, memory.normal, memory.usable, settings)
+
+
+def blockwise_projection(vertices: np.ndarray, tree: cKDTree, points: np.ndarray, memory: VertexMemory,
+                         settings: RefineSettings, should_cancel: Callable[[], bool] | None = None) -> np.ndarray:
+    """remembered_moves (V, 3) over blocks of PROJECTION_BLOCK vertices, checking should_cancel
+    before each. A vertex's move depends on that vertex alone, so the result is bit-identical to
+    one call over all vertices; blocks bound the (V, C, 3) temporaries and let a cancel land
     within a fraction of a second instead of after the round."""
     moves = np.empty_like(vertices, dtype=np.float64)
     for start in range(0, len(vertices), PROJECTION_BLOCK):
         check_cancel(should_cancel)
-        stop = start + PROJECTION_BLOCK
-        moves[start:stop] = plane_projection(vertices[start:stop], tree, points, settings)
+        block = slice(start, start + PROJECTION_BLOCK)
+        moves[block] = remembered_moves(vertices[block], tree, points, memory.rows(block), settings)
     return moves
 
 
@@ -82,8 +198,8 @@ def refine_to_points(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray
                      should_cancel: Callable[[], bool] | None = None) -> np.ndarray:
     """Canonical vertices (V, 3) of a mesh with faces (F, 3) and input points (P, 3) -> refined
     vertices (V, 3) float32; faces are unchanged.
-    progress(fraction in [0, 1]) is called after every round (a round takes seconds on a large
-    256^3 mesh); should_cancel() before every block of vertices in every round, raising Cancelled."""
+    progress(fraction in [0, 1]) is called after every round; should_cancel() before every block
+    of vertices in every round, raising Cancelled."""
     import trimesh
 
     points = np.asarray(points, dtype=np.float64)
@@ -92,9 +208,12 @@ def refine_to_points(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray
     mesh = trimesh.Trimesh(np.asarray(vertices, dtype=np.float64), faces, process=False)
     averaging = trimesh.smoothing.laplacian_calculation(mesh)  # built once, used every round
     tree = cKDTree(points)
+    memory = VertexMemory.empty(len(vertices), min(settings.neighbours, len(points)) + SPARE_NEIGHBOURS)
+    points32 = points.astype(np.float32)
     for done in range(settings.rounds):
         vertices_now = np.asarray(mesh.vertices)
-        mesh.vertices = vertices_now + blockwise_projection(vertices_now, tree, points, settings, should_cancel)
+        mesh.vertices = vertices_now + blockwise_projection(vertices_now, tree, points32, memory, settings,
+                                                            should_cancel)
         trimesh.smoothing.filter_taubin(mesh, iterations=settings.smoothing_steps, laplacian_operator=averaging)
         if progress is not None:
             progress((done + 1) / settings.rounds)
