@@ -155,15 +155,39 @@ def estimate_object(rgb: np.ndarray) -> Mask:
     return salient if salient is not None and salient.confidence > background.confidence else background
 
 
-def object_mask(rgba: np.ndarray, user_mask: np.ndarray | None = None) -> Mask:
-    """The mask of the object in rgba (H, W, 4) float in [0, 1]: the user's mask (H, W) if given,
-    else the alpha channel if it holds any transparency, else the automatic estimate.
-    Raises ValueError when a user mask has another size than the picture."""
-    if user_mask is not None:
-        if user_mask.shape != rgba.shape[:2]:
-            raise ValueError(f"the mask is {user_mask.shape[1]} x {user_mask.shape[0]} pixels but the picture is "
-                             f"{rgba.shape[1]} x {rgba.shape[0]}: they must match")
-        mask = np.asarray(user_mask) > 0.5
+def mask_from_picture(picture: np.ndarray) -> np.ndarray:
+    """(H, W) float32 in [0, 1] from a mask picture (H, W, 3|4) in [0, 1]: its alpha channel where it
+    has transparency, else its brightness (white = object)."""
+    if picture.shape[2] == 4 and (picture[..., 3] < 0.99).any():
+        return picture[..., 3].astype(np.float32)
+    return picture[..., :3].mean(axis=-1).astype(np.float32)
+
+
+def user_mask(mask: np.ndarray, picture_shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) bool of picture_shape from a user's mask: (h, w) values or an (h, w, 3|4) picture,
+    uint8 (0..255), float (0..1) or bool. A mask of the picture's proportions but another size
+    (the picture was scaled down on reading) is resampled to it by nearest pixel.
+    Raises ValueError naming both sizes when the proportions differ."""
+    mask = np.asarray(mask)
+    values = mask.astype(np.float32) / (255.0 if mask.dtype == np.uint8 else 1.0)
+    if values.ndim == 3:
+        values = mask_from_picture(values)
+    (height, width), (mask_height, mask_width) = picture_shape, values.shape[:2]
+    # proportions agree when each side maps onto the other's within one pixel
+    if abs(mask_width * height / mask_height - width) > 1.0 or abs(mask_height * width / mask_width - height) > 1.0:
+        raise ValueError(f"the mask is {mask_width} x {mask_height} pixels but the picture is "
+                         f"{width} x {height}: they must have the same proportions")
+    rows = (np.arange(height) + 0.5) * mask_height / height
+    cols = (np.arange(width) + 0.5) * mask_width / width
+    return values[rows.astype(np.intp)[:, None], cols.astype(np.intp)[None, :]] > 0.5
+
+
+def object_mask(rgba: np.ndarray, given_mask: np.ndarray | None = None) -> Mask:
+    """The mask of the object in rgba (H, W, 4) float in [0, 1]: the user's mask (see user_mask) if
+    given, else the alpha channel if it holds any transparency, else the automatic estimate.
+    Raises ValueError when a user mask does not fit the picture."""
+    if given_mask is not None:
+        mask = user_mask(given_mask, rgba.shape[:2])
         return Mask(mask, "user", 1.0, touches_border(mask))
     alpha = rgba[..., 3]
     if (alpha < 0.99).any():

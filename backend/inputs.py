@@ -127,10 +127,9 @@ def load_image(path) -> np.ndarray:
 def load_mask(path) -> np.ndarray:
     """(H, W) float32 in [0, 1] from a mask picture: its alpha channel where it has transparency,
     else its brightness (white = object). Loaded like load_image, so it matches the picture's size."""
-    rgba = load_image(path)
-    if (rgba[..., 3] < 0.99).any():
-        return rgba[..., 3]
-    return rgba[..., :3].mean(axis=-1)
+    from .foreground import mask_from_picture
+
+    return mask_from_picture(load_image(path))
 
 
 # EXIF: the Exif sub-IFD, and in it the 35 mm equivalent focal length in millimetres.

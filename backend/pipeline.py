@@ -4,11 +4,12 @@ This is the one pipeline the CLI, the pipe server and the benchmarks share. It k
 models between calls, reports progress and checks for cancellation between network batches.
 """
 
+import functools
 import math
 import re
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -112,6 +113,29 @@ def probability_to_logit(p: float) -> float:
     return math.log(p / (1.0 - p))
 
 
+def falls_back_to_cpu(reconstruct):
+    """A reconstruction whose GPU runs out of memory, even with the smallest network batches, is
+    run again on the CPU, and its result says so: slower, but the user gets the mesh."""
+
+    @functools.wraps(reconstruct)
+    def run(self, data, options: ReconstructOptions | None = None, **kwargs) -> ReconstructionResult:
+        options = options or ReconstructOptions()
+        try:
+            return reconstruct(self, data, options, **kwargs)
+        except (OccnetError, torch.OutOfMemoryError) as exc:
+            device = resolve_device(options.device) if options.device else self.device
+            if device.type == "cpu" or (isinstance(exc, OccnetError) and exc.code != "out_of_memory"):
+                raise
+        self.release(device)
+        result = reconstruct(self, data, replace(options, device="cpu"), **kwargs)
+        result.stats.setdefault("warnings", []).append(
+            f"{device} ran out of memory: this result was computed on the CPU instead")
+        result.stats["fell_back_from"] = str(device)
+        return result
+
+    return run
+
+
 class Reconstructor:
     """Holds models by (checkpoint, device) and runs reconstructions with them."""
 
@@ -129,6 +153,12 @@ class Reconstructor:
             "default_checkpoints": installed_defaults(),
         }
 
+    def release(self, device: torch.device) -> None:
+        """Forget the models held on device and return its cached memory."""
+        self._models = {key: held for key, held in self._models.items() if key[1] != str(device)}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def model_for(self, kind: str, options: ReconstructOptions):
         """(model, config) for a request, loading it once per checkpoint and device."""
         device = resolve_device(options.device) if options.device else self.device
@@ -143,6 +173,7 @@ class Reconstructor:
                                              f"but the input is {'an image' if kind == 'image' else 'a point cloud'}")
         return model, config, device
 
+    @falls_back_to_cpu
     def reconstruct_points(self, points, options: ReconstructOptions | None = None,
                            progress: Progress | None = None,
                            should_cancel: Callable[[], bool] | None = None,
@@ -184,6 +215,7 @@ class Reconstructor:
                             input_normals=cloud.normals is not None)
         return result
 
+    @falls_back_to_cpu
     def reconstruct_image(self, pixels, options: ReconstructOptions | None = None,
                           progress: Progress | None = None,
                           should_cancel: Callable[[], bool] | None = None,
@@ -282,8 +314,7 @@ class Reconstructor:
             except torch.OutOfMemoryError:
                 if batch_points <= MIN_BATCH_POINTS:
                     raise OccnetError("out_of_memory", f"{device} ran out of memory even with network batches of "
-                                                       f"{batch_points} points: use a lower resolution or the CPU "
-                                                       f"(--device cpu)") from None
+                                                       f"{batch_points} points: use a lower resolution") from None
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 batch_points //= 4

@@ -226,7 +226,7 @@ class Server:
         elif mtype == "shutdown":
             self.out.send({"type": "bye", "id": req_id})
             self.begin_stop("shutdown requested")
-        elif mtype in ("reconstruct", "read_points"):
+        elif mtype in ("reconstruct", "read_points", "read_image"):
             problem = validate_reconstruct(header, arrays) if mtype == "reconstruct" else validate_read(header)
             if problem:
                 self.send_error(req_id, wire.E_BAD_REQUEST, problem)
@@ -311,7 +311,7 @@ class Server:
         h = job.header
         try:
             progress("starting", 0.0)
-            if h["type"] == "read_points":  # needs no model: no waiting for the warm-up
+            if h["type"] in ("read_points", "read_image"):  # needs no model: no waiting for the warm-up
                 self.answer_read(job)
                 return
             # let the warm-up finish loading models (no double loads, no racing on the cache)
@@ -365,16 +365,24 @@ class Server:
 
 
     def answer_read(self, job):
-        """Read the point-cloud file a read_points request names (backend.pointclouds, the one
-        reader) and send its points, colours and normals."""
+        """Read the file a read_points or read_image request names with the backend's one reader
+        (backend.pointclouds, backend.inputs) and send what it holds."""
         from backend.errors import Cancelled
+        from backend.inputs import exif_focal_35mm, load_image
         from backend.pointclouds import load_point_cloud
 
-        cloud = load_point_cloud(job.header["path"])
+        path = job.header["path"]
+        if job.header["type"] == "read_image":
+            pixels = load_image(path)
+            reply = {"type": "image", "id": job.id, "focal_length": exif_focal_35mm(path)}
+            arrays = {"pixels": np.ascontiguousarray(pixels, dtype=np.float32)}
+        else:
+            cloud = load_point_cloud(path)
+            reply = {"type": "points", "id": job.id, "count": len(cloud.points)}
+            arrays = {"points": cloud.points, "colors": cloud.colors, "normals": cloud.normals}
         if job.cancel.is_set():
             raise Cancelled()
-        arrays = {"points": cloud.points, "colors": cloud.colors, "normals": cloud.normals}
-        self.answer(job, {"type": "points", "id": job.id, "count": len(cloud.points)}, arrays)
+        self.answer(job, reply, arrays)
 
 
 def _first_line(exc):
@@ -445,17 +453,18 @@ def validate_reconstruct(header, arrays):
         if px.dtype not in (np.uint8, np.float32):
             return f"'pixels' must be uint8 or float32, got {px.dtype}"
         mask = arrays.get("mask")
-        if mask is not None and (mask.shape != px.shape[:2] or mask.dtype not in (np.uint8, np.float32, np.bool_)):
-            return (f"'mask' must be uint8, float32 or bool of the picture's size {tuple(px.shape[:2])}, "
+        if mask is not None and (mask.ndim not in (2, 3) or (mask.ndim == 3 and mask.shape[2] not in (3, 4))
+                                 or mask.dtype not in (np.uint8, np.float32, np.bool_)):
+            return (f"'mask' must be (H, W) or a mask picture (H, W, 3|4), uint8, float32 or bool, "
                     f"got {mask.dtype} {tuple(mask.shape)}")
     return None
 
 
 def validate_read(header):
-    """Return a message naming what is wrong with a read_points request, or None."""
+    """Return a message naming what is wrong with a read_points or read_image request, or None."""
     path = header.get("path")
     if not isinstance(path, str) or not path:
-        return f"read_points needs the file's 'path' as a string (got {path!r})"
+        return f"{header['type']} needs the file's 'path' as a string (got {path!r})"
     return None
 
 

@@ -25,11 +25,15 @@ Requests (add-on -> backend); their bodies are at most MAX_REQUEST_BODY_BYTES
     reconstruct  {"id", "input": "points"|"image", "options": {...}}
                  arrays: "points" (N, 3) <f4 or <f8, optional "colors" (N, 3) <f4 in [0, 1] (the
                          mesh gets vertex colours) and "normals" (N, 3) <f4;
-                         or "pixels" (H, W, 3|4) |u1 or <f4, row 0 = top
+                         or "pixels" (H, W, 3|4) |u1 or <f4, row 0 = top, with an optional "mask" of
+                         the object: (H, W) or a mask picture (H, W, 3|4), |u1, <f4 or bool,
+                         of the picture's proportions (white or opaque = object)
                  options: checkpoint (path or null), resolution, threshold, max_faces, device,
-                          normals (bool: also send vertex normals), refine (bool)
+                          normals (bool: also send vertex normals), refine (bool),
+                          focal_length (images: 35 mm equivalent; null: the default lens)
     read_points  {"id", "path"}: read a point-cloud file with the backend's reader -> points
-    cancel       {"id", "target": <id of the reconstruct or read_points request>}
+    read_image   {"id", "path"}: read a picture file with the backend's reader -> image
+    cancel       {"id", "target": <id of the reconstruct or read request>}
     ping         {"id"}                       -> pong
     info         {"id"}                       -> info
     shutdown     {"id"}                       -> bye, then the server exits
@@ -42,6 +46,8 @@ Replies (backend -> add-on)
                  and "colors" (V, 4) <f4 RGBA in [0, 1] (when the points had colours)
     points       {"id", "count"}; arrays "points" (N, 3) <f8, optional "colors" (N, 3) <f4 in
                  [0, 1] and "normals" (N, 3) <f4
+    image        {"id", "focal_length": the 35 mm equivalent from the file's EXIF, or null};
+                 array "pixels" (H, W, 4) <f4 RGBA in [0, 1], row 0 = top, upright
     error        {"id" (null when the frame could not be attributed, or when its id belongs to
                   another request still in flight), "code", "message"}
     pong         {"id", "protocol", "backend_version"}
@@ -84,8 +90,8 @@ DTYPES = {
     "|u1": np.dtype("u1"),
 }
 
-REQUEST_TYPES = ("reconstruct", "read_points", "cancel", "ping", "info", "shutdown")
-REPLY_TYPES = ("hello", "progress", "result", "points", "error", "pong", "info", "bye")
+REQUEST_TYPES = ("reconstruct", "read_points", "read_image", "cancel", "ping", "info", "shutdown")
+REPLY_TYPES = ("hello", "progress", "result", "points", "image", "error", "pong", "info", "bye")
 
 # Error codes the server sends (the backend's OccnetError codes pass through unchanged).
 E_PROTOCOL = "protocol_error"  # a frame that could not be read

@@ -214,11 +214,15 @@ def convert_one(bpy, session, python, plan, i, prefix):
     """Reconstruct input i and export it; returns the object. Raises on failure."""
     from . import gather  # imports bpy: only once main() has found it
 
-    kind, data, colors = gather.load_file(plan.inputs[i], lambda path: session.read_points(python, path))
-    origin = gather.bbox_center(data) if kind == "points" else None
-    location = tuple(bpy.context.scene.cursor.location) if kind == "image" else None
-    session.start_job(python, kind, data, plan.options[kind], plan.names[i], origin=origin,
-                      location=location, colors=colors)
+    found = gather.load_file(plan.inputs[i], lambda path: session.read_points(python, path),
+                             lambda path: session.read_image(python, path))
+    origin = gather.bbox_center(found.data) if found.kind == "points" else None
+    location = tuple(bpy.context.scene.cursor.location) if found.kind == "image" else None
+    options = dict(plan.options[found.kind])
+    if found.focal_length:  # a photo's lens, from its EXIF
+        options["focal_length"] = found.focal_length
+    session.start_job(python, found.kind, found.data, options, plan.names[i], origin=origin,
+                      location=location, colors=found.colors)
     session.wait(on_progress=Progress(prefix))
     outcome = session.finish_job(bpy.context)
     if outcome.obj is None:

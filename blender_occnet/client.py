@@ -265,10 +265,11 @@ class BackendClient:
             self.proc.stdin.write(data)
             self.proc.stdin.flush()
 
-    def reconstruct(self, kind, array, options, colors=None):
+    def reconstruct(self, kind, array, options, colors=None, mask=None):
         """Start a reconstruction; returns its Request. ``kind`` is "points" (array (N, 3), float64
         stays float64 so survey coordinates keep their precision; colors (N, 3) in [0, 1] or None)
-        or "image" (array (H, W, 3|4) uint8 or float32, row 0 = top)."""
+        or "image" (array (H, W, 3|4) uint8 or float32, row 0 = top; mask: the object's mask as
+        (h, w) values or an (h, w, 3|4) mask picture of the same proportions, or None)."""
         if kind == "points":
             arr = np.asarray(array)
             arr = np.ascontiguousarray(arr, dtype=np.float64 if arr.dtype == np.float64 else np.float32)
@@ -278,7 +279,8 @@ class BackendClient:
             arr = np.asarray(array)
             if arr.dtype != np.uint8:
                 arr = arr.astype(np.float32)
-            arrays = {"pixels": np.ascontiguousarray(arr)}
+            arrays = {"pixels": np.ascontiguousarray(arr),
+                      "mask": None if mask is None else np.ascontiguousarray(mask)}
         else:
             raise ValueError(f"unknown input kind {kind!r}")
         size = wire.body_size(arrays)
@@ -301,11 +303,21 @@ class BackendClient:
         """Ask the backend to read a point-cloud file (backend.pointclouds: LAS/LAZ, E57, PCD, PLY,
         text, NumPy); returns its Request, whose result holds "points" (N, 3) float64 and
         "colors" / "normals" (N, 3) float32 or None."""
+        return self._read("read_points", path)
+
+    def read_image(self, path):
+        """Ask the backend to read a picture file (backend.inputs: PNG, JPEG, TIFF, WebP, BMP, any
+        bit depth, EXIF orientation applied); returns its Request, whose result holds "pixels"
+        (H, W, 4) float32 RGBA in [0, 1], row 0 = top, and "focal_length" (35 mm equivalent from
+        the file's EXIF) or None."""
+        return self._read("read_image", path)
+
+    def _read(self, request_type, path):
         self.start()
         req = Request(self._new_id(), "read")
         self._requests[req.id] = req
         try:
-            self._send({"type": "read_points", "id": req.id, "path": str(path)})
+            self._send({"type": request_type, "id": req.id, "path": str(path)})
         except BackendError as exc:
             self._finish(req, error=exc)
         return req
@@ -401,6 +413,12 @@ class BackendClient:
             else:
                 self._finish(req, result={"points": arrays["points"], "colors": arrays.get("colors"),
                                           "normals": arrays.get("normals")})
+            finished.append(req)
+        elif t == "image":
+            if arrays.get("pixels") is None:
+                self._finish(req, error=BackendError(wire.E_PROTOCOL, "the backend sent no pixels"))
+            else:
+                self._finish(req, result={"pixels": arrays["pixels"], "focal_length": header.get("focal_length")})
             finished.append(req)
         elif t == "error":
             self._finish(req, error=BackendError(header.get("code", wire.E_INTERNAL),

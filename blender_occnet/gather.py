@@ -1,10 +1,12 @@
 """Turn what the user chose in Blender (selected objects, image datablocks, files) into the arrays a
 request sends: (N, 3) world-space points (float64 from files) with optional (N, 3) colours in
-[0, 1], or (H, W, 4) uint8 pixels with row 0 at the top. Point-cloud files are read by the backend
-(its reader knows LAS/LAZ, E57, PCD, ...; see Session.read_points). Shared by the operators and the
-batch command; raises InputProblem with a sentence for the user."""
+[0, 1], or (H, W, 4) pixels with row 0 at the top. Files are read by the backend (its readers know
+LAS/LAZ, E57, PCD, ... and every picture format and bit depth; see Session.read_points and
+Session.read_image). Shared by the operators and the batch command; raises InputProblem with a
+sentence for the user."""
 
 import os
+from dataclasses import dataclass
 
 import bpy
 import numpy as np
@@ -110,19 +112,18 @@ def image_pixels(image):
     return (np.clip(px, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def load_image_file(path):
-    """Pixels of an image file, read through Blender without leaving a datablock behind."""
+def load_image_file(path, read_image):
+    """(pixels (H, W, 4) float32, row 0 = top, 35 mm equivalent focal length from EXIF or None) of a
+    picture file, read by read_image(path) -> dict (Session.read_image): the backend's reader, the
+    same for the CLI, the batch and the add-on, leaving no datablock behind."""
     path = bpy.path.abspath(path)
     if not os.path.isfile(path):
         raise InputProblem(f"Image file {path!r} does not exist")
     try:
-        img = bpy.data.images.load(path, check_existing=False)
-    except RuntimeError as exc:
-        raise InputProblem(f"Cannot read image {path!r}: {exc}") from None
-    try:
-        return image_pixels(img)
-    finally:
-        bpy.data.images.remove(img)
+        picture = read_image(path)
+    except BackendError as exc:
+        raise InputProblem(exc.message) from None
+    return picture["pixels"], picture["focal_length"]
 
 
 def load_points_file(path, read_points):
@@ -138,8 +139,18 @@ def load_points_file(path, read_points):
     return check_point_count(cloud["points"]), cloud["colors"]
 
 
-def load_file(path, read_points):
-    """(kind, array, colours or None) for an image or point-cloud file, by its extension."""
+@dataclass
+class FileInput:
+    """What one input file holds: kind "points" (data (N, 3), colours (N, 3) or None) or "image"
+    (data (H, W, 4) pixels, focal_length from EXIF or None)."""
+    kind: str
+    data: np.ndarray
+    colors: np.ndarray | None = None
+    focal_length: float | None = None
+
+
+def load_file(path, read_points, read_image):
+    """The FileInput of an image or point-cloud file, by its extension."""
     if not os.path.isfile(path):
         raise InputProblem(f"{path} does not exist")
     kind = filetypes.input_kind(path)
@@ -148,8 +159,9 @@ def load_file(path, read_points):
                            f"(point clouds: {', '.join(filetypes.POINT_EXTENSIONS)}; "
                            f"images: {', '.join(filetypes.IMAGE_EXTENSIONS)})")
     if kind == "points":
-        return (kind, *load_points_file(path, read_points))
-    return kind, load_image_file(path), None
+        return FileInput(kind, *load_points_file(path, read_points))
+    pixels, focal_length = load_image_file(path, read_image)
+    return FileInput(kind, pixels, focal_length=focal_length)
 
 
 def bbox_center(points):

@@ -12,6 +12,7 @@ How a request flows without blocking Blender:
 """
 
 import os
+from dataclasses import dataclass
 
 import bpy
 import numpy as np
@@ -21,7 +22,7 @@ from . import filetypes, gather, mesh_builder, request_options
 from .client import BackendError
 from .interpreter import InterpreterProblem
 from .preferences import get_prefs, snap_face_budget
-from .runtime import read_points, request_options_for, session, start_job
+from .runtime import read_image, read_points, request_options_for, session, start_job
 from .session import POLL_INTERVAL_S
 
 # what the user can fix; each becomes an error report instead of a traceback
@@ -49,6 +50,20 @@ def _wait_with_progress(context):
         wm.progress_end()
 
 
+@dataclass
+class Gathered:
+    """What a generate operator's ``gather`` found: the input (kind "points" or "image", its array
+    and colours or mask), the result's name and where it goes (the points' origin, or the cursor)."""
+    kind: str
+    data: np.ndarray
+    name: str
+    colors: np.ndarray | None = None
+    origin: np.ndarray | None = None
+    location: tuple | None = None
+    mask: np.ndarray | None = None
+    focal_length: float | None = None
+
+
 class _Generate:
     """Shared by the two generate operators (subclasses implement ``gather``)."""
 
@@ -72,20 +87,21 @@ class _Generate:
     def poll(cls, context):
         return not session.busy
 
-    def _options(self, context, kind):
+    def _options(self, context, kind, focal_length=None):
         prefs = get_prefs(context)
         for prop, pref in (("resolution", "default_resolution"), ("threshold", "threshold"),
                            ("max_faces", "max_faces")):
             if not self.properties.is_property_set(prop):
                 setattr(self, prop, getattr(prefs, pref))
         return request_options_for(prefs, kind, int(self.resolution), self.threshold,
-                                   self.max_faces, self.checkpoint)
+                                   self.max_faces, self.checkpoint, focal_length=focal_length)
 
     def _start(self, context):
         try:
-            kind, array, colors, name, origin, location = self.gather(context)
-            start_job(context, kind, array, self._options(context, kind), name, origin=origin,
-                      location=location, label=self.bl_label, colors=colors)
+            found = self.gather(context)
+            start_job(context, found.kind, found.data, self._options(context, found.kind, found.focal_length),
+                      found.name, origin=found.origin, location=found.location, label=self.bl_label,
+                      colors=found.colors, mask=found.mask)
         except DOMAIN_ERRORS as exc:
             session.fail(str(exc))
             self.report({"ERROR"}, str(exc))
@@ -173,7 +189,7 @@ class OCCNET_OT_mesh_from_points(_Generate, bpy.types.Operator):
             pts, colors, names = gather.selected_points(context)
             pts = gather.check_point_count(pts)
             name = (names[0] if len(names) == 1 else "PointCloud") + "_occnet"
-        return "points", pts, colors, name, gather.bbox_center(pts), None
+        return Gathered("points", pts, name, colors=colors, origin=gather.bbox_center(pts))
 
 
 class OCCNET_OT_mesh_from_image(_Generate, bpy.types.Operator):
@@ -190,13 +206,17 @@ class OCCNET_OT_mesh_from_image(_Generate, bpy.types.Operator):
     image: StringProperty(name="Image", description="Name of the image datablock "
                                                     "(empty: the image open in an Image Editor)")
     filepath: StringProperty(name="File", subtype="FILE_PATH")
+    mask: StringProperty(name="Mask", description="Name of an image datablock holding the object's mask "
+                                                  "(white or opaque = object); empty: the picture's alpha, "
+                                                  "else an automatic estimate")
+    focal_length: FloatProperty(name="Focal Length", default=request_options.UNKNOWN_FOCAL_LENGTH, min=0.0,
+                                max=request_options.FOCAL_LENGTH_MAX, unit="CAMERA",
+                                description="35 mm equivalent focal length of the lens that took the picture "
+                                            "(0: from the file's EXIF, else 50 mm)")
 
     def _image(self, context):
         if self.image:
-            img = bpy.data.images.get(self.image)
-            if img is None:
-                raise gather.InputProblem(f"There is no image named {self.image!r}")
-            return img
+            return self._datablock(self.image)
         scene_img = getattr(context.scene, "occnet_image", None)
         if scene_img is not None:
             return scene_img
@@ -205,17 +225,27 @@ class OCCNET_OT_mesh_from_image(_Generate, bpy.types.Operator):
                 return area.spaces.active.image
         raise gather.InputProblem("Choose an image (or an image file)")
 
+    @staticmethod
+    def _datablock(name):
+        img = bpy.data.images.get(name)
+        if img is None:
+            raise gather.InputProblem(f"There is no image named {name!r}")
+        return img
+
     def gather(self, context):
+        focal_length = None
         if self.source == "FILE":
             if not self.filepath:
                 raise gather.InputProblem("Choose an image file")
-            pixels = gather.load_image_file(self.filepath)
+            pixels, focal_length = gather.load_image_file(self.filepath, lambda path: read_image(context, path))
             name = gather.file_result_name(self.filepath)
         else:
             img = self._image(context)
             pixels = gather.image_pixels(img)
             name = os.path.splitext(img.name)[0] + "_occnet"
-        return "image", pixels, None, name, None, tuple(context.scene.cursor.location)
+        mask = gather.image_pixels(self._datablock(self.mask)) if self.mask else None
+        return Gathered("image", pixels, name, location=tuple(context.scene.cursor.location), mask=mask,
+                   focal_length=self.focal_length or focal_length)
 
 
 def chosen_paths(operator):

@@ -1,9 +1,11 @@
 """What a reconstruction request may ask for: the one definition the add-on's properties, the batch
-command's arguments and the options sent to the backend all come from (stdlib only, no bpy).
+command's arguments and the options sent to the backend all come from (no bpy).
 
 The backend's pipeline accepts exactly these values (``backend.pipeline.ReconstructOptions``);
 offering only them means a request never fails on an option the user could pick.
 """
+
+from . import wire
 
 # MISE refines a 32^3 grid by doubling, so only powers of two from 32 reach the pipeline
 RESOLUTIONS = (32, 64, 128, 256, 512)
@@ -68,9 +70,26 @@ def check_device(device):
     return value
 
 
+# images: the 35 mm equivalent focal length of the lens; 0 means unknown (the file's EXIF, else 50 mm)
+FOCAL_LENGTH_MIN, FOCAL_LENGTH_MAX = 1.0, 2000.0
+UNKNOWN_FOCAL_LENGTH = 0.0
+
+
+def check_focal_length(focal_length):
+    """None (unknown) for 0 or None; otherwise millimetres in FOCAL_LENGTH_MIN..FOCAL_LENGTH_MAX."""
+    if not focal_length:
+        return None
+    value = float(focal_length)
+    if not FOCAL_LENGTH_MIN <= value <= FOCAL_LENGTH_MAX:
+        raise OptionError(f"focal length must lie in {FOCAL_LENGTH_MIN:g}..{FOCAL_LENGTH_MAX:g} mm "
+                          f"(35 mm equivalent) or be 0 (unknown), got {focal_length}")
+    return value
+
+
 def make_options(checkpoint=None, resolution=DEFAULT_RESOLUTION, threshold=DEFAULT_THRESHOLD,
-                 max_faces=None, device=None, normals=False, refine=True):
-    """The ``options`` object of a reconstruct request, validated; raises OptionError."""
-    return {"checkpoint": checkpoint or None, "resolution": check_resolution(resolution),
-            "threshold": check_threshold(threshold), "max_faces": check_face_budget(max_faces),
-            "device": check_device(device), "normals": bool(normals), "refine": bool(refine)}
+                 max_faces=None, device=None, normals=False, refine=True, focal_length=None):
+    """The ``options`` object of a reconstruct request (wire.options_dict), validated; raises OptionError."""
+    return wire.options_dict(checkpoint=checkpoint, resolution=check_resolution(resolution),
+                             threshold=check_threshold(threshold), max_faces=check_face_budget(max_faces),
+                             device=check_device(device), normals=normals, refine=refine,
+                             focal_length=check_focal_length(focal_length))

@@ -51,14 +51,14 @@ def server_args(prefs):
     return args
 
 
-def request_options_for(prefs, kind, resolution, threshold, max_faces, checkpoint=""):
+def request_options_for(prefs, kind, resolution, threshold, max_faces, checkpoint="", focal_length=None):
     """Validated request options; an empty checkpoint means the preferences', then the shipped
     default. Raises request_options.OptionError."""
     ck = checkpoint or (prefs.checkpoint_points if kind == "points" else prefs.checkpoint_image)
     return request_options.make_options(
         checkpoint=bpy.path.abspath(ck) if ck else None, resolution=resolution,
         threshold=threshold, max_faces=max_faces, device=device_option(prefs),
-        normals=prefs.use_normals, refine=prefs.refine_points)
+        normals=prefs.use_normals, refine=prefs.refine_points, focal_length=focal_length)
 
 
 def client_for(prefs):
@@ -66,16 +66,23 @@ def client_for(prefs):
     return session.client_for(backend_python(prefs), server_args(prefs))
 
 
-def start_job(context, kind, array, options, name, origin=None, location=None, label="", colors=None):
+def start_job(context, kind, array, options, name, origin=None, location=None, label="", colors=None, mask=None):
     prefs = get_prefs(context)
     return session.start_job(backend_python(prefs), kind, array, options, name, origin=origin,
-                             location=location, label=label, server_args=server_args(prefs), colors=colors)
+                             location=location, label=label, server_args=server_args(prefs), colors=colors,
+                             mask=mask)
 
 
 def read_points(context, path):
     """A point-cloud file read by the backend (Session.read_points)."""
     prefs = get_prefs(context)
     return session.read_points(backend_python(prefs), path, server_args=server_args(prefs))
+
+
+def read_image(context, path):
+    """A picture file read by the backend (Session.read_image)."""
+    prefs = get_prefs(context)
+    return session.read_image(backend_python(prefs), path, server_args=server_args(prefs))
 
 
 def _chosen_python(prefs):

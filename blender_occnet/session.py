@@ -62,13 +62,14 @@ class Session:
         return self.client
 
     def start_job(self, python, kind, array, options, name, origin=None, location=None, label="",
-                  server_args=(), colors=None):
+                  server_args=(), colors=None, mask=None):
         """Send a reconstruction to the backend (starting it if needed); colors (N, 3) in [0, 1]
-        for points give the mesh vertex colours. Raises InterpreterProblem or client.BackendError."""
+        for points give the mesh vertex colours; mask: an image's object mask (client.reconstruct).
+        Raises InterpreterProblem or client.BackendError."""
         client = self.client_for(python, server_args)
         self.last_error = ""
         self.last_info = ""
-        request = client.reconstruct(kind, array, options, colors=colors)
+        request = client.reconstruct(kind, array, options, colors=colors, mask=mask)
         self.job = Job(request, kind, name, origin, location, label,
                        n_points=len(array) if kind == "points" else None)
         return self.job
@@ -78,7 +79,15 @@ class Session:
         the libraries live in the backend's Python, not in Blender's) and wait for it: a dict of
         "points" (N, 3) float64, "colors" and "normals" (N, 3) float32 or None. Raises
         InterpreterProblem, or client.BackendError naming the problem with the file."""
-        request = self.client_for(python, server_args).read_points(path)
+        return self._read(self.client_for(python, server_args).read_points(path))
+
+    def read_image(self, python, path, server_args=()):
+        """Read a picture file with the backend's reader and wait for it: a dict of "pixels"
+        (H, W, 4) float32 and "focal_length" (EXIF, 35 mm equivalent) or None. Raises
+        InterpreterProblem, or client.BackendError naming the problem with the file."""
+        return self._read(self.client_for(python, server_args).read_image(path))
+
+    def _read(self, request):
         self.client.wait(request)
         if request.error is not None:
             raise request.error

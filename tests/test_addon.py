@@ -177,6 +177,9 @@ def test_bad_inputs_are_reported_without_objects(scene, tiny_checkpoints, tmp_pa
         bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", source="FILE", filepath=str(bad))
     with pytest.raises(RuntimeError, match="does not exist"):
         bpy.ops.occnet.mesh_from_image("EXEC_DEFAULT", source="FILE", filepath=str(tmp_path / "nope.png"))
+    (tmp_path / "notes.png").write_text("not a picture")  # the backend's reader names the problem
+    with pytest.raises(RuntimeError, match="notes.png: cannot read the image: it is not a PNG"):
+        bpy.ops.occnet.mesh_from_image("EXEC_DEFAULT", source="FILE", filepath=str(tmp_path / "notes.png"))
     assert len(bpy.data.objects) == n and len(bpy.data.images) == 0
 
 
@@ -231,6 +234,36 @@ def test_mesh_from_image_stands_on_the_cursor_as_seen_from_the_front(scene, soli
     height = v[:, 2].max() - 3.0
     top, bottom = v[v[:, 2] > 3.0 + 0.6 * height], v[v[:, 2] < 3.0 + 0.2 * height]
     assert bottom[:, 0].max() > top[:, 0].max() + 0.2, "the foot points right in the Front view"
+
+
+def test_a_mask_datablock_is_law_for_an_opaque_picture(scene, solid_pixel_checkpoint):
+    """The Mask field: an opaque picture with nothing to tell the object from, and a white-on-black
+    mask of an L at half the picture's size; the solid test model extrudes the mask, so the L's
+    foot comes back at +x, low z, and the result is twice as tall as its bar is wide."""
+    prefs = bpy.context.preferences.addons[ADDON].preferences
+    previous = prefs.checkpoint_image
+    prefs.checkpoint_image = solid_pixel_checkpoint
+    try:
+        img = bpy.data.images.new("flat", 100, 100, alpha=False)
+        img.pixels.foreach_set(np.full(100 * 100 * 4, 0.5, np.float32))
+        mask = bpy.data.images.new("ell_mask", 50, 50, alpha=False)
+        px = np.zeros((50, 50, 4), np.float32)
+        px[..., 3] = 1.0
+        px[10:40, 15:22, :3] = 1.0                         # the bar (Blender's rows run bottom to top)
+        px[10:17, 15:37, :3] = 1.0                         # the foot, at the bottom, to the right
+        mask.pixels.foreach_set(px.ravel())
+        res = bpy.ops.occnet.mesh_from_image("EXEC_DEFAULT", source="IMAGE", image="flat", mask="ell_mask",
+                                             focal_length=35.0, resolution="32")
+        assert res == {"FINISHED"}
+        v = world_vertices(bpy.context.active_object)
+        with pytest.raises(RuntimeError, match="no image named 'missing'"):
+            bpy.ops.occnet.mesh_from_image("EXEC_DEFAULT", source="IMAGE", image="flat", mask="missing")
+    finally:
+        prefs.checkpoint_image = previous
+    height = np.ptp(v[:, 2])
+    top, bottom = v[v[:, 2] > v[:, 2].min() + 0.6 * height], v[v[:, 2] < v[:, 2].min() + 0.2 * height]
+    assert bottom[:, 0].max() > top[:, 0].max() + 0.2, "the foot points right in the Front view"
+    assert np.ptp(top[:, 0]) < 0.5 * height, "only the mask's bar, not the whole opaque picture"
 
 
 def _busy_job(ops, resolution=256):

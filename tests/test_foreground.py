@@ -4,7 +4,7 @@ an estimate for a picture of an object on a plain or gradient background, with i
 import numpy as np
 import pytest
 
-from backend.foreground import estimate_foreground, object_mask
+from backend.foreground import estimate_foreground, object_mask, user_mask
 
 
 def gradient_picture(size=160, seed=0, noise=0.01):
@@ -61,11 +61,25 @@ def test_alpha_wins_over_the_estimate_and_the_user_mask_over_both():
     assert object_mask(opaque).source == "estimate"
 
 
-def test_a_user_mask_of_the_wrong_size_is_refused():
+def test_a_user_mask_of_other_proportions_is_refused():
     picture, _ = gradient_picture()
     rgba = np.concatenate([picture, np.ones(picture.shape[:2] + (1,))], axis=-1)
-    with pytest.raises(ValueError, match="must match"):
-        object_mask(rgba, np.ones((10, 10)))
+    with pytest.raises(ValueError, match="same proportions"):
+        object_mask(rgba, np.ones((10, 20)))
+
+
+def test_a_user_mask_picture_of_the_pictures_proportions_is_scaled_to_it():
+    """A mask made at full size for a picture the reader scaled down (or the other way round), as an
+    RGBA picture (alpha = object) or as a white-on-black picture: nearest-pixel resampled."""
+    opaque = np.ones((40, 60, 4))
+    half = np.zeros((20, 30, 4))
+    half[5:15, 10:20, 3] = 1.0
+    expected = np.zeros((40, 60), bool)
+    expected[10:30, 20:40] = True
+    assert (user_mask(half, (40, 60)) == expected).all()
+    white_on_black = np.zeros((80, 120, 3), np.uint8)
+    white_on_black[20:60, 40:80] = 255
+    assert (object_mask(opaque, white_on_black).mask == expected).all()
 
 
 def test_a_photo_on_a_busy_background_gets_its_mask_from_the_salient_object_network():

@@ -92,8 +92,8 @@ def test_bad_pictures_fail_or_warn_clearly(solid_pixel_checkpoint):
         reconstructor.reconstruct_image(speck, options)
     assert error.value.code == "empty_mask"
     picture, _ = ell_picture()
-    with pytest.raises(OccnetError, match="must match"):
-        reconstructor.reconstruct_image(picture, options, mask=np.ones((10, 10)))
+    with pytest.raises(OccnetError, match="same proportions"):
+        reconstructor.reconstruct_image(picture, options, mask=np.ones((10, 20)))
     cut = picture[:, 70:]                                    # the bar runs into the left edge
     result = reconstructor.reconstruct_image(cut, options)
     assert result.stats["cut_off"] and any("cut off" in w for w in result.stats["warnings"])
@@ -120,7 +120,7 @@ def test_cli_takes_a_mask_file_and_warns_about_an_estimated_mask(solid_pixel_che
     picture, mask = ell_picture(alpha=False)
     Image.fromarray(picture).save(tmp_path / "ell.png")
     Image.fromarray((mask * 255).astype(np.uint8)).save(tmp_path / "ell_mask.png")
-    Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "small_mask.png")
+    Image.fromarray(np.zeros((20, 10), np.uint8)).save(tmp_path / "narrow_mask.png")
     common = ["--checkpoint", solid_pixel_checkpoint, "--resolution", "32", "--quiet"]
 
     given = run_cli(tmp_path / "ell.png", "-o", tmp_path / "given.obj", "--mask", tmp_path / "ell_mask.png",
@@ -132,9 +132,9 @@ def test_cli_takes_a_mask_file_and_warns_about_an_estimated_mask(solid_pixel_che
     assert estimated.returncode == 0, estimated.stderr
     assert "warning: the picture has no transparency" in estimated.stderr
 
-    wrong = run_cli(tmp_path / "ell.png", "-o", tmp_path / "wrong.obj", "--mask", tmp_path / "small_mask.png",
+    wrong = run_cli(tmp_path / "ell.png", "-o", tmp_path / "wrong.obj", "--mask", tmp_path / "narrow_mask.png",
                     *common, cwd=root)
-    assert wrong.returncode == 1 and wrong.stderr.strip().startswith("error:") and "must match" in wrong.stderr
+    assert wrong.returncode == 1 and wrong.stderr.strip().startswith("error:") and "same proportions" in wrong.stderr
     assert len(wrong.stderr.strip().splitlines()) == 1 and not (tmp_path / "wrong.obj").exists()
 
 
@@ -171,6 +171,31 @@ def test_out_of_memory_during_extraction_retries_with_smaller_batches_and_says_s
     with pytest.raises(OccnetError, match="ran out of memory") as error:
         Reconstructor("cpu").reconstruct_image(picture, ReconstructOptions(checkpoint=solid_pixel_checkpoint, resolution=32))
     assert error.value.code == "out_of_memory"
+
+
+def test_a_gpu_out_of_memory_hands_the_request_to_the_cpu_and_says_so(solid_pixel_checkpoint, monkeypatch):
+    """The meta device stands in for a GPU (the model loads and encodes there, shapes only) whose
+    memory runs out at every batch size: the request is run again on the CPU and says so."""
+    from backend import pipeline
+
+    real_mise, devices = pipeline.mise, []
+
+    def mise_without_gpu_memory(*args, device, **kwargs):
+        devices.append(device.type)
+        if device.type != "cpu":
+            raise torch.OutOfMemoryError("simulated")
+        return real_mise(*args, device=device, **kwargs)
+
+    monkeypatch.setattr(pipeline, "mise", mise_without_gpu_memory)
+    reconstructor = Reconstructor("cpu")
+    reconstructor.device = torch.device("meta")
+    picture, mask = ell_picture()
+    result = reconstructor.reconstruct_image(picture, ReconstructOptions(checkpoint=solid_pixel_checkpoint, resolution=32))
+    assert devices[-1] == "cpu" and set(devices[:-1]) == {"meta"}
+    assert result.stats["device"] == "cpu" and result.stats["fell_back_from"] == "meta"
+    assert any("meta ran out of memory" in w and "CPU" in w for w in result.stats["warnings"])
+    assert len(result.faces) > 0
+    assert not any(device == "meta" for _, device in reconstructor._models), "the GPU's models were let go"
 
 
 def test_a_network_that_outputs_nan_is_reported_as_broken_not_as_empty(solid_pixel_checkpoint, monkeypatch):

@@ -175,6 +175,32 @@ def test_read_points_sends_the_files_points_colours_and_normals(conn, tmp_path):
     conn.expect("pong", rid)
 
 
+def test_read_image_sends_the_pictures_pixels_and_its_lens(conn, tmp_path):
+    """The add-on reads picture files through the backend too (backend.inputs: every bit depth,
+    EXIF orientation, the lens from EXIF), so a file that is not a picture is named as such."""
+    from PIL import Image
+
+    picture = np.zeros((20, 30, 4), np.uint8)
+    picture[5:15, 10:20] = (200, 100, 50, 255)
+    exif = Image.Exif()
+    exif[0x8769] = {0xA405: 28}  # Exif sub-IFD: FocalLengthIn35mmFilm
+    Image.fromarray(picture).save(tmp_path / "photo.png", exif=exif)
+    rid = conn.request("read_image", path=str(tmp_path / "photo.png"))
+    h, arrays = conn.expect("image", rid)
+    assert h["focal_length"] == 28
+    assert arrays["pixels"].dtype == np.float32 and arrays["pixels"].shape == (20, 30, 4)
+    np.testing.assert_allclose(arrays["pixels"] * 255, picture, atol=0.01)
+    (tmp_path / "notes.png").write_text("shopping list")
+    rid = conn.request("read_image", path=str(tmp_path / "notes.png"))
+    h, _ = conn.expect("error", rid)
+    assert h["code"] == "bad_input" and "notes.png" in h["message"] and "not a PNG" in h["message"]
+    rid = conn.request("read_image", path="")
+    h, _ = conn.expect("error", rid)
+    assert h["code"] == wire.E_BAD_REQUEST and "read_image" in h["message"]
+    rid = conn.request("ping")
+    conn.expect("pong", rid)
+
+
 def test_coloured_points_give_a_coloured_result(conn, tiny_checkpoints):
     rng = np.random.default_rng(1)
     pts = rng.uniform(-1, 1, (2000, 3))
@@ -408,8 +434,9 @@ def test_image_request(conn, tiny_checkpoints):
 
 def test_an_image_request_may_carry_the_objects_mask(conn, solid_pixel_checkpoint):
     """A mask array travels with the pixels and is law: with the solid test model the result's
-    outline is the mask's (a 20 x 10 box, twice as tall as wide), not the opaque picture's; a mask
-    of another size is refused up front."""
+    outline is the mask's (a 20 x 10 box, twice as tall as wide), not the opaque picture's. A mask
+    picture (RGBA, the object opaque) of half the size works the same; a mask of other proportions
+    is refused, naming both sizes."""
     picture = np.full((60, 60, 3), 128, np.uint8)           # no alpha: without the mask, an estimate
     mask = np.zeros((60, 60), np.uint8)
     mask[20:40, 25:35] = 255
@@ -420,10 +447,17 @@ def test_an_image_request_may_carry_the_objects_mask(conn, solid_pixel_checkpoin
     assert h["stats"]["mask_source"] == "user"
     height, width = np.ptp(v[:, 2]), np.ptp(v[:, 0])
     assert height / width == pytest.approx(2.0, rel=0.2)
+    small_picture = np.zeros((30, 30, 4), np.uint8)
+    small_picture[10:20, 12:17] = 255
+    rid = conn.request("reconstruct", input="image", options=options,
+                       arrays={"pixels": picture, "mask": small_picture})
+    h, arrays = conn.expect("result", rid)
+    v = arrays["vertices"]
+    assert np.ptp(v[:, 2]) / np.ptp(v[:, 0]) == pytest.approx(2.0, rel=0.2)
     rid = conn.request("reconstruct", input="image", options=options,
                        arrays={"pixels": picture, "mask": mask[:30]})
     h, _ = conn.expect("error", rid)
-    assert "'mask'" in h["message"]
+    assert "60 x 30" in h["message"] and "60 x 60" in h["message"]
 
 
 def test_thread_policy():
