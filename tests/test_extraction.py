@@ -256,3 +256,21 @@ def test_a_decimation_that_opens_a_closed_mesh_is_redone_at_half_the_tolerance(m
     assert calls[0] > calls[1] > calls[2]                   # each retry with a smaller tolerance
     calls.clear()
     assert simplify_to_tolerance(mesh, 0.002, attempts=2) is mesh and len(calls) == 2
+
+
+def test_two_sheets_pinched_at_an_edge_get_their_own_vertices():
+    from backend.extraction import MeshArrays
+    from backend.extraction.marching import is_closed, split_pinches
+
+    tetra = np.array([[0, 2, 1], [0, 1, 3], [1, 2, 3], [0, 3, 2]])
+    vertices = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [0, -1, 0], [0, 0, -1]], np.float32)
+    # a second tetrahedron on the same edge 0-1, turned away from the first: four faces on that edge
+    other = np.array([[0, 4, 1], [0, 1, 5], [1, 4, 5], [0, 5, 4]])[:, ::-1]
+    pinched = MeshArrays(vertices, np.concatenate([tetra, other]).astype(np.int32))
+    assert not is_closed(pinched.faces)
+    split = split_pinches(pinched)
+    assert is_closed(split.faces) and len(split.vertices) == len(vertices) + 2
+    np.testing.assert_array_equal(split.vertices[split.faces], pinched.vertices[pinched.faces])
+    assert trimesh.Trimesh(split.vertices, split.faces, process=False).is_winding_consistent
+    whole = split_pinches(MeshArrays(vertices[:4], tetra.astype(np.int32)))      # nothing to split
+    assert len(whole.vertices) == 4 and is_closed(whole.faces)

@@ -81,10 +81,11 @@ def simplify_to_tolerance(mesh: MeshArrays, tolerance: float,
     edges collapse only while the surface moves less than about tolerance (the mesh's units), so
     flat and gently curved parts end with a few large triangles and detail keeps its small ones.
     fast-simplification does not check that a collapse keeps the surface a manifold: where two
-    sheets come close (a chair's thin seat) an edge can end up with four faces. A closed mesh that
-    comes back open is decimated again from the start at half the tolerance, up to `attempts` times
-    in all, and otherwise returned as it is. should_cancel() is checked before each attempt. Without
-    the fast-simplification package (an extra) the mesh comes back as it is."""
+    sheets come close (a chair's thin seat) they can end up sharing an edge with four faces; such
+    pinches are split (split_pinches). A closed mesh that still comes back open is decimated again
+    from the start at half the tolerance, up to `attempts` times in all, and otherwise returned as
+    it is. should_cancel() is checked before each attempt. Without the fast-simplification package
+    (an extra) the mesh comes back as it is."""
     if tolerance <= 0:
         raise ValueError("the tolerance must be positive")
     try:
@@ -97,16 +98,60 @@ def simplify_to_tolerance(mesh: MeshArrays, tolerance: float,
         allowed = tolerance / 2 ** attempt
         aggressiveness = math.log(allowed ** 2 / _QUADRIC_SCALE) / math.log(_LAST_ITERATION_BASE)
         verts, faces = fast_simplification.simplify(mesh.vertices, mesh.faces, target_count=4, agg=aggressiveness)
-        if not must_stay_closed or is_closed(faces):
-            return MeshArrays(np.asarray(verts, np.float32), np.asarray(faces, np.int32))
+        small = MeshArrays(np.asarray(verts, np.float32), np.asarray(faces, np.int32))
+        if must_stay_closed and not is_closed(small.faces):
+            small = split_pinches(small)
+        if not must_stay_closed or is_closed(small.faces):
+            return small
     return mesh
+
+
+def edge_counts(faces: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For the triangles (F, 3): each corner's outgoing edge as a key (3F,) int64 (corner k of
+    face f is row 3f + k, its edge runs to corner k + 1), the sorted unique keys (E,), and how many
+    corners have each (E,)."""
+    faces = np.asarray(faces, np.int64)
+    ends = np.sort(np.stack([faces, np.roll(faces, -1, axis=1)], axis=2).reshape(-1, 2), axis=1)
+    keys = ends[:, 0] * (int(faces.max(initial=0)) + 1) + ends[:, 1]
+    unique, counts = np.unique(keys, return_counts=True)
+    return keys, unique, counts
 
 
 def is_closed(faces: np.ndarray) -> bool:
     """Is every edge of the triangles (F, 3) shared by exactly two of them?"""
-    edges = np.sort(np.asarray(faces, np.int64)[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2), axis=1)
-    _, counts = np.unique(edges[:, 0] * (int(edges.max(initial=0)) + 1) + edges[:, 1], return_counts=True)
+    _, _, counts = edge_counts(faces)
     return bool(len(faces)) and bool((counts == 2).all())
+
+
+def split_pinches(mesh: MeshArrays) -> MeshArrays:
+    """Give each fan of faces around a vertex its own copy of the vertex: where two sheets of a
+    surface touch at an edge or a vertex (an edge with four faces), each sheet gets its own, so
+    every edge has two faces again; elsewhere nothing changes but the numbering. Corners of faces
+    that share a two-faced edge are one fan (scipy's connected components); positions are copied."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    faces = np.asarray(mesh.faces, np.int64)
+    corners = np.arange(faces.size).reshape(-1, 3)
+    keys, unique, counts = edge_counts(faces)
+    manifold = counts[np.searchsorted(unique, keys)] == 2                      # per corner's edge (3F,)
+    order = np.argsort(keys[manifold], kind="stable")
+    pairs = np.flatnonzero(manifold)[order].reshape(-1, 2)                    # the two corners of each edge
+    # Corner 3f + k starts its edge at faces[f, k] and ends at faces[f, k + 1]; a consistently
+    # wound neighbour runs the edge the other way, so starts meet ends (else starts meet starts).
+    start, end = corners.reshape(-1), np.roll(corners, -1, axis=1).reshape(-1)
+    vertex = faces.reshape(-1)
+    first, second = pairs[:, 0], pairs[:, 1]
+    wound = vertex[start[first]] == vertex[end[second]]
+    same_vertex = np.concatenate([
+        np.stack([start[first], np.where(wound, end[second], start[second])], axis=1),
+        np.stack([end[first], np.where(wound, start[second], end[second])], axis=1)])
+    graph = coo_matrix((np.ones(len(same_vertex)), (same_vertex[:, 0], same_vertex[:, 1])),
+                       shape=(faces.size, faces.size))
+    _, fan = connected_components(graph, directed=False)
+    vertex_of_fan = np.zeros(fan.max() + 1, np.int64)
+    vertex_of_fan[fan] = vertex
+    return MeshArrays(mesh.vertices[vertex_of_fan], fan.reshape(-1, 3).astype(np.int32))
 
 
 def _check_cancel(should_cancel: Callable[[], bool] | None) -> None:
