@@ -11,11 +11,15 @@
 * cold_start: new backend process (spawn, torch import, model load) + the first 3000-point request
   at 128^3, until the result is decoded in the add-on's client.
 * warm_<R>: the same request again on the warm backend, median of --repeat, per resolution.
+* cancel_<stage>: a warm request at the largest resolution, cancelled when the backend first reports
+  that stage (extract, marching_cubes, refine): seconds from the cancel frame to the client seeing
+  the request end as cancelled.
 
 The default model is backend/weights/pointcloud_local.safetensors. When it is missing (the
 trained weights have not shipped) the benchmark builds an untrained network of the same
 architecture (training/configs/pointcloud_local.json) with a fixed seed and says so.
-Targets (2-core CPU): warm 128^3 < 1 s, cold start < 5 s, 1M-triangle transfer < 0.2 s.
+Targets (2-core CPU): warm 128^3 < 0.5 s, warm 256^3 < 1.5 s, cancel < 0.3 s at any stage, cold
+start < 5 s, 1M-triangle transfer < 0.2 s.
 """
 
 import argparse
@@ -207,10 +211,34 @@ def bench_reconstruct(checkpoint, points, resolutions, repeat, skip_cold, device
                 stages = result["stats"].get("seconds")
             report(f"warm_{res}", statistics.median(times), faces=int(len(result["faces"])),
                    all=[round(t, 3) for t in times], outside_pipeline=extra, backend_stages=stages)
+        for stage in CANCEL_STAGES:
+            bench_cancel(cl, checkpoint, points, max(resolutions), device, stage)
         info = cl.info()
         return info
     finally:
         cl.stop()
+
+
+CANCEL_STAGES = ("extract", "marching_cubes", "refine")
+
+
+def bench_cancel(cl, checkpoint, points, resolution, device, stage):
+    """Cancel a warm request when the backend first reports `stage`; report the latency."""
+    req = cl.reconstruct("points", points, wire.options_dict(checkpoint=checkpoint, resolution=resolution,
+                                                             device=device))
+    sent = []
+
+    def on_progress(r):
+        if not sent and r.stage == stage:
+            cl.cancel(r)
+            sent.append(time.perf_counter())
+
+    cl.wait(req, on_progress=on_progress)
+    if not sent:
+        print(json.dumps({"bench": f"cancel_{stage}", "skipped": "the request never reported this stage"}))
+        return
+    code = req.error.code if req.error is not None else None
+    report(f"cancel_{stage}", time.perf_counter() - sent[0], resolution=resolution, ended=code or "finished")
 
 
 def main(argv=None):
@@ -243,7 +271,8 @@ def main(argv=None):
                                  args.device)
     print(json.dumps({"backend_device": info.get("device"), "torch": info.get("torch")}), flush=True)
 
-    targets = {"warm_128": 1.0, "cold_start_128": 5.0, "transfer_1m": 0.2}
+    targets = {"warm_128": 0.5, "warm_256": 1.5, "cold_start_128": 5.0, "transfer_1m": 0.2,
+               **{f"cancel_{stage}": 0.3 for stage in CANCEL_STAGES}}
     print("\nsummary")
     for rec in RESULTS:
         t = targets.get(rec["bench"])

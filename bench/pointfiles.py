@@ -1,6 +1,16 @@
-"""Load time and peak memory of backend.pointclouds.load_point_cloud, per format and size.
+"""Load time and peak memory of backend.pointclouds.load_point_cloud, per format and size; with
+--scale, whole reconstructions of large scans of a real mesh.
 
     python bench/pointfiles.py [--sizes 1000000 10000000] [--formats las laz ...] [--folder DIR]
+    python bench/pointfiles.py --scale [--sizes 30000 300000 3000000] [--resolutions 128 256]
+                               [--mesh ../shared/data/meshes/classic/stanford-bunny.obj]
+
+--scale: points sampled on a classic mesh scaled to 2 m at a survey's distance from the origin
+(with 1 mm noise and colours from a procedural texture), written as PLY and LAS; each file loaded
+in a fresh process (seconds, peak RSS); then, from the PLY, one fresh process per resolution that
+loads the file and reconstructs it with the default model and options (coloured result): seconds
+per stage and peak RSS of the whole request. Default sizes take a few minutes on 2 cores; add
+10000000 to --sizes for the slow variant.
 
 Each file holds a coloured scan (x y z, 8-bit colours; the PLY and text files also normals),
 written by the format's own library (laspy, pye57, pypcd4, trimesh, numpy). Each load runs in a
@@ -20,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 FORMATS = ("ply", "las", "laz", "e57", "pcd", "xyz", "npy")
 
 PROBE = """
@@ -40,6 +51,84 @@ seconds = time.perf_counter() - start
 print(json.dumps({"points": len(cloud.points), "colours": cloud.colors is not None, "seconds": seconds,
                   "baseline_mb": before, "peak_rss_mb": peak_rss_mb()}))
 """
+
+
+RECONSTRUCT_PROBE = """
+import json, sys, time
+from backend.pipeline import Reconstructor, ReconstructOptions
+from backend.pointclouds import load_point_cloud
+
+
+def peak_rss_mb():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
+
+
+reconstructor = Reconstructor("cpu")
+reconstructor.model_for("points", ReconstructOptions())  # a warm backend: the model is loaded
+start = time.perf_counter()
+cloud = load_point_cloud(sys.argv[1])
+loaded = time.perf_counter() - start
+result = reconstructor.reconstruct_points(cloud.points, ReconstructOptions(resolution=int(sys.argv[2])),
+                                          colors=cloud.colors)
+print(json.dumps({"points": len(cloud.points), "load_s": loaded, "total_s": time.perf_counter() - start,
+                  "stages": result.stats["seconds"], "faces": len(result.faces), "coloured": result.colors is not None,
+                  "peak_rss_mb": peak_rss_mb()}))
+"""
+
+
+def mesh_scan(mesh: Path, n: int, seed: int = 0):
+    """points (n, 3) float64 on the mesh, scaled to a 2 m longest edge and moved a survey's distance
+    from the origin, 1 mm noise; colours (n, 3) uint8 from a procedural texture (stripes and
+    checks in space); normals (n, 3) of the faces they lie on."""
+    from training.meshprep import apply_normalisation, load_mesh, normalisation, sample_surface
+
+    rng = np.random.default_rng(seed)
+    vertices, faces = load_mesh(mesh)
+    surface, normals = sample_surface(rng, apply_normalisation(vertices, *normalisation(vertices)), faces, n)
+    texture = np.stack([np.sin(surface[:, 0] * 40.0), np.cos(surface[:, 1] * 25.0),
+                        np.sign(np.sin(surface[:, 2] * 30.0) * np.sin(surface[:, 0] * 30.0))], axis=1)
+    colours = np.round((texture * 0.5 + 0.5) * 255).astype(np.uint8)
+    points = np.array([412_345.0, 5_312_345.0, 230.0]) + surface * 2.0 + rng.normal(scale=0.001, size=(n, 3))
+    return points, colours, np.asarray(normals, np.float32)
+
+
+def reconstruct_file(path: Path, resolution: int) -> dict:
+    out = subprocess.run([sys.executable, "-c", RECONSTRUCT_PROBE, str(path), str(resolution)], cwd=REPO,
+                         capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    if out.returncode != 0:
+        raise RuntimeError(f"reconstructing {path.name} at {resolution}^3 failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def scale_table(mesh: Path, sizes: list[int], resolutions: list[int], folder: Path) -> None:
+    """bench --scale: one JSON line per load and per reconstruction, then Markdown tables."""
+    loads, runs = [], []
+    for size in sizes:
+        points, colours, normals = mesh_scan(mesh, size)
+        for fmt in ("ply", "las"):
+            path = folder / f"scan_{size}.{fmt}"
+            write(fmt, path, points, colours, normals)
+            row = {"format": fmt, "points": size, "file_mb": path.stat().st_size / 2**20, **measure(path)}
+            print(json.dumps({"bench": "scale_load", **row}), flush=True)
+            loads.append(row)
+        del points, colours, normals
+        for resolution in resolutions:
+            row = {"points": size, "resolution": resolution, **reconstruct_file(folder / f"scan_{size}.ply", resolution)}
+            print(json.dumps({"bench": "scale_reconstruct", **row}), flush=True)
+            runs.append(row)
+        for fmt in ("ply", "las"):
+            (folder / f"scan_{size}.{fmt}").unlink()
+    print("\n| format | points | file MB | load s | peak RSS MB |\n|---|---|---|---|---|")
+    for r in loads:
+        print(f"| {r['format']} | {r['points']:,} | {r['file_mb']:.0f} | {r['seconds']:.2f} | {r['peak_rss_mb']:.0f} |")
+    stages = list(dict.fromkeys(k for r in runs for k in r["stages"] if k != "total"))
+    print("\n| points | grid | load s | " + " | ".join(f"{k} s" for k in stages) +
+          " | request s | file to mesh s | faces | peak RSS MB |\n" + "|---" * (len(stages) + 7) + "|")
+    for r in runs:
+        print(f"| {r['points']:,} | {r['resolution']}^3 | {r['load_s']:.2f} | " +
+              " | ".join(f"{r['stages'].get(k, 0.0):.2f}" for k in stages) +
+              f" | {r['stages']['total']:.2f} | {r['total_s']:.2f} | {r['faces']:,} | {r['peak_rss_mb']:.0f} |")
 
 
 def scan(n: int, seed: int = 0):
@@ -94,14 +183,25 @@ def measure(path: Path) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    parser.add_argument("--sizes", type=int, nargs="+",
+                        help="points per file (default: 1M and 10M; with --scale 30k, 300k and 3M)")
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
     parser.add_argument("--folder", help="where the files go (default: a temporary folder)")
+    parser.add_argument("--scale", action="store_true", help="whole reconstructions of scans of a real mesh")
+    parser.add_argument("--resolutions", type=int, nargs="+", default=[128, 256])
+    parser.add_argument("--mesh", type=Path,
+                        default=REPO.parent / "shared" / "data" / "meshes" / "classic" / "stanford-bunny.obj")
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as temporary:
         folder = Path(args.folder or temporary)
-        for size in args.sizes:
+        if args.scale:
+            if not args.mesh.is_file():
+                print(f"skipped: {args.mesh} not found (the shared data folder is absent)")
+                return 0
+            scale_table(args.mesh, args.sizes or [30_000, 300_000, 3_000_000], args.resolutions, folder)
+            return 0
+        for size in args.sizes or [1_000_000, 10_000_000]:
             points, colours, normals = scan(size)
             for fmt in args.formats:
                 path = folder / f"scan_{size}.{fmt}"
