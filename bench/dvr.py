@@ -1,0 +1,160 @@
+"""DVR multi-view fitting against 3D supervision on closed shapes of the prepared test split: the
+same network and the same time budget (CPU seconds) for each kind of supervision. Prints one JSON line per
+shape and mode, then a table of means per mode.
+
+    nice -n 10 python bench/dvr.py [--data data/prepared] [--shapes ID ...] [--views 24] [--size 64]
+                                   [--seconds 12] [--threads 1] [--modes masks masks+rgb ...]
+
+Views: 24 training and 4 held-out cameras of training.render (random azimuth, elevation and lens,
+each as far as it needs for the canonical box), ray cast on the normalised mesh (Open3D: exact
+masks and depths), coloured by a fixed colour field on the surface, the same from every side
+(DVR's assumption of a diffuse object; the prepared renders' random per-view looks break it).
+Modes (training/dvr.py's losses): masks; masks+rgb (the paper's 2D supervision); masks+depth
+(2.5D); 3d (occupancy at the prepared points: what Occupancy Networks train on).
+Metrics (training/metrics.py): IoU at the prepared uniform points; Chamfer-L1 x10 and normal
+consistency from 100k points on the mesh extracted at 128^3 (MISE) against the prepared surface
+points; PSNR of the held-out views rendered by the ray marcher (black background both sides),
+for the modes that see colour.
+"""
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DEFAULT_SHAPES = ("basemeshes_d20_dice", "basemeshes_flower_pot", "capod_m101")
+MODES = {
+    "masks": {"mask": 1.0},
+    "masks+rgb": {"mask": 1.0, "rgb": 1.0},
+    "masks+depth": {"mask": 1.0, "depth": 1.0},
+    "3d": {"points": 1.0},
+}
+MODEL = {"input": {"kind": "none"}, "encoder": {"name": "none"},
+         "decoder": {"name": "textured_field", "hidden": 128, "n_blocks": 4, "texture": True}}
+HELD_OUT_VIEWS = 4
+EVAL_POINTS = 100_000
+METRICS = ("iou", "chamfer_l1_x10", "normal_consistency", "psnr", "steps")
+
+
+def colour_field(points: np.ndarray) -> np.ndarray:
+    """A smooth, varied albedo (N, 3) in [0.1, 0.9]: colour changes across every shape."""
+    return (0.5 + 0.4 * np.sin(np.stack([7.0 * points[:, 0] + 2.0, 5.0 * points[:, 1] - 3.0 * points[:, 2],
+                                         6.0 * points[:, 2] + 4.0 * points[:, 0]], axis=1))).astype(np.float32)
+
+
+def shape_views(shape_dir: Path, views: int, size: int, seed: int):
+    """(training views, held-out views) of a prepared shape's normalised source mesh."""
+    from training.posed_images import cast_views, mesh_caster
+    from training.prepare import normalised_mesh
+    from training.render import random_cameras
+
+    source = json.loads((shape_dir / "shape.json").read_text())["source"]
+    vertices, faces, _, _ = normalised_mesh(str(ROOT / source) if not Path(source).is_absolute() else source)
+    world_mats, camera_mats = random_cameras(np.random.default_rng(seed), views + HELD_OUT_VIEWS, size)
+    all_views = cast_views(mesh_caster(vertices, faces), world_mats, camera_mats, size, colour_field)
+    return all_views.subset(range(views)), all_views.subset(range(views, views + HELD_OUT_VIEWS))
+
+
+def extracted_mesh(model):
+    """Marching cubes of the fitted field at 128^3 (MISE from 32^3) -> vertices, faces."""
+    import torch
+
+    from backend.extraction.marching import grid_to_mesh
+    from backend.extraction.mise import mise
+    from training.dvr import occupancy_field
+
+    field = occupancy_field(model)
+    with torch.no_grad():
+        grid = mise(lambda p: field(p), resolution0=32, upsampling_steps=2)
+    mesh = grid_to_mesh(grid.values, 0.0, grid.box_min, grid.spacing)
+    return mesh.vertices, mesh.faces
+
+
+def evaluate(model, truth, held_out, sees_colour: bool, rng) -> dict:
+    from training.dvr import predicted_occupancy, psnr, render
+    from training.metrics import mesh_metrics, occupancy_iou, sample_mesh_surface
+
+    vertices, faces = extracted_mesh(model)
+    points, normals = sample_mesh_surface(vertices, faces, EVAL_POINTS, rng)
+    out = mesh_metrics(points, normals, truth.surface_points, truth.surface_normals)
+    out["iou"] = occupancy_iou(predicted_occupancy(model, truth.uniform_points.astype(np.float32)),
+                               truth.uniform_occupancies)
+    out["psnr"] = psnr(render(model, held_out)[1], held_out.colours) if sees_colour else float("nan")
+    return out
+
+
+def run_shape(data: Path, shape_id: str, modes: list[str], args) -> list[dict]:
+    import torch
+
+    from backend.models import build_model
+    from training.dataset import load_shape
+    from training.dvr import FitSettings, OccupancySamples, fit
+
+    shape_dir = data / shape_id
+    truth = load_shape(shape_dir, surface=True, normals=True, images=False)
+    samples = OccupancySamples(truth.uniform_points, truth.uniform_occupancies, truth.near_points, truth.near_occupancies)
+    views, held_out = shape_views(shape_dir, args.views, args.size, args.seed)
+    rows = []
+    for mode in modes:
+        torch.manual_seed(args.seed)
+        model = build_model(MODEL)
+        settings = FitSettings.from_config({"losses": MODES[mode], "steps": 10**9, "seconds": args.seconds,
+                                            "rays": 1024, "lr": 1e-3, "seed": args.seed,
+                                            "ray_steps": [[0, 16], [150, 32], [300, 64]]})
+        log = fit(model, views, settings, samples, clock=time.process_time)
+        metrics = evaluate(model, truth, held_out, "rgb" in MODES[mode], np.random.default_rng(args.seed))
+        rows.append({"shape": shape_id, "mode": mode, "steps": len(log), "seconds": log[-1]["seconds"],
+                     **{k: metrics[k] for k in ("iou", "chamfer_l1_x10", "normal_consistency", "psnr")}})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def table(rows: list[dict], modes: list[str]) -> str:
+    lines = [f"| mode | shapes | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 2) + "|"]
+    for mode in modes:
+        sel = [r for r in rows if r["mode"] == mode]
+        means = [np.nanmean([r[m] for r in sel]) if not all(np.isnan(r[m]) for r in sel) else float("nan")
+                 for m in METRICS]
+        lines.append(f"| {mode} | {len(sel)} | " + " | ".join("-" if np.isnan(v) else f"{v:.3f}" if m != "steps"
+                                                               else f"{v:.0f}" for m, v in zip(METRICS, means)) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=ROOT / "data" / "prepared")
+    parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES))
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    parser.add_argument("--views", type=int, default=24)
+    parser.add_argument("--size", type=int, default=64, help="pixels per side of each view")
+    parser.add_argument("--seconds", type=float, default=12.0,
+                        help="fitting budget per shape and mode, in CPU seconds of this process (the same "
+                             "for every mode however busy the machine is)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    missing = [s for s in args.shapes if not (args.data / s / "points.npz").is_file()]
+    if missing:
+        print(f"skipped: prepared shapes not found in {args.data}: {', '.join(missing)}")
+        return 0
+    torch.set_num_threads(args.threads)
+    start = time.monotonic()
+    rows = [row for shape_id in args.shapes for row in run_shape(args.data, shape_id, args.modes, args)]
+    print(f"\n{len(args.shapes)} shapes, {args.views} views of {args.size}^2, {args.seconds:g} s per fit, "
+          f"{args.threads} thread(s), {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"total {time.monotonic() - start:.0f} s\n")
+    print(table(rows, args.modes))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
