@@ -102,7 +102,7 @@ def secant_refine(field: Field, origins: torch.Tensor, directions: torch.Tensor,
 @torch.no_grad()
 def find_surface(field: Field, origins: torch.Tensor, directions: torch.Tensor, n_steps: int = 64,
                  secant_steps: int = 8, half_extent: float = QUERY_HALF_EXTENT, level: float = 0.0,
-                 max_points: int = 1 << 20) -> SurfaceHits:
+                 max_points: int = 1 << 18) -> SurfaceHits:
     """First surface crossing of each ray inside the cube, without gradients.
 
     The field is evaluated at n_steps evenly spaced depths from where each ray enters the cube to
