@@ -198,3 +198,16 @@ def test_closed_form_normals_are_lapacks(kind):
     assert (residual <= 1e-6 * np.maximum(values[:, 2], 1e-300)).all() or kind == "zero"
     if kind in ("random", "flat"):                 # a unique answer: LAPACK's, up to sign
         assert np.allclose(np.abs(np.einsum("vi,vi->v", found, vectors[:, :, 0])), 1.0, atol=1e-6)
+
+
+def test_the_points_own_normals_steer_the_planes_whichever_side_they_point_to():
+    mesh = sphere_mesh(0.30)
+    rng = np.random.default_rng(0)
+    directions = rng.normal(size=(3000, 3))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    points = directions * 0.34 + rng.normal(scale=0.005, size=(3000, 3))
+    fitted = refine_to_points(mesh.vertices, mesh.faces, points)
+    steered = refine_to_points(mesh.vertices, mesh.faces, points, normals=directions)
+    assert radial_error(steered, 0.34) < 0.95 * radial_error(fitted, 0.34)
+    unoriented = directions * rng.choice([-2.0, 1.0], size=(3000, 1))     # either side, any length
+    np.testing.assert_array_equal(refine_to_points(mesh.vertices, mesh.faces, points, normals=unoriented), steered)

@@ -112,13 +112,15 @@ def smallest_eigenvectors(a00, a01, a02, a11, a12, a22) -> np.ndarray:
     return vectors
 
 
-def fit_planes(vertices: np.ndarray, points: np.ndarray, candidates: np.ndarray,
-               settings: RefineSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def fit_planes(vertices: np.ndarray, points: np.ndarray, candidates: np.ndarray, settings: RefineSettings,
+               normals: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The weighted least-squares plane of each vertex's (V, 3) settings.neighbours nearest input
     points (P, 3) within settings.radius, found among candidates (V, C) (len(points): none) ->
     centroid (V, 3) relative to the vertex, unit normal (V, 3), usable (V,) (at least
     settings.min_neighbours points). Float32 on coordinates relative to each vertex; candidates
-    beyond the k nearest get zero weight."""
+    beyond the k nearest get zero weight. With the points' own normals (P, 3) the plane's normal is
+    their weighted mean instead, each turned to the side of the fitted one (scanners do not agree
+    on which side is out); where they cancel out, the fitted normal stays."""
     k = min(settings.neighbours, len(points))
     offsets = np.take(points, np.minimum(candidates, len(points) - 1), axis=0)            # (V, C, 3)
     offsets -= vertices.astype(np.float32)[:, None]
@@ -135,6 +137,13 @@ def fit_planes(vertices: np.ndarray, points: np.ndarray, candidates: np.ndarray,
     covariance = (offsets * weights[:, :, None]).transpose(0, 2, 1) @ offsets             # (V, 3, 3)
     normal = smallest_eigenvectors(covariance[:, 0, 0], covariance[:, 0, 1], covariance[:, 0, 2],
                                    covariance[:, 1, 1], covariance[:, 1, 2], covariance[:, 2, 2])
+    if normals is not None:
+        given = np.take(normals, np.minimum(candidates, len(points) - 1), axis=0)          # (V, C, 3)
+        sides = np.sign(np.einsum("vci,vi->vc", given, normal.astype(np.float32)))
+        mean = np.einsum("vc,vci->vi", weights * sides, given).astype(np.float64)
+        length = np.linalg.norm(mean, axis=1)
+        agreed = length > 0.5 * weights.sum(axis=1)
+        normal[agreed] = mean[agreed] / length[agreed, None]
     return centroid.astype(np.float64), normal, valid.sum(axis=1) >= settings.min_neighbours
 
 
@@ -161,8 +170,9 @@ PROJECTION_BLOCK = 16384  # vertices per block: a few hundredths of a second, ~1
 
 
 def remembered_moves(vertices: np.ndarray, tree: cKDTree, points: np.ndarray, memory: VertexMemory,
-                     settings: RefineSettings) -> np.ndarray:
-    """One round's moves (V, 3) of vertices (V, 3) onto points (P, 3) float32. Vertices that moved
+                     settings: RefineSettings, normals: np.ndarray | None = None) -> np.ndarray:
+    """One round's moves (V, 3) of vertices (V, 3) onto points (P, 3) float32 (normals (P, 3)
+    float32 or None: fit_planes). Vertices that moved
     settings.refit_distance or more since their last fit get a fresh plane (searching the tree
     again only when they moved beyond their slack); the others keep theirs. memory is updated."""
     refit = np.linalg.norm(vertices - memory.fitted_at, axis=1) >= settings.refit_distance
@@ -172,14 +182,16 @@ def remembered_moves(vertices: np.ndarray, tree: cKDTree, points: np.ndarray, me
         memory.searched_at[search] = vertices[search]
     if refit.any():
         centroid, memory.normal[refit], memory.usable[refit] = fit_planes(vertices[refit], points,
-                                                                          memory.candidates[refit], settings)
+                                                                          memory.candidates[refit], settings,
+                                                                          normals)
         memory.centre[refit] = vertices[refit] + centroid
         memory.fitted_at[refit] = vertices[refit]
     return plane_moves(vertices, memory.centre, memory.normal, memory.usable, settings)
 
 
 def blockwise_projection(vertices: np.ndarray, tree: cKDTree, points: np.ndarray, memory: VertexMemory,
-                         settings: RefineSettings, should_cancel: Callable[[], bool] | None = None) -> np.ndarray:
+                         settings: RefineSettings, should_cancel: Callable[[], bool] | None = None,
+                         normals: np.ndarray | None = None) -> np.ndarray:
     """remembered_moves (V, 3) over blocks of PROJECTION_BLOCK vertices, checking should_cancel
     before each. A vertex's move depends on that vertex alone, so the result is bit-identical to
     one call over all vertices; blocks bound the (V, C, 3) temporaries and let a cancel land
@@ -188,16 +200,18 @@ def blockwise_projection(vertices: np.ndarray, tree: cKDTree, points: np.ndarray
     for start in range(0, len(vertices), PROJECTION_BLOCK):
         check_cancel(should_cancel)
         block = slice(start, start + PROJECTION_BLOCK)
-        moves[block] = remembered_moves(vertices[block], tree, points, memory.rows(block), settings)
+        moves[block] = remembered_moves(vertices[block], tree, points, memory.rows(block), settings, normals)
     return moves
 
 
 def refine_to_points(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray,
                      settings: RefineSettings = RefineSettings(),
                      progress: Callable[[float], None] | None = None,
-                     should_cancel: Callable[[], bool] | None = None) -> np.ndarray:
+                     should_cancel: Callable[[], bool] | None = None,
+                     normals: np.ndarray | None = None) -> np.ndarray:
     """Canonical vertices (V, 3) of a mesh with faces (F, 3) and input points (P, 3) -> refined
-    vertices (V, 3) float32; faces are unchanged.
+    vertices (V, 3) float32; faces are unchanged. normals (P, 3): the points' own normals, oriented
+    or not; the planes take their direction from them (docs/performance.md: they help).
     progress(fraction in [0, 1]) is called after every round; should_cancel() before every block
     of vertices in every round, raising Cancelled."""
     import trimesh
@@ -210,10 +224,13 @@ def refine_to_points(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray
     tree = cKDTree(points)
     memory = VertexMemory.empty(len(vertices), min(settings.neighbours, len(points)) + SPARE_NEIGHBOURS)
     points32 = points.astype(np.float32)
+    if normals is not None:
+        normals = np.asarray(normals, np.float64)
+        normals = (normals / np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)).astype(np.float32)
     for done in range(settings.rounds):
         vertices_now = np.asarray(mesh.vertices)
         mesh.vertices = vertices_now + blockwise_projection(vertices_now, tree, points32, memory, settings,
-                                                            should_cancel)
+                                                            should_cancel, normals)
         trimesh.smoothing.filter_taubin(mesh, iterations=settings.smoothing_steps, laplacian_operator=averaging)
         if progress is not None:
             progress((done + 1) / settings.rounds)
