@@ -218,10 +218,13 @@ def test_simplify_to_tolerance_keeps_the_surface_within_it(tolerance):
     assert surface_error(small, lambda p: np.abs(p).max(axis=1) - 0.3).max() < error + tolerance
 
 
-def test_point_cloud_meshes_are_decimated_by_default_and_a_budget_still_rules(tmp_path):
+def test_point_cloud_meshes_are_decimated_by_default_and_a_budget_still_rules(tmp_path, monkeypatch):
     pytest.importorskip("fast_simplification")
+    from backend import pipeline
     from backend.pipeline import Reconstructor, ReconstructOptions
     from conftest import make_octahedron_checkpoint
+
+    monkeypatch.setattr(pipeline, "POINT_SUPPORT", None, raising=False)  # the network's own octahedron
 
     checkpoint = str(make_octahedron_checkpoint(tmp_path / "octa.safetensors", radius=0.4))
     rng = np.random.default_rng(0)
@@ -274,3 +277,17 @@ def test_two_sheets_pinched_at_an_edge_get_their_own_vertices():
     assert trimesh.Trimesh(split.vertices, split.faces, process=False).is_winding_consistent
     whole = split_pinches(MeshArrays(vertices[:4], tetra.astype(np.int32)))      # nothing to split
     assert len(whole.vertices) == 4 and is_closed(whole.faces)
+
+
+def test_back_to_back_faces_are_dropped():
+    from backend.extraction import MeshArrays
+    from backend.extraction.marching import drop_pillows, is_closed
+
+    tetra = np.array([[0, 2, 1], [0, 1, 3], [1, 2, 3], [0, 3, 2]])
+    vertices = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [0.5, -0.5, 0]], np.float32)
+    pillow = np.array([[0, 1, 4], [1, 0, 4]])                        # zero volume, on the edge 0-1
+    mesh = MeshArrays(vertices, np.concatenate([tetra, pillow]).astype(np.int32))
+    assert not is_closed(mesh.faces)
+    kept = drop_pillows(mesh)
+    np.testing.assert_array_equal(kept.faces, tetra)
+    assert is_closed(kept.faces)

@@ -81,8 +81,9 @@ def simplify_to_tolerance(mesh: MeshArrays, tolerance: float,
     edges collapse only while the surface moves less than about tolerance (the mesh's units), so
     flat and gently curved parts end with a few large triangles and detail keeps its small ones.
     fast-simplification does not check that a collapse keeps the surface a manifold: where two
-    sheets come close (a chair's thin seat) they can end up sharing an edge with four faces; such
-    pinches are split (split_pinches). A closed mesh that still comes back open is decimated again
+    sheets come close (a chair's thin seat) they can end up sharing an edge with four faces, or two
+    faces end up back to back; such pillows are dropped and pinches split (drop_pillows,
+    split_pinches). A closed mesh that still comes back open is decimated again
     from the start at half the tolerance, up to `attempts` times in all, and otherwise returned as
     it is. should_cancel() is checked before each attempt. Without the fast-simplification package
     (an extra) the mesh comes back as it is."""
@@ -100,7 +101,7 @@ def simplify_to_tolerance(mesh: MeshArrays, tolerance: float,
         verts, faces = fast_simplification.simplify(mesh.vertices, mesh.faces, target_count=4, agg=aggressiveness)
         small = MeshArrays(np.asarray(verts, np.float32), np.asarray(faces, np.int32))
         if must_stay_closed and not is_closed(small.faces):
-            small = split_pinches(small)
+            small = split_pinches(drop_pillows(small))
         if not must_stay_closed or is_closed(small.faces):
             return small
     return mesh
@@ -121,6 +122,13 @@ def is_closed(faces: np.ndarray) -> bool:
     """Is every edge of the triangles (F, 3) shared by exactly two of them?"""
     _, _, counts = edge_counts(faces)
     return bool(len(faces)) and bool((counts == 2).all())
+
+
+def drop_pillows(mesh: MeshArrays) -> MeshArrays:
+    """Drop every face (F, 3) whose three vertices another face also has: two triangles back to back
+    enclose nothing, and on a closed surface they give their edges four faces."""
+    _, group, counts = np.unique(np.sort(mesh.faces, axis=1), axis=0, return_inverse=True, return_counts=True)
+    return MeshArrays(mesh.vertices, mesh.faces[counts[group.reshape(-1)] == 1])
 
 
 def split_pinches(mesh: MeshArrays) -> MeshArrays:
