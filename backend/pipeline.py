@@ -26,6 +26,7 @@ from .errors import Cancelled, InputError, OccnetError
 from .extraction import MeshArrays, grid_to_mesh, mise, simplify_mesh
 from .extraction.marching import DEFAULT_TOLERANCE, simplify_to_tolerance
 from .extraction.refine import refine_to_points
+from .extraction.support import SupportNet, SupportSettings
 from .foreground import object_mask
 from .inputs import normalisation, validate_image
 from .pointclouds import checked_cloud
@@ -45,6 +46,11 @@ MIN_MASK_PIXELS = 64
 # scan): its search tree then stays within ~100 MB, and a mesh of at most 512^3 cells gains
 # nothing from more.
 MAX_REFINE_POINTS = 1_000_000
+# The point-cloud safety net (backend/extraction/support.py): the surface stays near the input
+# points, and parts the network missed are rebuilt from them. None switches it off (benchmarks
+# measure with and without). It works on a covering subset of at most this many points.
+POINT_SUPPORT: SupportSettings | None = SupportSettings()
+MAX_SUPPORT_POINTS = 200_000
 # Below this confidence an estimated mask is not trusted: the user is asked for one.
 MIN_MASK_CONFIDENCE = 0.25
 Progress = Callable[[str, float], None]
@@ -195,7 +201,17 @@ class Reconstructor:
         with timer("encode"), torch.inference_mode():
             inputs = torch.from_numpy(encoder_points).to(device)[None]
             code = model.encode(inputs)
-        mesh, evaluations = self._extract(lambda p: model.decode(p[None], code)[0], QUERY_BOX, device, options,
+        evaluate, support = (lambda p: model.decode(p[None], code)[0]), None
+        if POINT_SUPPORT is not None:
+            decode, level = evaluate, probability_to_logit(options.threshold)
+            with timer("support"), torch.inference_mode():
+                # float64 where the cloud is small enough: the same cloud anywhere gives the same net
+                near = (points - center) / scale if len(points) <= MAX_SUPPORT_POINTS else \
+                    subsample_points(canonical, MAX_SUPPORT_POINTS)
+                support = SupportNet(near, QUERY_BOX, POINT_SUPPORT)
+                support.prepare(decode, level, device, options.batch_points)
+            evaluate = support.wrap(decode, level)
+        mesh, evaluations = self._extract(evaluate, QUERY_BOX, device, options,
                                           timer, progress, should_cancel, seed_points=inputs[0])
         if options.refine:
             if progress is not None:
@@ -213,6 +229,10 @@ class Reconstructor:
         result.stats.update(evaluations=evaluations, input_points=len(points), encoder_points=len(encoder_points),
                             center=center.tolist(), scale=scale, input_colours=cloud.colors is not None,
                             input_normals=cloud.normals is not None)
+        if support is not None:
+            result.stats["support"] = support.report.as_stats()
+            if support.report.warning():
+                result.stats.setdefault("warnings", []).append(support.report.warning())
         return result
 
     @falls_back_to_cpu

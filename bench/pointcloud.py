@@ -1,9 +1,13 @@
 """Point-cloud reconstruction on meshes the models never saw: the default model against Open3D's
 screened Poisson on the very same noisy points. Prints one JSON line per shape and method, then a
-table per protocol (means over shapes).
+table per protocol: means over shapes, and the shapes won (the fraction of shapes on which ours beats
+Poisson on that metric: higher IoU, NC and F-score, lower Chamfer and seconds; a tie is no win).
 
     python bench/pointcloud.py [--meshes ../shared/data/meshes/classic] [--protocol occnet convonet]
                                [--checkpoint PATH] [--resolution 128] [--workers 1] [--csv out.csv]
+                               [--no-support]
+
+--no-support switches off the point-cloud safety net (backend/extraction/support.py) for ours.
 
 Protocols (points sampled on the normalised mesh, Gaussian noise of std sigma):
   occnet:  N=300,  sigma=0.005     convonet: N=3000, sigma=0.005
@@ -24,6 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 PROTOCOLS = {"occnet": (300, 0.005), "convonet": (3000, 0.005)}
 METRICS = ("iou", "chamfer_l1_x10", "normal_consistency", "fscore", "seconds")
+LOWER_IS_BETTER = {"chamfer_l1_x10", "seconds"}
+OURS, POISSON = "occnet_default", "screened_poisson"
 EVAL_POINTS = 100_000
 
 _reconstructor = None  # one per worker process, so the model loads once
@@ -74,6 +80,9 @@ def evaluate_shape(task: dict) -> list[dict]:
         raise ValueError("the mesh encloses no volume (a flat or open surface): IoU is undefined, shape skipped")
     if _reconstructor is None:
         _reconstructor = Reconstructor(task["device"])
+    if task.get("no_support"):
+        import backend.pipeline
+        backend.pipeline.POINT_SUPPORT = None
     rows = []
     for protocol in task["protocols"]:
         count, sigma = PROTOCOLS[protocol]
@@ -102,11 +111,32 @@ def evaluate_shape(task: dict) -> list[dict]:
 def summarise(rows: list[dict]) -> list[dict]:
     out = []
     for protocol in PROTOCOLS:
-        for method in ("occnet_default", "screened_poisson"):
+        for method in (OURS, POISSON):
             sel = [r for r in rows if r["protocol"] == protocol and r["method"] == method]
             if sel:
                 out.append({"protocol": protocol, "method": method, "shapes": len(sel),
                             **{m: float(np.mean([r[m] for r in sel])) for m in METRICS}})
+    return out
+
+
+def shapes_won(rows: list[dict]) -> list[dict]:
+    """Per protocol: for each metric, the fraction of shapes (measured by both methods) on which
+    ours is strictly better than Poisson."""
+    out = []
+    for protocol in PROTOCOLS:
+        pairs = {}
+        for r in rows:
+            if r["protocol"] == protocol and r["method"] in (OURS, POISSON):
+                pairs.setdefault(r["shape"], {})[r["method"]] = r
+        pairs = [p for p in pairs.values() if len(p) == 2]
+        if not pairs:
+            continue
+        won = {}
+        for m in METRICS:
+            better = [(p[OURS][m] < p[POISSON][m]) if m in LOWER_IS_BETTER else (p[OURS][m] > p[POISSON][m])
+                      for p in pairs]
+            won[m] = float(np.mean(better))
+        out.append({"protocol": protocol, "method": "shapes won", "shapes": len(pairs), **won})
     return out
 
 
@@ -122,6 +152,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--limit", type=int, default=None, help="only the first N meshes")
     parser.add_argument("--csv", type=Path, help="write per-shape rows here")
+    parser.add_argument("--no-support", action="store_true", help="switch the point-cloud safety net off for ours")
     args = parser.parse_args(argv)
     if not args.meshes.is_dir():
         print(f"skipped: benchmark meshes not found at {args.meshes} (the shared data folder is absent)")
@@ -129,7 +160,8 @@ def main(argv=None) -> int:
     paths = sorted(p for p in args.meshes.iterdir() if p.suffix.lower() in (".obj", ".off", ".ply", ".stl", ".glb"))
     paths = paths[: args.limit] if args.limit else paths
     tasks = [{"path": str(p), "name": p.stem, "seed": i, "protocols": args.protocol, "checkpoint": args.checkpoint,
-              "resolution": args.resolution, "device": args.device} for i, p in enumerate(paths)]
+              "resolution": args.resolution, "device": args.device, "no_support": args.no_support}
+             for i, p in enumerate(paths)]
     rows = []
     for task, ok, result in run_isolated(evaluate_shape, tasks, args.workers, timeout_s=1800):
         if not ok:
@@ -145,11 +177,15 @@ def main(argv=None) -> int:
             writer.writeheader()
             writer.writerows(rows)
     summary = summarise(rows)
-    for row in summary:
+    won = shapes_won(rows)
+    for row in summary + won:
         print(json.dumps({"summary": True, **row}), flush=True)
     print(f"\n{'protocol':<10}{'method':<18}{'shapes':>7}" + "".join(f"{m:>20}" for m in METRICS))
-    for row in summary:
-        print(f"{row['protocol']:<10}{row['method']:<18}{row['shapes']:>7}" + "".join(f"{row[m]:>20.4f}" for m in METRICS))
+    for protocol in PROTOCOLS:
+        for row in summary + won:
+            if row["protocol"] == protocol:
+                print(f"{row['protocol']:<10}{row['method']:<18}{row['shapes']:>7}"
+                      + "".join(f"{row[m]:>20.4f}" for m in METRICS))
     return 0
 
 
