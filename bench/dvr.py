@@ -4,6 +4,7 @@ shape and mode, then a table of means per mode.
 
     nice -n 10 python bench/dvr.py [--data data/prepared] [--shapes ID ...] [--views 24] [--size 64]
                                    [--seconds 12] [--threads 1] [--modes masks masks+rgb ...]
+                                   [--hidden 64] [--blocks 3]
 
 Views: 24 training and 4 held-out cameras of training.render (random azimuth, elevation and lens,
 each as far as it needs for the canonical box), ray cast on the normalised mesh (Open3D: exact
@@ -36,8 +37,6 @@ MODES = {
     "masks+depth": {"mask": 1.0, "depth": 1.0},
     "3d": {"points": 1.0},
 }
-MODEL = {"input": {"kind": "none"}, "encoder": {"name": "none"},
-         "decoder": {"name": "textured_field", "hidden": 128, "n_blocks": 4, "texture": True}}
 HELD_OUT_VIEWS = 4
 EVAL_POINTS = 100_000
 METRICS = ("iou", "chamfer_l1_x10", "normal_consistency", "psnr", "steps")
@@ -90,6 +89,11 @@ def evaluate(model, truth, held_out, sees_colour: bool, rng) -> dict:
     return out
 
 
+def model_config(hidden: int, blocks: int) -> dict:
+    return {"input": {"kind": "none"}, "encoder": {"name": "none"},
+            "decoder": {"name": "textured_field", "hidden": hidden, "n_blocks": blocks, "texture": True}}
+
+
 def run_shape(data: Path, shape_id: str, modes: list[str], args) -> list[dict]:
     import torch
 
@@ -104,7 +108,7 @@ def run_shape(data: Path, shape_id: str, modes: list[str], args) -> list[dict]:
     rows = []
     for mode in modes:
         torch.manual_seed(args.seed)
-        model = build_model(MODEL)
+        model = build_model(model_config(args.hidden, args.blocks))
         settings = FitSettings.from_config({"losses": MODES[mode], "steps": 10**9, "seconds": args.seconds,
                                             "rays": 1024, "lr": 1e-3, "seed": args.seed,
                                             "ray_steps": [[0, 16], [150, 32], [300, 64]]})
@@ -140,6 +144,8 @@ def main(argv=None) -> int:
                         help="fitting budget per shape and mode, in CPU seconds of this process (the same "
                              "for every mode however busy the machine is)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--hidden", type=int, default=64, help="width of the field's trunk")
+    parser.add_argument("--blocks", type=int, default=3, help="residual blocks of the field's trunk")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     missing = [s for s in args.shapes if not (args.data / s / "points.npz").is_file()]
@@ -150,6 +156,7 @@ def main(argv=None) -> int:
     start = time.monotonic()
     rows = [row for shape_id in args.shapes for row in run_shape(args.data, shape_id, args.modes, args)]
     print(f"\n{len(args.shapes)} shapes, {args.views} views of {args.size}^2, {args.seconds:g} s per fit, "
+          f"field {args.hidden} x {args.blocks} blocks, "
           f"{args.threads} thread(s), {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"total {time.monotonic() - start:.0f} s\n")
     print(table(rows, args.modes))
