@@ -181,31 +181,42 @@ def test_a_users_folder_of_posed_images_loads(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Losses
+# Losses and rendering
+
+
+class TrueShape(torch.nn.Module):
+    """The analytic ellipsoid as a fitted model: its own logits (times sharpness), and the views'
+    colour field as its texture head."""
+    texture = True
+
+    def __init__(self, sharpness):
+        super().__init__()
+        self.sharpness = torch.nn.Parameter(torch.tensor(sharpness))
+        self.decoder = self
+
+    def decode(self, p, c):
+        return self.sharpness * ellipsoid(p.double()).float()
+
+    def __call__(self, p, c, with_colour):
+        return self.decode(p, c), torch.from_numpy(stripes(p.detach().numpy()))
 
 
 def test_the_true_shape_has_no_depth_or_colour_loss_and_its_mask_loss_falls_as_it_sharpens():
     views = analytic_views(ellipsoid, 2, 16)
     rays = dvr.view_rays(views)
 
-    class TrueShape(torch.nn.Module):
-        """The analytic ellipsoid as a model: its own logits, and the views' colour field."""
-        def __init__(self, sharpness):
-            super().__init__()
-            self.sharpness = torch.nn.Parameter(torch.tensor(sharpness))
-            self.decoder = self
-
-        def decode(self, p, c):
-            return self.sharpness * ellipsoid(p.double()).float()
-
-        def __call__(self, p, c, with_colour):
-            return self.decode(p, c), torch.from_numpy(stripes(p.detach().numpy()))
-
     weights = {"mask": 1.0, "depth": 1.0, "rgb": 1.0, "normal": 0.0}
     blurred = dvr.ray_losses(TrueShape(1.0), rays, weights, 64, 8, torch.Generator().manual_seed(0))
     sharp = dvr.ray_losses(TrueShape(10.0), rays, weights, 64, 8, torch.Generator().manual_seed(0))
     assert sharp["depth"].item() < 1e-4 and sharp["rgb"].item() < 1e-3
     assert sharp["mask"].item() < 0.1 * blurred["mask"].item()
+
+
+def test_rendering_the_true_shape_reproduces_its_views():
+    views = analytic_views(ellipsoid, 2, 24)
+    masks, colours = dvr.render(TrueShape(10.0), views)
+    assert (masks != views.masks).mean() < 0.01                # a few rim pixels at most
+    assert dvr.psnr(colours, views.colours) > 30.0
 
 
 def test_normal_smoothness_is_zero_on_a_plane_and_positive_on_a_ball():
