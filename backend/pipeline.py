@@ -31,7 +31,7 @@ from .foreground import object_mask
 from .inputs import normalisation, validate_image
 from .pointclouds import checked_cloud
 from .preprocess import image_to_model_input, subsample_points
-from .viewer import masked_logits, output_transform, photo_camera, viewer_input
+from .viewer import masked_logits, output_transform, photo_camera, silhouette_level, viewer_input
 
 RESOLUTIONS = (32, 64, 128, 256, 512)
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -51,6 +51,10 @@ MAX_REFINE_POINTS = 1_000_000
 # measure with and without). It works on a covering subset of at most this many points.
 POINT_SUPPORT: SupportSettings | None = SupportSettings()
 MAX_SUPPORT_POINTS = 200_000
+# Viewer-centred images: the surface's level is lowered until the result covers this fraction of
+# the mask (backend.viewer.silhouette_level), but not below this probability. None: not at all.
+SILHOUETTE_COVERAGE: float | None = 0.95
+MIN_SILHOUETTE_PROBABILITY = 0.05
 # Below this confidence an estimated mask is not trusted: the user is asked for one.
 MIN_MASK_CONFIDENCE = 0.25
 Progress = Callable[[str, float], None]
@@ -289,9 +293,17 @@ class Reconstructor:
         def evaluate(p: torch.Tensor) -> torch.Tensor:
             return masked_logits(lambda q: model.decode(q[None], code)[0], p, mask_tensor, view.crop.focal)
 
-        warnings = []
+        def cover_the_mask(grid, level: float) -> float:
+            if SILHOUETTE_COVERAGE is None:
+                return level
+            chosen = silhouette_level(grid.values, grid.box_min, grid.spacing, view.mask, view.crop.focal, level,
+                                      SILHOUETTE_COVERAGE, probability_to_logit(MIN_SILHOUETTE_PROBABILITY))
+            surface_level.append(chosen)
+            return chosen
+
+        warnings, surface_level = [], []
         mesh, evaluations = self._extract(evaluate, VIEWER_BOX, device, options, timer, progress, should_cancel,
-                                          warnings=warnings)
+                                          warnings=warnings, choose_level=cover_the_mask)
         result = self._finish(model, code, device, mesh, options, timer, should_cancel)
         up = code["up"][0].double().cpu().numpy()
         transform = output_transform(up, result.vertices.astype(np.float64))
@@ -307,12 +319,15 @@ class Reconstructor:
         result.stats.update(evaluations=evaluations, image_size=[height, width], mask_source=found.source,
                             mask_confidence=round(found.confidence, 3), cut_off=found.touches_border,
                             focal=view.crop.focal, elevation_deg=round(math.degrees(elevation_of_up(up)), 1),
-                            viewer_to_output=transform.tolist(), warnings=warnings)
+                            viewer_to_output=transform.tolist(), warnings=warnings,
+                            surface_probability=round(1.0 / (1.0 + math.exp(-surface_level[0])), 4)
+                            if surface_level else options.threshold)
         return result
 
     def _extract(self, evaluate, box, device, options, timer, progress, should_cancel, seed_points=None,
-                 warnings: list | None = None):
-        """evaluate(points (M, 3)) -> logits (M,), in the box (low, high) -> (grid mesh, evaluations)."""
+                 warnings: list | None = None, choose_level=None):
+        """evaluate(points (M, 3)) -> logits (M,), in the box (low, high) -> (grid mesh, evaluations).
+        choose_level(grid, level) -> level may move the surface's level once the grid is known."""
         level = probability_to_logit(options.threshold)
         steps = int(round(math.log2(options.resolution / COARSE_RESOLUTION))) if options.resolution > COARSE_RESOLUTION else 0
         resolution0 = min(options.resolution, COARSE_RESOLUTION)
@@ -345,6 +360,8 @@ class Reconstructor:
         if not np.isfinite(grid.values).all():
             raise OccnetError("bad_model", "the network's output is not a number (NaN or infinite) for some points: "
                                            "the model is broken, whatever the threshold")
+        if choose_level is not None:
+            level = choose_level(grid, level)
         if should_cancel is not None and should_cancel():
             raise Cancelled()
         with timer("marching_cubes"):

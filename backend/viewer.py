@@ -79,6 +79,45 @@ def masked_logits(decode, points: torch.Tensor, mask: torch.Tensor, focal: float
     return logits
 
 
+def ray_maxima(values: np.ndarray, box_min: float, spacing: float, size: int, focal: float) -> np.ndarray:
+    """(size, size) float32: for each pixel of a size x size crop image, the largest of the grid
+    values (R+1, R+1, R+1) (viewer points box_min + spacing * index) that project into it; -inf
+    where none does. Along each pixel's ray, the grid's best guess that the object is there."""
+    count = values.shape[0]
+    axis = torch.arange(count, dtype=torch.float64) * spacing + box_min
+    x, y, z = torch.meshgrid(axis, axis, axis, indexing="ij")
+    uv, depth = camera.project_viewer(torch.stack([x, y, z], dim=-1).reshape(-1, 3).numpy(), size, focal)
+    col, row = np.rint(uv[:, 0]).astype(np.int64), np.rint(uv[:, 1]).astype(np.int64)
+    valid = (depth > 0) & (col >= 0) & (col < size) & (row >= 0) & (row < size)
+    maxima = torch.full((size * size,), -math.inf)
+    maxima.scatter_reduce_(0, torch.from_numpy(row[valid] * size + col[valid]),
+                           torch.from_numpy(values.reshape(-1)[valid]).float(), reduce="amax")
+    return maxima.reshape(size, size).numpy()
+
+
+def silhouette_level(values: np.ndarray, box_min: float, spacing: float, mask: np.ndarray, focal: float,
+                     level: float, coverage: float, floor: float) -> float:
+    """The surface level for a viewer grid (values (R+1,)^3) whose object must fill the crop's
+    mask (M, M) bool: the requested level, lowered where needed (never below floor) until the rays
+    through `coverage` of the mask's pixels reach inside. The mask says the object is seen there,
+    so a ray through it that stays empty is the network's doubt, not the picture's.
+    Pixels are taken at half the grid's resolution, so each holds a few grid points' projections."""
+    size = max(8, (values.shape[0] - 1) // 2)
+    block = mask.shape[0] // size
+    coarse = mask[: size * block, : size * block].reshape(size, block, size, block).mean(axis=(1, 3)) >= 0.5
+    if not coarse.any():
+        return level
+    along_rays = ray_maxima(values, box_min, spacing, size, focal)[coarse]
+    along_rays = along_rays[np.isfinite(along_rays)]
+    if len(along_rays) == 0:
+        return level
+    # one float32 step under the quantile's own ray maximum (the grid's precision), so that its
+    # ray counts as reaching inside
+    quantile = np.float32(np.quantile(along_rays, 1.0 - coverage, method="lower"))
+    needed = float(np.nextafter(quantile, np.float32(-np.inf)))
+    return max(min(level, needed), floor)
+
+
 def output_transform(up: np.ndarray, vertices: np.ndarray) -> np.ndarray:
     """(4, 4) rigid map from the viewer frame to the returned mesh's frame: Blender's axes with the
     picture seen from the Front view (backend.camera.blender_from_viewer), the object resting on

@@ -151,6 +151,34 @@ def test_the_focal_length_comes_from_exif_when_the_photo_has_one(tmp_path):
     assert exif_focal_35mm(tmp_path / "plain.jpg") is None
 
 
+def test_the_surface_level_drops_until_the_result_covers_the_mask():
+    """A doubtful network: a ball whose logits peak at -1 in its centre (probability 0.27, under the
+    0.5 threshold: at level 0 there is no surface at all), the mask its outline. The level drops
+    until the rays through 95% of the mask reach inside; never below the floor; a network that
+    already fills the mask keeps the requested level."""
+    from backend import camera
+    from backend.viewer import MASK_SUPERSAMPLING, ray_maxima, silhouette_level
+
+    focal, count, size = 1.5, 65, MASK_SUPERSAMPLING * 64
+    box_min, spacing = -camera.VIEW_HALF_EXTENT, 2 * camera.VIEW_HALF_EXTENT / (count - 1)
+    axis = np.arange(count) * spacing + box_min
+    points = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), axis=-1)
+    values = (0.3 - np.linalg.norm(points, axis=-1)) * 10.0 - 4.0  # -1 at the centre, -4 on the ball
+    ring = np.linspace(0, 2 * np.pi, 2000)
+    outline = camera.project_viewer(np.stack([0.3 * np.cos(ring), 0.3 * np.sin(ring), 0 * ring], axis=-1), size, focal)[0]
+    rows, cols = np.mgrid[0:size, 0:size]
+    centre, radius = outline.mean(axis=0), np.linalg.norm(outline - outline.mean(axis=0), axis=1).mean()
+    mask = (cols - centre[0]) ** 2 + (rows - centre[1]) ** 2 <= radius ** 2
+
+    level = silhouette_level(values, box_min, spacing, mask, focal, 0.0, coverage=0.95, floor=-5.0)
+    assert level < -1.0
+    along_mask_rays = ray_maxima(values, box_min, spacing, 32, focal)[mask.reshape(32, 8, 32, 8).mean(axis=(1, 3)) >= 0.5]
+    along_mask_rays = along_mask_rays[np.isfinite(along_mask_rays)]  # rays that meet the grid
+    assert (along_mask_rays > level).mean() >= 0.95
+    assert silhouette_level(values, box_min, spacing, mask, focal, 0.0, coverage=0.95, floor=-1.5) == -1.5
+    assert silhouette_level(values + 5.0, box_min, spacing, mask, focal, 0.0, coverage=0.95, floor=-5.0) == 0.0
+
+
 def test_out_of_memory_during_extraction_retries_with_smaller_batches_and_says_so(solid_pixel_checkpoint, monkeypatch):
     from backend import pipeline
 

@@ -643,6 +643,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", help="cpu, cuda or auto (overrides config)")
     parser.add_argument("--epochs", type=int, help="overrides schedule.epochs")
     parser.add_argument("--max-steps", type=int, help="overrides schedule.max_steps")
+    parser.add_argument("--lr", type=float, help="overrides optimizer.lr (e.g. lower, to fine-tune from init_weights)")
     parser.add_argument("--num-workers", type=int, help="overrides num_workers")
     return parser.parse_args(argv)
 
@@ -663,6 +664,8 @@ def overrides_from_args(args) -> dict:
         out.setdefault("schedule", {})["epochs"] = args.epochs
     if args.max_steps is not None:
         out.setdefault("schedule", {})["max_steps"] = args.max_steps
+    if args.lr is not None:
+        out.setdefault("optimizer", {})["lr"] = args.lr
     return out
 
 
