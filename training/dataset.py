@@ -95,6 +95,22 @@ def random_axis_scales(scale_range: tuple[float, float], rng: np.random.Generato
     return np.exp(rng.uniform(np.log(low), np.log(high), size=3))
 
 
+def random_squash(probability: float, squash_range: tuple[float, float], rng: np.random.Generator) -> np.ndarray:
+    """Per-axis factors (3,) that, with the given probability, make a shape thin: one random axis
+    (a plate) or two (a rod) scaled by a factor log-uniform in squash_range (down to 1:30 for
+    (1/30, 1/3)); otherwise ones. The point model's training shapes are rarely thin, and it fails on
+    thin things (docs/pointclouds.md)."""
+    factors = np.ones(3)
+    if probability <= 0 or rng.random() >= probability:
+        return factors
+    low, high = squash_range
+    if not 0 < low <= high <= 1:
+        raise ValueError(f"bad squash range {squash_range}: factors in (0, 1]")
+    axes = rng.permutation(3)[: int(rng.integers(1, 3))]
+    factors[axes] = np.exp(rng.uniform(np.log(low), np.log(high), size=len(axes)))
+    return factors
+
+
 def bounding_box_fit(points: np.ndarray) -> tuple[np.ndarray, float]:
     """Canonical-box normalisation of points (N, 3): (bbox centre (3,), longest bbox edge), the
     very function inference uses."""
@@ -119,13 +135,18 @@ class AffineAugmentation:
         return np.linalg.solve(self.linear, (points.astype(np.float64) * self.scale + self.center).T).T
 
 
-def make_augmentation(surface: np.ndarray, rotation: str, up_axis: int, scale_range, rng) -> AffineAugmentation:
-    """Random rotation + anisotropic scaling, then back into the canonical box.
+def make_augmentation(surface: np.ndarray, rotation: str, up_axis: int, scale_range, rng,
+                      squash_probability: float = 0.0, squash_range=(1 / 30, 1 / 3)) -> AffineAugmentation:
+    """Random rotation + anisotropic scaling (and, with squash_probability, a squash that makes the
+    shape thin: random_squash), then back into the canonical box.
 
     surface (S, 3): the shape's surface points, used to re-fit the canonical box (bbox centre,
     longest edge), exactly the normalisation that inference applies to a given point cloud.
     Occupancy is invariant under this invertible affine map applied to inputs and queries alike."""
-    linear = random_rotation(rotation, up_axis, rng) @ np.diag(random_axis_scales(scale_range, rng))
+    scales = random_axis_scales(scale_range, rng)
+    if squash_probability > 0:
+        scales = scales * random_squash(squash_probability, squash_range, rng)
+    linear = random_rotation(rotation, up_axis, rng) @ np.diag(scales)
     moved = surface.astype(np.float64) @ linear.T
     center, scale = bounding_box_fit(moved)
     return AffineAugmentation(linear, center, scale)
@@ -406,6 +427,8 @@ class SamplingConfig:
     rotation: str = "none"              # "none" | "up" | "so3"
     up_axis: int = 2                    # 0 x, 1 y, 2 z (Blender's up)
     scale_range: tuple = (1.0, 1.0)     # anisotropic scaling, per-axis factor range
+    squash_probability: float = 0.0     # share of examples made thin (random_squash) ...
+    squash_range: tuple = (1 / 30, 1 / 3)  # ... by a factor in this range on one or two axes
     image_size: int = 128               # model input size
     background: str = "white"           # "white" | "random" | "mixed"
     view: int | None = None             # fixed view (validation/evaluation) or None for random
@@ -414,7 +437,8 @@ class SamplingConfig:
 
     @property
     def augments(self) -> bool:
-        return self.input_kind == "points" and (self.rotation != "none" or tuple(self.scale_range) != (1.0, 1.0))
+        return self.input_kind == "points" and (self.rotation != "none" or tuple(self.scale_range) != (1.0, 1.0)
+                                                or self.squash_probability > 0)
 
 
 class OccupancyDataset(torch.utils.data.Dataset):
@@ -450,7 +474,8 @@ class OccupancyDataset(torch.utils.data.Dataset):
         if s.augments:
             # The box is re-fitted to a subset of the surface samples (they are in random order): 12x
             # cheaper than all 100k, and within the sampling density of the exact fit.
-            aug = make_augmentation(shape.surface_points[:BOX_FIT_POINTS], s.rotation, s.up_axis, s.scale_range, rng)
+            aug = make_augmentation(shape.surface_points[:BOX_FIT_POINTS], s.rotation, s.up_axis, s.scale_range, rng,
+                                    s.squash_probability, s.squash_range)
         if s.input_kind == "points":
             inputs = sample_surface_input(shape.surface_points, s.num_points, s.noise, rng,
                                           transform=aug.apply if aug is not None else None)

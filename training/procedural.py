@@ -1,6 +1,6 @@
 """Procedural training shapes: random smooth solids written as watertight meshes.
 
-    python -m training.procedural OUT_DIR [--count 600] [--seed 0] [--resolution 128]
+    python -m training.procedural OUT_DIR [--count 600] [--seed 0] [--resolution 128] [--family solid|thin]
 
 Why: the real training meshes (CAPOD, pybullet blocks) are mostly thin parts or faceted low-poly
 blocks. A point-cloud model trained on them alone leaves the inside of large, smooth, organic
@@ -9,6 +9,10 @@ blends and cuts of random ellipsoids, rounded boxes, capsules, tori and cylinder
 low-frequency bump field: bulky and smooth, with concavities, handles and sharp creases, and with
 labels that are exact because they are closed by construction. They are written as OBJ files and
 go through `training.prepare` like any other folder of meshes, so nothing downstream knows.
+
+`--family thin` writes rods, boards and plates instead (1:10 to 1:30 thin, some with a second thin
+part across): the family the point model fails on (docs/pointclouds.md). Labels stay exact: the
+marching-cubes grid is fine enough for four cells across the thinnest part.
 
 Each shape depends only on (seed, index), so a run is reproducible and resumable.
 """
@@ -188,6 +192,76 @@ def make_shape(seed: int, index: int, resolution: int = 96, max_faces: int = 200
     raise RuntimeError(f"no usable solid for seed {seed}, index {index}")
 
 
+# ---------------------------------------------------------------------------------------------
+# Thin solids: rods, boards and plates (the family the point model fails on; docs/pointclouds.md)
+
+THIN_KINDS = ("rod", "board", "plate")
+THIN_RATIO = (10.0, 30.0)  # longest edge over thickness
+
+
+def thin_part(rng: np.random.Generator, kind: str, length: float):
+    """(field, thickness) of one thin part centred at the origin, long along x: a rod (capsule,
+    cylinder or square bar), a board (width 0.15-0.35 of its length) or a plate (0.4-1.0), its
+    thickness 1/10 to 1/30 of its length."""
+    thickness = length / float(rng.uniform(*THIN_RATIO))
+    if kind == "rod":
+        profile = rng.choice(["capsule", "cylinder", "bar"])
+        if profile == "bar":
+            half = np.array([length / 2, thickness / 2, thickness / 2])
+            rounding = float(rng.uniform(0.0, 0.5)) * thickness / 2
+            return (lambda p: sdf_round_box(p, half, rounding)), thickness
+        along_x = lambda p: p[:, [1, 2, 0]]  # the capsule and cylinder run along z
+        if profile == "capsule":
+            return (lambda p: sdf_capsule(along_x(p), length / 2 - thickness / 2, thickness / 2)), thickness
+        return (lambda p: sdf_cylinder(along_x(p), length / 2, thickness / 2)), thickness
+    width = length * float(rng.uniform(0.15, 0.35) if kind == "board" else rng.uniform(0.4, 1.0))
+    half = np.array([length / 2, width / 2, thickness / 2])
+    rounding = float(rng.uniform(0.0, 0.5)) * thickness / 2
+    return (lambda p: sdf_round_box(p, half, rounding)), thickness
+
+
+def random_thin_solid(rng: np.random.Generator):
+    """(field(points (M, 3)) -> (M,), thinnest thickness): a rod, a board or a plate spanning most of
+    the box, randomly rotated; in a third of the shapes a second thin part crosses it (a sign on a
+    post, a sword's guard, a shelf on a side)."""
+    length = float(rng.uniform(0.8, 1.0))
+    main, thickness = thin_part(rng, str(rng.choice(THIN_KINDS)), length)
+    parts = [(main, np.eye(3), np.zeros(3))]
+    if rng.random() < 1 / 3:
+        other, other_thickness = thin_part(rng, str(rng.choice(THIN_KINDS)), length * float(rng.uniform(0.3, 0.7)))
+        thickness = min(thickness, other_thickness)
+        offset = np.array([rng.uniform(-0.3, 0.3) * length, 0.0, 0.0])
+        parts.append((other, random_rotation("so3", 2, rng), offset))
+    rotation = random_rotation("so3", 2, rng)
+
+    def field(p: np.ndarray) -> np.ndarray:
+        local = p @ rotation
+        return np.min([part((local - offset) @ turn) for part, turn, offset in parts], axis=0)
+
+    return field, thickness
+
+
+def make_thin_shape(seed: int, index: int, max_faces: int = 20000, cells_per_thickness: float = 4.0):
+    """The index-th thin shape of a seed -> vertices (V, 3), faces (F, 3). The marching-cubes grid
+    is fine enough for cells_per_thickness cells across its thinnest part (48 to 256 a side)."""
+    import trimesh
+
+    rng = np.random.default_rng([seed, index, 1])  # a stream apart from the bulky solids'
+    for _ in range(20):
+        field, thickness = random_thin_solid(rng)
+        resolution = int(np.clip(np.ceil(2 * GRID_HALF_EXTENT * cells_per_thickness / thickness), 48, 256))
+        vertices, faces = field_to_mesh(field, resolution)
+        if len(faces) == 0:
+            continue
+        # Quadric decimation can open a part this thin: a larger budget, else none.
+        for budget in (max_faces, 2 * max_faces):
+            v, f = decimate(vertices, faces, budget)
+            if trimesh.Trimesh(v, f, process=False).is_watertight:
+                return v, f
+        return vertices, faces
+    raise RuntimeError(f"no usable thin solid for seed {seed}, index {index}")
+
+
 def write_obj(path: Path, vertices: np.ndarray, faces: np.ndarray) -> None:
     """Write atomically, so an interrupted run never leaves a half-written mesh to be prepared."""
     import trimesh
@@ -206,13 +280,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resolution", type=int, default=96, help="marching-cubes grid per axis")
     parser.add_argument("--max-faces", type=int, default=20000)
+    parser.add_argument("--family", choices=["solid", "thin"], default="solid",
+                        help="solid: bulky smooth solids; thin: rods, boards and plates (1:10 to 1:30 thin; "
+                             "the grid follows the thickness, --resolution is ignored)")
     args = parser.parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for index in tqdm(range(args.count), desc="shapes", unit="shape"):
-        path = args.out_dir / f"solid_{args.seed:02d}_{index:04d}.obj"
+        path = args.out_dir / f"{args.family}_{args.seed:02d}_{index:04d}.obj"
         if path.exists():
             continue
-        vertices, faces = make_shape(args.seed, index, args.resolution, args.max_faces)
+        if args.family == "thin":
+            vertices, faces = make_thin_shape(args.seed, index, args.max_faces)
+        else:
+            vertices, faces = make_shape(args.seed, index, args.resolution, args.max_faces)
         write_obj(path, vertices, faces)
     return 0
 
