@@ -34,6 +34,7 @@ net was used.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -60,6 +61,8 @@ class SupportSettings:
     max_cells: int = 128               # ... with at most this many cells a side
     slope: float = 500.0               # logits per unit length of the hull's field (about the network's)
     nearest_shell: int = 8             # carving balls tried per band place
+    sheltered: float = 0.5             # far places that see the band in this share of 26 directions are sheltered
+    enclosure_cells: int = 64          # ... measured on the net's grid pooled to about this many cells a side
     spacing_sample: int = 50_000       # points used to measure the spacing (a random subset of larger clouds)
     probe_points: int = 500            # points whose neighbourhood is probed for the network's surface
     vote_points: int = 4000            # grid places evaluated for the enclosed pieces' votes, at most 64 a piece
@@ -150,6 +153,50 @@ def near_candidates(points: np.ndarray, low: float, spacing: float, n1: int, tau
     return np.argwhere(dilate(occupied, cube=True)[np.ix_(index, index, index)])
 
 
+DIRECTIONS = np.array([d for d in itertools.product((-1, 0, 1), repeat=3) if any(d)])
+
+
+def shifted(a: np.ndarray, offset) -> np.ndarray:
+    """out[x] = a[x + offset] for a 3D array, zero (False) where x + offset leaves it."""
+    out = np.zeros_like(a)
+    source = tuple(slice(max(o, 0), n + min(o, 0)) for n, o in zip(a.shape, offset))
+    target = tuple(slice(max(-o, 0), n + min(-o, 0)) for n, o in zip(a.shape, offset))
+    out[target] = a[source]
+    return out
+
+
+def pool_any(mask: np.ndarray, factor: int) -> np.ndarray:
+    """Bool (n,)^3 -> (ceil(n / factor),)^3: does any place of each block hold?"""
+    if factor == 1:
+        return mask
+    n = mask.shape[0]
+    m = -(-n // factor)
+    padded = np.zeros((m * factor,) * 3, dtype=bool)
+    padded[:n, :n, :n] = mask
+    return padded.reshape(m, factor, m, factor, m, factor).any(axis=(1, 3, 5))
+
+
+def enclosure(blocked: np.ndarray, cells: int) -> np.ndarray:
+    """For every place of a bool grid (n,)^3: the fraction of the 26 grid directions in which a ray
+    from it meets a blocked place before leaving the grid, on a copy pooled to about `cells` a
+    side (blocks count as blocked when any place in them is). Rays are ORs of shifted copies,
+    doubled in length at each step: log2(cells) steps per direction."""
+    n = blocked.shape[0]
+    factor = max(1, n // cells)
+    pooled = pool_any(blocked, factor)
+    m = pooled.shape[0]
+    hits = np.zeros(pooled.shape, dtype=np.uint8)
+    for d in DIRECTIONS:
+        ray = shifted(pooled, d)
+        span = 1
+        while span < m:
+            ray |= shifted(ray, d * span)
+            span *= 2
+        hits += ray
+    index = np.arange(n) // factor
+    return (hits / len(DIRECTIONS))[np.ix_(index, index, index)]
+
+
 def border_labels(labels: np.ndarray) -> np.ndarray:
     """The labels (> 0) found on the faces of a 3D label grid."""
     faces = [labels[0], labels[-1], labels[:, 0], labels[:, -1], labels[:, :, 0], labels[:, :, -1]]
@@ -189,8 +236,12 @@ class SupportNet:
         self.labels, self.count = ndimage.label(~band, structure=FACE_CONNECTIVITY)
         is_exterior = np.zeros(self.count + 1, dtype=bool)
         is_exterior[border_labels(self.labels)] = True
-        self.exterior = is_exterior[self.labels] & (self.labels > 0)
-        self.enclosed = ~band & ~self.exterior
+        exterior = is_exterior[self.labels] & (self.labels > 0)
+        self.enclosed = ~band & ~exterior
+        # Sheltered exterior places see the band in most directions: the inside of a scan whose bottom
+        # or windows are missing. They are the network's call, not centres of carving balls.
+        self.sheltered = exterior & (enclosure(band, settings.enclosure_cells) >= settings.sheltered)
+        self.exterior = exterior & ~self.sheltered
 
         # Carving: every exterior place next to the band is the centre of an empty ball as wide as its
         # distance to the nearest point. The hull's field at a band place is its distance to the nearest
@@ -199,7 +250,7 @@ class SupportNet:
         reach = 2 * self.h
         signed = np.full((n1,) * 3, reach, dtype=np.float32)
         band_signed = np.full(len(self.band_idx), reach, dtype=np.float32)
-        shell_idx = np.argwhere(dilate(band) & self.exterior)
+        shell_idx = np.argwhere(dilate(~self.exterior) & self.exterior)
         self.shell_tree = cKDTree(shell_idx * self.h) if len(shell_idx) else None
         if len(shell_idx) and len(self.band_idx):
             radius, _ = self.tree.query(self.low + shell_idx * self.h, workers=-1)
