@@ -56,14 +56,15 @@ def test_first_entry_takes_the_first_outside_to_inside_change():
     assert index[:2].tolist() == [1, 2]
 
 
-def test_finds_an_analytic_sphere_within_1e_3():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])   # training marches in float32
+def test_finds_an_analytic_sphere_within_1e_3(dtype):
     radius = 0.4
     targets = targets_within(0.35, 500, seed=1)               # every ray hits the ball
     origins, directions = rays_towards(targets)
-    hits = find_surface(sphere_field(radius), origins, directions, n_steps=32, secant_steps=8)
+    hits = find_surface(sphere_field(radius), origins.to(dtype), directions.to(dtype), n_steps=32, secant_steps=8)
     assert hits.hit.all()
     expected = sphere_depth(origins, directions, radius)
-    assert (hits.depth - expected).abs().max() < 1e-3
+    assert (hits.depth.double() - expected).abs().max() < 1e-3
 
 
 def test_rays_that_miss_give_no_hit():
