@@ -3,7 +3,7 @@ in `classic` (Cycles, 4 views each: three 3/4 views and one from above), every m
 PNG alone. Prints one JSON line per image and method, then a table of means.
 
     python bench/image.py [--meshes ../shared/data/meshes/classic] [--renders out/bench_image]
-                          [--checkpoint PATH] [--old-checkpoint PATH] [--resolution 128] [--limit N] [--full]
+                          [--checkpoint PATH] [--old-checkpoint PATH] [--resolution R] [--limit N] [--full]
 
 Methods
   ours:  the default image model (viewer-centred); compared with the truth in the view's viewer
@@ -260,12 +260,14 @@ def main(argv=None) -> int:
     parser.add_argument("--renders", type=Path, default=ROOT / "out" / "bench_image")
     parser.add_argument("--checkpoint", help="the viewer-centred model (default: the shipped default)")
     parser.add_argument("--old-checkpoint", default=str(ROOT / "backend" / "weights" / "image_resnet18.safetensors"))
-    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--resolution", type=int, help="grid per axis (default 64; 128 with --full)")
     parser.add_argument("--limit", type=int, help="only the first N meshes")
     parser.add_argument("--workers", type=int, default=2, help="render processes")
     parser.add_argument("--full", action="store_true",
-                        help="all 4 views per mesh (default: one 3/4 view and the view from above, ~5 min)")
+                        help="all 4 views per mesh at 128^3 (default: one 3/4 view and the view from above at "
+                             "64^3, under 5 min)")
     args = parser.parse_args(argv)
+    args.resolution = args.resolution or (128 if args.full else 64)
     if not args.meshes.is_dir():
         print(f"skipped: {args.meshes} does not exist (the shared meshes are not here)", file=sys.stderr)
         return 0
