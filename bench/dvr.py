@@ -61,26 +61,11 @@ def shape_views(shape_dir: Path, views: int, size: int, seed: int):
     return all_views.subset(range(views)), all_views.subset(range(views, views + HELD_OUT_VIEWS))
 
 
-def extracted_mesh(model):
-    """Marching cubes of the fitted field at 128^3 (MISE from 32^3) -> vertices, faces."""
-    import torch
-
-    from backend.extraction.marching import grid_to_mesh
-    from backend.extraction.mise import mise
-    from training.dvr import occupancy_field
-
-    field = occupancy_field(model)
-    with torch.no_grad():
-        grid = mise(lambda p: field(p), resolution0=32, upsampling_steps=2)
-    mesh = grid_to_mesh(grid.values, 0.0, grid.box_min, grid.spacing)
-    return mesh.vertices, mesh.faces
-
-
 def evaluate(model, truth, held_out, sees_colour: bool, rng) -> dict:
-    from training.dvr import predicted_occupancy, psnr, render
+    from training.dvr import fitted_mesh, predicted_occupancy, psnr, render
     from training.metrics import mesh_metrics, occupancy_iou, sample_mesh_surface
 
-    vertices, faces = extracted_mesh(model)
+    vertices, faces, _ = fitted_mesh(model)
     points, normals = sample_mesh_surface(vertices, faces, EVAL_POINTS, rng)
     out = mesh_metrics(points, normals, truth.surface_points, truth.surface_normals)
     out["iou"] = occupancy_iou(predicted_occupancy(model, truth.uniform_points.astype(np.float32)),

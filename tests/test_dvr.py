@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import trimesh
 from PIL import Image
 
 import backend.raymarch
@@ -288,10 +289,19 @@ def test_command_line_fit_writes_a_loadable_checkpoint(tmp_path):
                         "camera_mat": views.camera_mats[v].tolist()})
     (tmp_path / "cameras.json").write_text(json.dumps({"views": entries}))
     config = {"data": {"folder": str(tmp_path)}, "held_out_views": [2], "model": FIELD_CONFIG,
-              "losses": {"mask": 1.0, "rgb": 1.0}, "rays": 64, "steps": 3}
+              "losses": {"mask": 1.0, "rgb": 1.0}, "rays": 256, "steps": 40}
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert dvr.main([str(tmp_path / "config.json"), "--out", str(tmp_path / "run")]) == 0
     model, loaded_config, metadata = load_checkpoint(tmp_path / "run" / "model_last.safetensors")
     assert loaded_config == FIELD_CONFIG
-    assert metadata["dvr"]["steps"] == 3 and "held_out_psnr" in metadata["dvr"]
-    assert (tmp_path / "run" / "log.csv").read_text().count("\n") == 4
+    assert metadata["dvr"]["steps"] == 40 and "held_out_psnr" in metadata["dvr"]
+    assert (tmp_path / "run" / "log.csv").read_text().count("\n") == 41
+    mesh = trimesh.load(tmp_path / "run" / "mesh.ply", process=False)
+    assert mesh.visual.vertex_colors.shape == (len(mesh.vertices), 4)   # the texture head's colours
+
+
+def test_fitted_mesh_of_the_true_shape_is_the_shape_with_its_colours():
+    vertices, faces, colours = dvr.fitted_mesh(TrueShape(10.0), resolution0=16, upsampling_steps=1)
+    on_surface = ((vertices / ELLIPSOID_HALF.numpy()) ** 2).sum(axis=1)
+    assert len(faces) > 0 and np.abs(on_surface - 1.0).max() < 0.05
+    assert np.allclose(colours, stripes(vertices), atol=1e-6)

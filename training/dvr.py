@@ -23,7 +23,8 @@ folder with cameras.json} (training.posed_images); "held_out_views": view number
 training; "model": a configuration of input kind "none" (backend.models.textured); "losses":
 weights of the terms above (0 turns one off); "rays", "inside_fraction", "ray_steps",
 "secant_steps", "lr", "steps", "seconds" (time budget, null for none), "seed".
-Writes OUT/model_last.safetensors (backend.checkpoint format) and OUT/log.csv.
+Writes OUT/model_last.safetensors (backend.checkpoint format), OUT/log.csv and OUT/mesh.ply (the
+surface at 128^3, with vertex colours from the texture head when the model has one).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 
 from backend.camera import pixel_rays
 from backend.checkpoint import save_checkpoint
+from backend.mesh_io import save_mesh
 from backend.models import build_model
 from backend.raymarch import Field, field_gradient, find_surface, ray_box_interval, surface_depth
 
@@ -342,6 +344,23 @@ def render(model, views: PosedViews, n_steps: int = 64, device="cpu") -> tuple[n
     return hits.hit.reshape(shape).cpu().numpy(), colours.reshape(*shape, 3).cpu().numpy()
 
 
+@torch.no_grad()
+def fitted_mesh(model, resolution0: int = 32, upsampling_steps: int = 2, device="cpu"):
+    """The fitted surface as a mesh: MISE from resolution0^3 up to resolution0 * 2^upsampling_steps,
+    marching cubes at the level 0 -> vertices (V, 3), faces (F, 3), and vertex colours (V, 3) from
+    the texture head (None without one)."""
+    from backend.extraction.marching import grid_to_mesh
+    from backend.extraction.mise import mise
+
+    grid = mise(occupancy_field(model), resolution0=resolution0, upsampling_steps=upsampling_steps, device=device)
+    mesh = grid_to_mesh(grid.values, 0.0, grid.box_min, grid.spacing)
+    colours = None
+    if model.decoder.texture and len(mesh.vertices):
+        points = torch.as_tensor(mesh.vertices, device=device)
+        colours = torch.cat([colour_at(model, chunk) for chunk in points.split(65536)]).cpu().numpy()
+    return mesh.vertices, mesh.faces, colours
+
+
 def psnr(predicted: np.ndarray, truth: np.ndarray) -> float:
     """Peak signal-to-noise ratio in dB of images in [0, 1] (any equal shapes)."""
     mse = float(np.mean((predicted.astype(np.float64) - truth) ** 2))
@@ -394,6 +413,7 @@ def main(argv=None) -> int:
     views, held_out = split_views(load_views(config["data"]), config.get("held_out_views", []))
     prepared = config["data"].get("prepared")
     samples = load_occupancy_samples(prepared) if prepared and settings.losses["points"] else None
+    torch.manual_seed(settings.seed)               # the initial field too: a run repeats
     model = build_model(config["model"])
     if model.input_kind != "none":
         raise ValueError('DVR fits a model of input kind "none" (decoder "textured_field")')
@@ -422,6 +442,8 @@ def main(argv=None) -> int:
             summary["held_out_psnr"] = psnr(colours, held_out.colours)
     save_checkpoint(out / "model_last.safetensors", model, config["model"],
                     {"dvr": {"data": config["data"], "settings": settings.__dict__, **summary}})
+    vertices, faces, colours = fitted_mesh(model.cpu())
+    save_mesh(out / "mesh.ply", vertices, faces, colors=colours)
     print(json.dumps(summary))
     return 0
 
