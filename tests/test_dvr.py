@@ -239,6 +239,12 @@ def test_a_loss_without_its_data_is_refused():
         dvr.FitSettings.from_config({"losses": {"silhouette": 1.0}})
 
 
+def test_a_loss_the_config_does_not_name_is_off():
+    assert dvr.FitSettings.from_config({"losses": {"points": 1.0}}).losses == \
+        {"mask": 0.0, "depth": 0.0, "rgb": 0.0, "normal": 0.0, "points": 1.0}
+    assert dvr.FitSettings.from_config({}).losses["mask"] == 1.0      # no losses at all: silhouettes
+
+
 def test_learning_rate_decays_to_a_twentieth():
     assert dvr.learning_rate(1e-3, 0.0) == pytest.approx(1e-3)
     assert dvr.learning_rate(1e-3, 1.0) == pytest.approx(5e-5)

@@ -21,7 +21,7 @@ good enough while the shape is a blob; thin parts need the finer steps later.
 Config (JSON, see training/configs/dvr_*.json): "data" {"prepared": shape folder} or {"folder":
 folder with cameras.json} (training.posed_images); "held_out_views": view numbers kept out of
 training; "model": a configuration of input kind "none" (backend.models.textured); "losses":
-weights of the terms above (0 turns one off); "rays", "inside_fraction", "ray_steps",
+weights of the terms above (a term it does not name is off; without "losses": masks only); "rays", "inside_fraction", "ray_steps",
 "secant_steps", "lr", "steps", "seconds" (time budget, null for none), "seed".
 Writes OUT/model_last.safetensors (backend.checkpoint format), OUT/log.csv and OUT/mesh.ply (the
 surface at 128^3, with vertex colours from the texture head when the model has one).
@@ -35,7 +35,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -54,19 +54,8 @@ from .posed_images import PosedViews, camera_z_per_distance, image_pixels, load_
 LOSS_NAMES = ("mask", "depth", "rgb", "normal", "points")
 # Neighbours for the normal smoothness term: a uniform offset of this size (1% of the cube's edge).
 NORMAL_NEIGHBOUR_SPREAD = 0.01
-DEFAULTS = {
-    "held_out_views": [],
-    "losses": {"mask": 1.0, "depth": 0.0, "rgb": 0.0, "normal": 0.0, "points": 0.0},
-    "rays": 1024,
-    "inside_fraction": 0.5,
-    "ray_steps": [[0, 16], [1000, 32], [2000, 64]],
-    "secant_steps": 8,
-    "lr": 5e-4,
-    "steps": 3000,
-    "seconds": None,
-    "seed": 0,
-    "query_points": 2048,
-}
+# Without a "losses" entry a config fits silhouettes; a loss it does not name is off.
+DEFAULT_LOSSES = {"mask": 1.0}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,7 +221,8 @@ def load_occupancy_samples(shape_dir) -> OccupancySamples:
 
 @dataclass
 class FitSettings:
-    losses: dict
+    """How a fit runs (module docstring): the fitting keys of a configuration."""
+    losses: dict = field(default_factory=lambda: dict(DEFAULT_LOSSES))
     rays: int = 1024
     inside_fraction: float = 0.5
     ray_steps: list = field(default_factory=lambda: [[0, 16], [1000, 32], [2000, 64]])
@@ -245,12 +235,14 @@ class FitSettings:
 
     @classmethod
     def from_config(cls, config: dict) -> "FitSettings":
-        merged = {**DEFAULTS, **config}
-        losses = {**DEFAULTS["losses"], **merged["losses"]}
-        unknown = set(losses) - set(LOSS_NAMES)
+        """Settings from a configuration's keys (others ignored); every loss weight filled in."""
+        names = {f.name for f in fields(cls)}
+        settings = cls(**{k: v for k, v in config.items() if k in names})
+        unknown = set(settings.losses) - set(LOSS_NAMES)
         if unknown:
             raise ValueError(f"unknown loss {sorted(unknown)[0]!r}; known: {', '.join(LOSS_NAMES)}")
-        return cls(losses=losses, **{k: merged[k] for k in DEFAULTS if k not in ("losses", "held_out_views")})
+        settings.losses = {name: float(settings.losses.get(name, 0.0)) for name in LOSS_NAMES}
+        return settings
 
 
 def learning_rate(base: float, progress: float) -> float:
@@ -409,7 +401,7 @@ def main(argv=None) -> int:
             config[key] = getattr(args, key)
     out = args.out or Path(config.get("out_dir", "runs/dvr"))
     out.mkdir(parents=True, exist_ok=True)
-    settings = FitSettings.from_config({k: v for k, v in config.items() if k in DEFAULTS})
+    settings = FitSettings.from_config(config)
     views, held_out = split_views(load_views(config["data"]), config.get("held_out_views", []))
     prepared = config["data"].get("prepared")
     samples = load_occupancy_samples(prepared) if prepared and settings.losses["points"] else None
