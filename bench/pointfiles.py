@@ -125,7 +125,7 @@ def scale_table(mesh: Path, sizes: list[int], resolutions: list[int], folder: Pa
     print("\n| format | points | file MB | load s | peak RSS MB |\n|---|---|---|---|---|")
     for r in loads:
         print(f"| {r['format']} | {r['points']:,} | {r['file_mb']:.0f} | {r['seconds']:.2f} | {r['peak_rss_mb']:.0f} |")
-    stages = list(dict.fromkeys(k for r in runs for k in r["stages"] if k != "total"))
+    stages = list(dict.fromkeys(k for r in runs for k in r["stages"] if k not in ("total", "load")))  # load: the model
     print("\n| points | grid | load s | " + " | ".join(f"{k} s" for k in stages) +
           " | request s | file to mesh s | file to mesh CPU s | faces | peak RSS MB |\n" + "|---" * (len(stages) + 8) + "|")
     for r in runs:
