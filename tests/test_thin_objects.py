@@ -120,6 +120,18 @@ def test_a_scan_with_a_small_hole_stays_closed(hole_over_tau):
     assert abs(mesh.volume / (4 / 3 * np.pi * 0.3 ** 3) - 1) < 0.05
 
 
+def test_a_scan_without_its_bottom_keeps_the_networks_inside():
+    """A big hole (the underside a scanner never saw, 60 degrees wide): the inside is no longer
+    enclosed, but it sees the points in most directions, so it is sheltered, not carved hollow.
+    Only what the network invented far from every point, across the hole, is cut: at most the
+    cap under the hole (16% of the sphere)."""
+    points = sphere_points(3000, hole=((0.0, 0.0, -1.0), np.radians(60)))
+    mesh, net = extract(points, sphere_logits())
+    assert net.report.enclosed_pieces == 0 and net.sheltered.any()
+    assert 0.8 < mesh.volume / (4 / 3 * np.pi * 0.3 ** 3) < 1.01
+    assert len(mesh.split(only_watertight=False)) == 1
+
+
 def test_a_thin_part_the_network_lost_is_rebuilt_from_the_points():
     dims = (1.0, 0.05, 0.05)
     points = box_points(dims, 3000, noise=0.0)

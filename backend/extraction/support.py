@@ -15,7 +15,9 @@ trilinear look-ups, and MISE never refines a phantom surface:
     the box's border is outside, and so is everything an empty ball centred in it reaches (ball
     carving: what is left is the alpha hull of the points, closed over holes up to about tau wide,
     its boundary touching the outermost points). The network's inside is cut to that hull: blobs
-    and slabs far from the points vanish.
+    and slabs far from the points vanish. Except where the outside is sheltered: far places that
+    see the band in half of the 26 grid directions or more (the inside of a scan whose underside or
+    windows are missing) are no carving centres, and the network decides there.
   * A far piece that does not touch the border is enclosed by the points (the inside of a closed
     scan): it is made all inside or all outside by the network's vote where the vote is clear
     (three quarters inside, or a tenth or less), so bubbles and specks inside a scan vanish.
@@ -25,7 +27,7 @@ trilinear look-ups, and MISE never refines a phantom surface:
     enclosed pieces they surround, are inside up to the carved boundary. Thin parts the network
     lost come back; bulky ones stay the network's call (it decides what is inside).
 
-The geometry lives on a grid of its own over the query box, with a spacing of about tau / 6
+The geometry lives on a grid of its own over the query box, with a spacing of about tau / 4
 (at most 128 cells a side), where the KD-tree queries only touch places near the points. The
 hull's field is a signed distance (to the carving balls' spheres), so trilinear interpolation
 places its surface between grid points. The report says what changed, so the result can say the
@@ -57,7 +59,7 @@ PROBE_DIRECTIONS = np.concatenate([np.zeros((1, 3)), np.eye(3), -np.eye(3)])
 class SupportSettings:
     spacing_multiple: float = 6.0      # tau = this x the median nearest-neighbour spacing of the points
     min_cells: float = 1.5             # ... and at least this many cells of the net's grid
-    cells_per_tau: float = 6.0         # the net's grid spacing is about tau / this ...
+    cells_per_tau: float = 4.0         # the net's grid spacing is about tau / this ...
     max_cells: int = 128               # ... with at most this many cells a side
     slope: float = 500.0               # logits per unit length of the hull's field (about the network's)
     nearest_shell: int = 8             # carving balls tried per band place
@@ -254,13 +256,20 @@ class SupportNet:
         self.shell_tree = cKDTree(shell_idx * self.h) if len(shell_idx) else None
         if len(shell_idx) and len(self.band_idx):
             radius, _ = self.tree.query(self.low + shell_idx * self.h, workers=-1)
+            limit = self.tau + reach + self.h
+            # Only band places within the limit of the exterior can be carved: a few cube dilations find
+            # them (the inner half of the band of a bulky object is not searched at all).
+            reachable = self.exterior
+            for _ in range(int(math.ceil(limit / self.h))):
+                reachable = dilate(reachable, cube=True)
+            near = np.flatnonzero(reachable[tuple(self.band_idx.T)])
             k = min(settings.nearest_shell, len(shell_idx))
-            to_shell, which = self.shell_tree.query(self.band_idx * self.h, k=k, workers=-1,
-                                                                distance_upper_bound=self.tau + reach + self.h)
+            to_shell, which = self.shell_tree.query(self.band_idx[near] * self.h, k=k, workers=-1,
+                                                    distance_upper_bound=limit)
             to_shell, which = to_shell.reshape(-1, k), which.reshape(-1, k)
             valid = np.isfinite(to_shell)
             ball = np.where(valid, to_shell - radius[np.where(valid, which, 0)], np.inf).min(axis=1)
-            band_signed = np.minimum(ball, reach).astype(np.float32)
+            band_signed[near] = np.minimum(ball, reach)
         signed[tuple(self.band_idx.T)] = band_signed
         signed[self.exterior] = -self.tau
         self.band_signed, self.signed = band_signed, signed
