@@ -27,6 +27,7 @@ from .extraction import MeshArrays, grid_to_mesh, mise, simplify_mesh
 from .extraction.marching import DEFAULT_TOLERANCE, simplify_to_tolerance
 from .extraction.refine import refine_to_points
 from .extraction.support import SupportNet, SupportSettings
+from .extraction.support import SupportNet, SupportSettings
 from .foreground import object_mask
 from .inputs import normalisation, validate_image
 from .pointclouds import checked_cloud
@@ -46,6 +47,11 @@ MIN_MASK_PIXELS = 64
 # scan): its search tree then stays within ~100 MB, and a mesh of at most 512^3 cells gains
 # nothing from more.
 MAX_REFINE_POINTS = 1_000_000
+# The point-cloud safety net (backend/extraction/support.py): the surface stays near the input
+# points, and parts the network missed are rebuilt from them. None switches it off (benchmarks
+# measure with and without). It works on a covering subset of at most this many points.
+POINT_SUPPORT: SupportSettings | None = SupportSettings()
+MAX_SUPPORT_POINTS = 200_000
 # The point-cloud safety net (backend/extraction/support.py): the surface stays near the input
 # points, and parts the network missed are rebuilt from them. None switches it off (benchmarks
 # measure with and without). It works on a covering subset of at most this many points.
@@ -212,7 +218,7 @@ class Reconstructor:
                 # float64 where the cloud is small enough: the same cloud anywhere gives the same net
                 near = (points - center) / scale if len(points) <= MAX_SUPPORT_POINTS else \
                     subsample_points(canonical, MAX_SUPPORT_POINTS)
-                support = SupportNet(near, QUERY_BOX, POINT_SUPPORT)
+                support = SupportNet(near, QUERY_BOX, POINT_SUPPORT, should_cancel)
                 support.prepare(decode, level, device, options.batch_points)
             evaluate = support.wrap(decode, level)
         mesh, evaluations = self._extract(evaluate, QUERY_BOX, device, options,

@@ -40,12 +40,15 @@ import itertools
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
 from scipy.spatial import cKDTree
+
+from ..errors import Cancelled
 
 # Connectivity of the far region: faces only, so an outside piece cannot leak into the inside
 # through the corner where two band places meet diagonally.
@@ -210,8 +213,10 @@ class SupportNet:
     """Build with the canonical input points (N, 3) and the query box, then prepare() with the
     network, then filter the network's values with wrap(). See the module's docstring."""
 
-    def __init__(self, points: np.ndarray, box: tuple[float, float], settings: SupportSettings = SupportSettings()):
+    def __init__(self, points: np.ndarray, box: tuple[float, float], settings: SupportSettings = SupportSettings(),
+                 should_cancel: Callable[[], bool] | None = None):
         start = time.perf_counter()
+        self.should_cancel = should_cancel
         self.settings = settings
         self.report = SupportReport()
         self.points = np.asarray(points, dtype=np.float64)
@@ -234,6 +239,7 @@ class SupportNet:
         band[tuple(self.band_idx.T)] = True
         self.band = band
 
+        self.check_cancel()
         # The far region's pieces: those touching the border are the exterior; the others are enclosed.
         self.labels, self.count = ndimage.label(~band, structure=FACE_CONNECTIVITY)
         is_exterior = np.zeros(self.count + 1, dtype=bool)
@@ -245,6 +251,7 @@ class SupportNet:
         self.sheltered = exterior & (enclosure(band, settings.enclosure_cells) >= settings.sheltered)
         self.exterior = exterior & ~self.sheltered
 
+        self.check_cancel()
         # Carving: every exterior place next to the band is the centre of an empty ball as wide as its
         # distance to the nearest point. The hull's field at a band place is its distance to the nearest
         # ball's sphere, negative inside a ball; only values near zero matter, so the search stops a few
@@ -277,6 +284,10 @@ class SupportNet:
         self.lower = np.full_like(self.upper, -settings.slope * (self.tau + reach))  # ... and raised to level + lower
         self.report.seconds = time.perf_counter() - start
         self._upper_t = self._lower_t = None
+
+    def check_cancel(self) -> None:
+        if self.should_cancel is not None and self.should_cancel():
+            raise Cancelled()
 
     # -- look-ups -----------------------------------------------------------------------------
 
@@ -343,8 +354,10 @@ class SupportNet:
                 return np.zeros(0, dtype=bool)
             self.report.network_evaluations += len(places)
             out = []
-            for begin in range(0, len(places), batch_points):
-                p = torch.from_numpy(places[begin:begin + batch_points].astype(np.float32)).to(device)
+            step = min(batch_points, 4096)  # small batches: a cancel lands within one
+            for begin in range(0, len(places), step):
+                self.check_cancel()
+                p = torch.from_numpy(places[begin:begin + step].astype(np.float32)).to(device)
                 out.append((self.filter(p, evaluate(p), level, count=False) > level).cpu().numpy())
             return np.concatenate(out)
 
