@@ -27,7 +27,6 @@ from .extraction import MeshArrays, grid_to_mesh, mise, simplify_mesh
 from .extraction.marching import DEFAULT_TOLERANCE, simplify_to_tolerance
 from .extraction.refine import refine_to_points
 from .extraction.support import SupportNet, SupportSettings
-from .extraction.support import SupportNet, SupportSettings
 from .foreground import object_mask
 from .inputs import normalisation, validate_image
 from .pointclouds import checked_cloud
@@ -47,11 +46,6 @@ MIN_MASK_PIXELS = 64
 # scan): its search tree then stays within ~100 MB, and a mesh of at most 512^3 cells gains
 # nothing from more.
 MAX_REFINE_POINTS = 1_000_000
-# The point-cloud safety net (backend/extraction/support.py): the surface stays near the input
-# points, and parts the network missed are rebuilt from them. None switches it off (benchmarks
-# measure with and without). It works on a covering subset of at most this many points.
-POINT_SUPPORT: SupportSettings | None = SupportSettings()
-MAX_SUPPORT_POINTS = 200_000
 # The point-cloud safety net (backend/extraction/support.py): the surface stays near the input
 # points, and parts the network missed are rebuilt from them. None switches it off (benchmarks
 # measure with and without). It works on a covering subset of at most this many points.
