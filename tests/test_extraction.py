@@ -238,7 +238,7 @@ def test_point_cloud_meshes_are_decimated_by_default_and_a_budget_still_rules(tm
     assert 2500 < len(budget.faces) <= 5000
 
 
-def test_a_decimation_that_opens_a_closed_mesh_is_redone_at_half_the_tolerance(monkeypatch):
+def test_a_decimation_that_opens_a_closed_mesh_is_redone_at_a_smaller_tolerance(monkeypatch):
     """fast-simplification can leave an edge with four faces where two sheets come close; the
     retry is checked with a stand-in that opens the mesh on its first calls."""
     fast_simplification = pytest.importorskip("fast_simplification")
