@@ -74,7 +74,7 @@ class SupportSettings:
     vote_inside: float = 0.75          # an enclosed piece is made all inside from this share of inside votes ...
     vote_outside: float = 0.1          # ... all outside up to this share; in between the network's answer stands
     fill: bool = True                  # rebuild the thin parts the network lost from the hull ...
-    thin: float = 0.05                 # ... those no deeper than this inside it (a tenth of the longest edge thick)
+    thin: float = 0.08                 # ... those no deeper than this inside it (up to a sixth of the longest edge thick)
 
 
 @dataclass
