@@ -13,7 +13,8 @@ cloud is reconstructed once, with every face of the grid kept, and that same mes
 decimated to each tolerance (canonical units), so the rows differ in the decimation alone.
 --refinement: the same clouds; the unrefined grid mesh refined with fresh searches and fits every
 round and with the defaults (which keep planes and neighbours while they hold): seconds (wall and
-CPU, the refinement alone) and quality.
+CPU, the refinement alone) and quality; then with the points' normals (the mesh's own, and those
+turned about 10 degrees to either side, as a scanner estimates them).
 """
 
 import argparse
@@ -193,7 +194,8 @@ def decimation_rows(reconstructor, path: Path, seed: int, tolerances: list[float
 def refinement_rows(reconstructor, path: Path, seed: int, resolution: int) -> list[dict]:
     """Rows (settings, refine seconds wall and CPU, metrics) for one mesh: the grid's unrefined
     mesh refined with fresh searches and fits every round (refit_distance 0, the planes of the
-    refinement as first written, to float rounding) and with the defaults, on the same points."""
+    refinement as first written, to float rounding), with the defaults, and with the defaults and
+    the points' normals, on the same points."""
     from backend.extraction.refine import RefineSettings, refine_to_points
     from backend.pipeline import ReconstructOptions
     from bench.pointcloud import EVAL_POINTS, PROTOCOLS, score
@@ -208,16 +210,21 @@ def refinement_rows(reconstructor, path: Path, seed: int, resolution: int) -> li
     if not occupancy.any():
         return []
     count, sigma = PROTOCOLS["convonet"]
-    surface, _ = sample_surface(rng, vertices, faces, count)
+    surface, normals = sample_surface(rng, vertices, faces, count)
     noisy = surface + rng.normal(scale=sigma, size=surface.shape)
+    # a scanner's estimated normals: about 10 degrees off, and either side of the surface
+    turned = (normals + rng.normal(scale=np.tan(np.radians(10.0)) / np.sqrt(2.0), size=normals.shape)) * \
+        rng.choice([-1.0, 1.0], size=(len(normals), 1))
     raw = reconstructor.reconstruct_points(noisy, ReconstructOptions(resolution=resolution, refine=False,
                                                                      max_faces=2 ** 31 - 1))
     center, scale = np.asarray(raw.stats["center"]), raw.stats["scale"]
     canonical, points = (raw.vertices - center) / scale, (noisy - center) / scale
     rows = []
-    for name, settings in (("every_round", RefineSettings(refit_distance=0.0)), ("default", RefineSettings())):
+    variants = (("every_round", RefineSettings(refit_distance=0.0), None), ("default", RefineSettings(), None),
+                ("true_normals", RefineSettings(), normals), ("normals_10deg_either_side", RefineSettings(), turned))
+    for name, settings, given in variants:
         wall, cpu = time.perf_counter(), time.process_time()
-        refined = refine_to_points(canonical, raw.faces, points, settings)
+        refined = refine_to_points(canonical, raw.faces, points, settings, normals=given)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         metrics = score(refined.astype(np.float64) * scale + center, raw.faces, gt_surface, gt_normals, queries,
                         occupancy, rng)
