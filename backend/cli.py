@@ -24,9 +24,11 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m backend", description="Occupancy-network reconstruction.")
     sub = parser.add_subparsers(dest="command", required=True)
-    rec = sub.add_parser("reconstruct", help="image or point cloud -> mesh file")
-    rec.add_argument("input", help="point cloud (.ply .las .laz .e57 .pcd .xyz .txt .pts .csv .npy .npz .obj .off) "
-                                      "or image (.png .jpg ...)")
+    rec = sub.add_parser("reconstruct", help="image or point cloud (or a fitted field) -> mesh file")
+    rec.add_argument("input", nargs="?",
+                     help="point cloud (.ply .las .laz .e57 .pcd .xyz .txt .pts .csv .npy .npz .obj .off) "
+                          "or image (.png .jpg ...); none for a field fitted to one object (--checkpoint, "
+                          "python -m training.dvr)")
     rec.add_argument("-o", "--output", required=True, help="mesh file: .obj .ply .glb .stl .off")
     rec.add_argument("--checkpoint", help="model checkpoint (.safetensors); default: the shipped model for the input")
     rec.add_argument("--resolution", type=int, default=128, choices=(32, 64, 128, 256, 512))
@@ -35,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--faces", type=int, default=None,
                      help="decimate to at most this many faces (needs the fast-simplification package)")
     rec.add_argument("--normals", action="store_true", help="write vertex normals from the network's gradient")
+    rec.add_argument("--no-colour", action="store_true",
+                     help="write no vertex colours (by default: the model's texture head, or the points' colours)")
     rec.add_argument("--no-refine", action="store_true",
                      help="point clouds: keep the network's surface as extracted (no pull onto the points, no smoothing)")
     rec.add_argument("--mask", help="images: the object's mask, a picture of the same size (white or opaque = "
@@ -68,17 +72,20 @@ def reconstruct_command(args) -> int:
 
     start = time.perf_counter()
     options = ReconstructOptions(checkpoint=args.checkpoint, resolution=args.resolution, threshold=args.threshold,
-                                 max_faces=args.faces, normals=args.normals, refine=not args.no_refine)
+                                 max_faces=args.faces, normals=args.normals, refine=not args.no_refine,
+                                 colours=not args.no_colour)
     options.validate()
+    if args.input is None and args.checkpoint is None:
+        raise OccnetError("bad_option", "give an input, or the --checkpoint of a fitted field")
     require_decimation(args.faces)
     check_output_path(args.output)
-    kind = input_kind(args.input)
-    extra = {}
+    kind = "none" if args.input is None else input_kind(args.input)
+    data, extra = None, {}
     if kind == "points":
         cloud = load_point_cloud(args.input)
         data = cloud.points
         extra.update(colors=cloud.colors, normals=cloud.normals)
-    else:
+    elif kind == "image":
         data = load_image(args.input)
         options.focal_length = args.focal_length or exif_focal_35mm(args.input)
         options.validate()
@@ -98,7 +105,8 @@ def reconstruct_command(args) -> int:
             bar.refresh()
 
     try:
-        run = reconstructor.reconstruct_points if kind == "points" else reconstructor.reconstruct_image
+        run = {"points": reconstructor.reconstruct_points, "image": reconstructor.reconstruct_image,
+               "none": reconstructor.reconstruct_field}[kind]
         result = run(data, options, progress=progress, **extra)
     finally:
         bar.close()

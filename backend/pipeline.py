@@ -71,6 +71,7 @@ class ReconstructOptions:
     refine: bool = True                # point clouds: pull the surface onto the input points, smooth
     batch_points: int = 65536          # points per network batch (bounds memory)
     focal_length: float | None = None  # images: 35 mm equivalent focal length; None: a 50 mm lens
+    colours: bool = True               # vertex colours (texture head, or the input points' colours)
 
     @classmethod
     def from_wire(cls, options: dict | None) -> "ReconstructOptions":
@@ -84,7 +85,8 @@ class ReconstructOptions:
         if unknown:
             raise OccnetError("bad_option", f"unknown reconstruct option(s): {', '.join(sorted(unknown))}")
         expected = {"checkpoint": (str,), "resolution": (int,), "threshold": (int, float), "max_faces": (int,),
-                    "device": (str,), "normals": (bool,), "refine": (bool,), "focal_length": (int, float)}
+                    "device": (str,), "normals": (bool,), "refine": (bool,), "focal_length": (int, float),
+                    "colours": (bool,)}
         for name, value in options.items():
             if value is None and name in ("checkpoint", "max_faces", "device", "focal_length"):
                 continue
@@ -179,8 +181,7 @@ class Reconstructor:
             self._models[key] = (model, config)
         model, config = self._models[key]
         if model.input_kind != kind:
-            raise OccnetError("wrong_model", f"{path} is a model for {model.input_kind} input, "
-                                             f"but the input is {'an image' if kind == 'image' else 'a point cloud'}")
+            raise OccnetError("wrong_model", wrong_model_message(path, model.input_kind, kind))
         return model, config, device
 
     @falls_back_to_cpu
@@ -226,7 +227,7 @@ class Reconstructor:
                 mesh = MeshArrays(refine_to_points(mesh.vertices, mesh.faces, surface, progress=on_round,
                                                    should_cancel=should_cancel), mesh.faces)
         result = self._finish(model, code, device, mesh, options, timer, should_cancel)
-        if cloud.colors is not None:
+        if cloud.colors is not None and options.colours:
             with timer("colours"):
                 result.colors = transfer_colours(result.vertices, canonical, cloud.colors)
         result.vertices = result.vertices.astype(np.float64) * scale + center
@@ -265,6 +266,26 @@ class Reconstructor:
                                           timer, progress, should_cancel)
         result = self._finish(model, code, device, mesh, options, timer, should_cancel)
         result.stats.update(evaluations=evaluations, image_size=list(rgba.shape[:2]))
+        return result
+
+    @falls_back_to_cpu
+    def reconstruct_field(self, data: None = None, options: ReconstructOptions | None = None,
+                          progress: Progress | None = None,
+                          should_cancel: Callable[[], bool] | None = None) -> ReconstructionResult:
+        """The surface of a fitted field (input kind "none", options.checkpoint: training.dvr's
+        model) in the box it was fitted in. data: None, a fitted field has no input (the argument
+        keeps the signature of the other reconstructions)."""
+        options = options or ReconstructOptions()
+        options.validate()
+        if options.checkpoint is None:
+            raise OccnetError("bad_option", "a fitted field is its checkpoint: name it (there is no default)")
+        timer = StageTimer()
+        with timer("load"):
+            model, _, device = self.model_for("none", options)
+        mesh, evaluations = self._extract(lambda p: model.decode(p[None], None)[0], QUERY_BOX, device, options,
+                                          timer, progress, should_cancel)
+        result = self._finish(model, None, device, mesh, options, timer, should_cancel)
+        result.stats.update(evaluations=evaluations)
         return result
 
     def _reconstruct_viewer(self, model, config, device, rgba, mask, options, timer, progress, should_cancel):
@@ -382,9 +403,34 @@ class Reconstructor:
         if options.normals:
             with timer("normals"):
                 normals = gradient_normals(model, code, mesh.vertices, device, options.batch_points)
+        colours = None
+        if options.colours and model.has_texture:
+            with timer("colours"):
+                colours = texture_colours(model, code, mesh.vertices, device, options.batch_points)
         stats = {"vertices": len(mesh.vertices), "faces": len(mesh.faces), "resolution": options.resolution,
                  "threshold": options.threshold, "device": str(device), "seconds": timer.seconds}
-        return ReconstructionResult(mesh.vertices, mesh.faces, normals, None, stats)
+        return ReconstructionResult(mesh.vertices, mesh.faces, normals, colours, stats)
+
+
+def wrong_model_message(path, model_kind: str, input_kind: str) -> str:
+    """Why a checkpoint does not fit the request, and what would."""
+    if model_kind == "none":
+        return f"{path} is a fitted field (input kind none): reconstruct it without an input"
+    if input_kind == "none":
+        return f"{path} is a model for {model_kind} input: it needs one (a fitted field needs none)"
+    return f"{path} is a model for {model_kind} input, but the input is " \
+           f"{'an image' if input_kind == 'image' else 'a point cloud'}"
+
+
+@torch.inference_mode()
+def texture_colours(model, code, vertices: np.ndarray, device, batch_points: int) -> np.ndarray:
+    """(V, 4) float32 RGBA in [0, 1] (alpha 1) at vertices (V, 3) in the model's frame, from its
+    texture head."""
+    rgb = np.empty((len(vertices), 3), np.float32)
+    for start in range(0, len(vertices), batch_points):
+        p = torch.from_numpy(np.ascontiguousarray(vertices[start:start + batch_points], np.float32)).to(device)
+        rgb[start:start + batch_points] = model.decode_colour(p[None], code)[0].float().cpu().numpy()
+    return np.concatenate([rgb, np.ones((len(vertices), 1), np.float32)], axis=1)
 
 
 def gradient_normals(model, code, vertices: np.ndarray, device, batch_points: int) -> np.ndarray:

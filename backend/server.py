@@ -327,9 +327,11 @@ class Server:
                 res = r.reconstruct_points(job.arrays["points"], opts, progress=progress,
                                            should_cancel=should_cancel, colors=job.arrays.get("colors"),
                                            normals=job.arrays.get("normals"))
-            else:
+            elif h["input"] == "image":
                 res = r.reconstruct_image(job.arrays["pixels"], opts, progress=progress,
                                           should_cancel=should_cancel, mask=job.arrays.get("mask"))
+            else:
+                res = r.reconstruct_field(None, opts, progress=progress, should_cancel=should_cancel)
             if job.cancel.is_set():
                 raise Cancelled()
             stats = dict(res.stats or {})
@@ -417,8 +419,8 @@ def _jsonable(obj):
 def validate_reconstruct(header, arrays):
     """Return a message naming what is wrong with a reconstruct request, or None."""
     kind = header.get("input")
-    if kind not in ("points", "image"):
-        return f"reconstruct needs 'input' = 'points' or 'image' (got {kind!r})"
+    if kind not in ("points", "image", "none"):
+        return f"reconstruct needs 'input' = 'points', 'image' or 'none' (got {kind!r})"
     from backend.pipeline import ReconstructOptions
 
     try:
@@ -444,7 +446,7 @@ def validate_reconstruct(header, arrays):
             if extra is not None and (extra.shape != pts.shape or extra.dtype.kind != "f"):
                 return f"'{name}' must be a float array of the points' shape {tuple(pts.shape)}, " \
                        f"got {extra.dtype} {tuple(extra.shape)}"
-    else:
+    elif kind == "image":
         px = arrays.get("pixels")
         if px is None:
             return "an image reconstruction needs a 'pixels' array"

@@ -269,7 +269,8 @@ class BackendClient:
         """Start a reconstruction; returns its Request. ``kind`` is "points" (array (N, 3), float64
         stays float64 so survey coordinates keep their precision; colors (N, 3) in [0, 1] or None)
         or "image" (array (H, W, 3|4) uint8 or float32, row 0 = top; mask: the object's mask as
-        (h, w) values or an (h, w, 3|4) mask picture of the same proportions, or None)."""
+        (h, w) values or an (h, w, 3|4) mask picture of the same proportions, or None) or "none"
+        (array None: the field fitted to one object named by options["checkpoint"])."""
         if kind == "points":
             arr = np.asarray(array)
             arr = np.ascontiguousarray(arr, dtype=np.float64 if arr.dtype == np.float64 else np.float32)
@@ -281,6 +282,8 @@ class BackendClient:
                 arr = arr.astype(np.float32)
             arrays = {"pixels": np.ascontiguousarray(arr),
                       "mask": None if mask is None else np.ascontiguousarray(mask)}
+        elif kind == "none":
+            arrays = {}
         else:
             raise ValueError(f"unknown input kind {kind!r}")
         size = wire.body_size(arrays)

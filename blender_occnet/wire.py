@@ -22,15 +22,17 @@ describes them in ``"arrays"``::
     "arrays": [{"name": "vertices", "dtype": "<f4", "shape": [V, 3], "offset": 0}, ...]
 
 Requests (add-on -> backend); their bodies are at most MAX_REQUEST_BODY_BYTES
-    reconstruct  {"id", "input": "points"|"image", "options": {...}}
+    reconstruct  {"id", "input": "points"|"image"|"none", "options": {...}}
                  arrays: "points" (N, 3) <f4 or <f8, optional "colors" (N, 3) <f4 in [0, 1] (the
                          mesh gets vertex colours) and "normals" (N, 3) <f4;
                          or "pixels" (H, W, 3|4) |u1 or <f4, row 0 = top, with an optional "mask" of
                          the object: (H, W) or a mask picture (H, W, 3|4), |u1, <f4 or bool,
-                         of the picture's proportions (white or opaque = object)
+                         of the picture's proportions (white or opaque = object);
+                         "none": no arrays, the field fitted to one object (options.checkpoint)
                  options: checkpoint (path or null), resolution, threshold, max_faces, device,
                           normals (bool: also send vertex normals), refine (bool),
-                          focal_length (images: 35 mm equivalent; null: the default lens)
+                          focal_length (images: 35 mm equivalent; null: the default lens),
+                          colours (bool: vertex colours where the model or the points have them)
     read_points  {"id", "path"}: read a point-cloud file with the backend's reader -> points
     read_image   {"id", "path"}: read a picture file with the backend's reader -> image
     cancel       {"id", "target": <id of the reconstruct or read request>}
@@ -43,7 +45,8 @@ Replies (backend -> add-on)
     progress     {"id", "stage", "fraction"}
     result       {"id", "stats"}; arrays "vertices" (V, 3) <f4 (point clouds: <f8, the input's
                  coordinates at full precision), "faces" (F, 3) <i4, optional "normals" (V, 3) <f4
-                 and "colors" (V, 4) <f4 RGBA in [0, 1] (when the points had colours)
+                 and "colors" (V, 4) <f4 RGBA in [0, 1] (when the points had colours or the
+                 model has a texture head, unless options.colours is false)
     points       {"id", "count"}; arrays "points" (N, 3) <f8, optional "colors" (N, 3) <f4 in
                  [0, 1] and "normals" (N, 3) <f4
     image        {"id", "focal_length": the 35 mm equivalent from the file's EXIF, or null};
@@ -404,18 +407,19 @@ def error_header(req_id, code, message):
 
 
 RECONSTRUCT_OPTIONS = ("checkpoint", "resolution", "threshold", "max_faces", "device", "normals", "refine",
-                       "focal_length")
+                       "focal_length", "colours")
 
 
 def options_dict(checkpoint=None, resolution=128, threshold=0.5, max_faces=None, device=None,
-                 normals=False, refine=True, focal_length=None):
+                 normals=False, refine=True, focal_length=None, colours=True):
     """Reconstruct options as they travel in the header (validated on the server by
     backend.pipeline.ReconstructOptions.from_wire). refine: for point clouds, pull the surface onto
-    the input points and smooth it. focal_length: images, 35 mm equivalent, None for the default."""
+    the input points and smooth it. focal_length: images, 35 mm equivalent, None for the default.
+    colours: vertex colours in the result where there are any (points' colours, a texture head)."""
     return {"checkpoint": checkpoint or None, "resolution": int(resolution),
             "threshold": float(threshold), "max_faces": int(max_faces) if max_faces else None,
             "device": device or None, "normals": bool(normals), "refine": bool(refine),
-            "focal_length": float(focal_length) if focal_length else None}
+            "focal_length": float(focal_length) if focal_length else None, "colours": bool(colours)}
 
 
 __all__ = [

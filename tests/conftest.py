@@ -81,6 +81,42 @@ def tiny_checkpoints(tmp_path_factory):
             for kind in ("points", "image")}
 
 
+# the red of a textured field's colour: sigmoid(TEXTURE_SLOPE * x), so red for x > 0, cyan below
+TEXTURE_SLOPE = 8.0
+
+
+def make_textured_field_checkpoint(path, radius=0.4):
+    """Save a fitted-field checkpoint (input kind none, decoder textured_field with its texture
+    head) whose surface and colour are known: logit = radius - (|x| + |y| + |z|) (an octahedron),
+    RGB = (s, 1 - s, 1 - s) with s = sigmoid(TEXTURE_SLOPE * x)."""
+    import torch
+
+    from backend.checkpoint import save_checkpoint
+    from backend.models import build_model
+
+    config = {"input": {"kind": "none"}, "encoder": {"name": "none"},
+              "decoder": {"name": "textured_field", "hidden": 6, "n_blocks": 0, "texture": True}}
+    model = build_model(config)
+    dec = model.decoder
+    with torch.no_grad():
+        for p in dec.parameters():
+            p.zero_()
+        for axis in range(3):  # hidden units 2 a and 2 a + 1: relu(x_a), relu(-x_a)
+            dec.fc_p.weight[2 * axis, axis] = 1.0
+            dec.fc_p.weight[2 * axis + 1, axis] = -1.0
+        dec.fc_out.weight[0] = -1.0
+        dec.fc_out.bias[0] = radius
+        x = torch.tensor([1.0, -1.0, 0, 0, 0, 0]) * TEXTURE_SLOPE  # TEXTURE_SLOPE * x
+        dec.fc_out.weight[1], dec.fc_out.weight[2], dec.fc_out.weight[3] = x, -x, -x
+    save_checkpoint(path, model.eval(), config, metadata={"purpose": "test: coloured octahedron"})
+    return _Path(path)
+
+
+@_pytest.fixture(scope="session")
+def textured_field(tmp_path_factory):
+    return make_textured_field_checkpoint(tmp_path_factory.mktemp("field") / "field.safetensors")
+
+
 def backend_env():
     """Environment for a child `python -m backend serve` run from the source tree."""
     env = dict(_os.environ)

@@ -13,7 +13,7 @@ import pytest
 import trimesh
 from PIL import Image
 
-from conftest import make_octahedron_checkpoint
+from conftest import TEXTURE_SLOPE, make_octahedron_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -256,3 +256,40 @@ def test_mesh_is_written_atomically_without_touching_neighbours(tmp_path, umask_
     assert stat.S_IMODE((tmp_path / "mesh.ply").stat().st_mode) == 0o644
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "mesh.ply", "mesh.ply.part", "notes.obj", "notes.obj.part", "victim.txt"]
+
+
+def expected_texture(vertices):
+    """RGBA (V, 4) of conftest's textured field at vertices (V, 3)."""
+    red = 1.0 / (1.0 + np.exp(-TEXTURE_SLOPE * vertices[:, 0]))
+    return np.stack([red, 1 - red, 1 - red, np.ones_like(red)], axis=1)
+
+
+@pytest.mark.parametrize("fmt", ["ply", "glb", "obj"])
+def test_fitted_field_gives_a_mesh_with_its_texture_colours(tmp_path, textured_field, fmt):
+    """No input, only the checkpoint of a fitted field: its surface with the texture head's colours
+    in the file (PLY red/green/blue/alpha, GLB COLOR_0, OBJ v x y z r g b)."""
+    out = tmp_path / f"field.{fmt}"
+    proc = run_cli("--checkpoint", textured_field, "-o", out, "--resolution", "32", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    mesh = trimesh.load(out, force="mesh", process=False)
+    assert np.abs(mesh.vertices).sum(axis=1).max() < 0.4 + 0.05  # the octahedron of radius 0.4
+    colours = np.asarray(mesh.visual.vertex_colors) / 255.0
+    np.testing.assert_allclose(colours, expected_texture(np.asarray(mesh.vertices)), atol=1.5 / 255)
+    assert colours[:, 0].min() < 0.1 and colours[:, 0].max() > 0.9
+
+
+def test_no_colour_drops_the_texture(tmp_path, textured_field):
+    out = tmp_path / "plain.ply"
+    proc = run_cli("--checkpoint", textured_field, "-o", out, "--resolution", "32", "--quiet", "--no-colour")
+    assert proc.returncode == 0, proc.stderr
+    assert b"red" not in out.read_bytes().split(b"end_header")[0]
+
+
+def test_fitted_field_and_input_models_are_not_mixed_up(tmp_path, textured_field, octahedron):
+    np.save(tmp_path / "pts.npy", cube_points())
+    proc = run_cli(tmp_path / "pts.npy", "--checkpoint", textured_field, "-o", tmp_path / "a.ply")
+    assert proc.returncode == 1 and "fitted field" in proc.stderr and "without an input" in proc.stderr
+    proc = run_cli("--checkpoint", octahedron, "-o", tmp_path / "b.ply")
+    assert proc.returncode == 1 and "needs one" in proc.stderr
+    proc = run_cli("-o", tmp_path / "c.ply")
+    assert proc.returncode == 2 and "give an input" in proc.stderr

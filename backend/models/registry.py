@@ -127,6 +127,16 @@ class OccupancyNetwork(nn.Module):
         """p (B, M, 3) -> occupancy logits (B, M)."""
         return self.decoder(p, c)
 
+    @property
+    def has_texture(self) -> bool:
+        """The decoder has a texture head: `decode_colour` gives the colour of points."""
+        return bool(getattr(self.decoder, "texture", False))
+
+    def decode_colour(self, p: torch.Tensor, c) -> torch.Tensor:
+        """p (B, M, 3) -> RGB (B, M, 3) in [0, 1] from the texture head (decoders that have one
+        take with_colour=True and return (logits, rgb))."""
+        return self.decoder(p, c, with_colour=True)[1]
+
     def forward(self, p: torch.Tensor, inputs: torch.Tensor, focal: torch.Tensor | None = None,
                 with_code: bool = False):
         """Logits (B, M); with_code: (logits, c), for losses on the encoder's other outputs."""
