@@ -89,10 +89,14 @@ def evaluate_shape(task: dict) -> list[dict]:
         surface, _ = sample_surface(rng, vertices, faces, count)
         noisy = surface + rng.normal(scale=sigma, size=surface.shape)
         options = ReconstructOptions(checkpoint=task["checkpoint"], resolution=task["resolution"])
-        methods = {
-            "occnet_default": lambda: _mesh_arrays(_reconstructor.reconstruct_points(noisy, options)),
-            "screened_poisson": lambda: poisson_mesh(noisy),
-        }
+        support = {}
+
+        def ours():
+            result = _reconstructor.reconstruct_points(noisy, options)
+            support.update(result.stats.get("support") or {})
+            return _mesh_arrays(result)
+
+        methods = {OURS: ours, POISSON: lambda: poisson_mesh(noisy)}
         for method, run in methods.items():
             start = time.perf_counter()
             error = None
@@ -104,7 +108,10 @@ def evaluate_shape(task: dict) -> list[dict]:
             metrics = score(v, f, gt_surface, gt_normals, queries, occupancy, rng)
             rows.append({"shape": task["name"], "protocol": protocol, "method": method, "points": count,
                          "sigma": sigma, "seconds": seconds, "faces": int(len(f)), "error": error,
-                         **{k: metrics[k] for k in ("iou", "chamfer_l1_x10", "normal_consistency", "fscore")}})
+                         **{k: metrics[k] for k in ("iou", "chamfer_l1_x10", "normal_consistency", "fscore")},
+                         # what the safety net did (ours only): evaluations it cut far from the points, added
+                         "support_removed": support.get("removed_evaluations") if method == OURS else None,
+                         "support_added": support.get("added_evaluations") if method == OURS else None})
     return rows
 
 
