@@ -1,4 +1,4 @@
-"""Operators: Mesh from Point Cloud, Mesh from Image, Reconstruct Files (drag and drop onto the
+"""Operators: Mesh from Point Cloud, Mesh from Image, Mesh from Fitted Field, Reconstruct Files (drag and drop onto the
 viewport), Import Point Cloud, Cancel, Stop Backend. They gather the input (gather.py), run a job
 in the add-on's session (runtime.py, session.py) and turn domain errors into reports.
 
@@ -53,9 +53,10 @@ def _wait_with_progress(context):
 @dataclass
 class Gathered:
     """What a generate operator's ``gather`` found: the input (kind "points" or "image", its array
-    and colours or mask), the result's name and where it goes (the points' origin, or the cursor)."""
+    and colours or mask; "none", no array: a fitted field), the result's name and where it goes
+    (the points' origin, or the cursor)."""
     kind: str
-    data: np.ndarray
+    data: np.ndarray | None
     name: str
     colors: np.ndarray | None = None
     origin: np.ndarray | None = None
@@ -248,6 +249,31 @@ class OCCNET_OT_mesh_from_image(_Generate, bpy.types.Operator):
                    focal_length=self.focal_length or focal_length)
 
 
+class OCCNET_OT_mesh_from_field(_Generate, bpy.types.Operator):
+    """Mesh of a field fitted to one object's posed views (python -m training.dvr), with the colours
+    of its texture head; placed at the 3D cursor"""
+    bl_idname = "occnet.mesh_from_field"
+    bl_label = "Mesh from Fitted Field"
+    bl_options = {"REGISTER", "UNDO"}
+
+    filepath: StringProperty(name="File", subtype="FILE_PATH",
+                             description="The fitted field: model_last.safetensors of python -m training.dvr")
+    filter_glob: StringProperty(default="*.safetensors", options={"HIDDEN"})
+
+    def gather(self, context):
+        if not self.filepath:
+            raise gather.InputProblem("Choose a fitted field (model_last.safetensors of python -m training.dvr)")
+        self.checkpoint = self.filepath  # the field is its checkpoint
+        folder = os.path.basename(os.path.dirname(os.path.abspath(self.filepath)))
+        return Gathered("none", None, f"{folder or 'field'}_occnet", location=tuple(context.scene.cursor.location))
+
+    def invoke(self, context, event):
+        if self.filepath or bpy.app.background or context.window is None:
+            return super().invoke(context, event)
+        context.window_manager.fileselect_add(self)
+        return {"RUNNING_MODAL"}
+
+
 def chosen_paths(operator):
     """The files an import-style operator was given: directory + files (a drop of several, the
     file browser), else filepath."""
@@ -392,9 +418,9 @@ class OCCNET_OT_stop_backend(bpy.types.Operator):
         return {"FINISHED"}
 
 
-classes = (OCCNET_OT_mesh_from_points, OCCNET_OT_mesh_from_image, OCCNET_OT_reconstruct_files,
-           OCCNET_OT_import_point_cloud, OCCNET_FH_reconstruct, OCCNET_FH_import_point_cloud, OCCNET_OT_cancel,
-           OCCNET_OT_stop_backend)
+classes = (OCCNET_OT_mesh_from_points, OCCNET_OT_mesh_from_image, OCCNET_OT_mesh_from_field,
+           OCCNET_OT_reconstruct_files, OCCNET_OT_import_point_cloud, OCCNET_FH_reconstruct,
+           OCCNET_FH_import_point_cloud, OCCNET_OT_cancel, OCCNET_OT_stop_backend)
 
 
 def _menu_func(self, context):
@@ -405,6 +431,7 @@ def _menu_func(self, context):
 
 def _import_menu_func(self, context):
     self.layout.operator(OCCNET_OT_import_point_cloud.bl_idname, text="Point Cloud (OccNet: LAS, E57, PCD, PLY, ...)")
+    self.layout.operator(OCCNET_OT_mesh_from_field.bl_idname, text="Fitted Field (OccNet DVR, .safetensors)")
 
 
 def register():

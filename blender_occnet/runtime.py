@@ -53,8 +53,8 @@ def server_args(prefs):
 
 def request_options_for(prefs, kind, resolution, threshold, max_faces, checkpoint="", focal_length=None):
     """Validated request options; an empty checkpoint means the preferences', then the shipped
-    default. Raises request_options.OptionError."""
-    ck = checkpoint or (prefs.checkpoint_points if kind == "points" else prefs.checkpoint_image)
+    default (a fitted field, kind "none", has neither). Raises request_options.OptionError."""
+    ck = checkpoint or {"points": prefs.checkpoint_points, "image": prefs.checkpoint_image}.get(kind, "")
     return request_options.make_options(
         checkpoint=bpy.path.abspath(ck) if ck else None, resolution=resolution,
         threshold=threshold, max_faces=max_faces, device=device_option(prefs),

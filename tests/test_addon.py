@@ -889,3 +889,27 @@ def test_dropped_files_are_reconstructed(scene, addon, tiny_checkpoints, tmp_pat
     assert len(names) == 2 and names[0].startswith("dropped_occnet") and names[1].startswith("dropped_occnet")
     with pytest.raises(RuntimeError, match="Not a point cloud or image"):
         bpy.ops.occnet.reconstruct_files("EXEC_DEFAULT", filepath=str(tmp_path / "notes.docx"))
+
+
+def test_fitted_field_gives_an_object_with_its_texture_colours(scene, addon, textured_field):
+    """Mesh from Fitted Field: the backend's surface of a field with a texture head arrives with its
+    colours in a colour attribute, shown by the object's material (Base Color reads it)."""
+    from conftest import TEXTURE_SLOPE
+
+    bpy.context.scene.cursor.location = (1.0, 2.0, 3.0)
+    res = bpy.ops.occnet.mesh_from_field("EXEC_DEFAULT", filepath=str(textured_field), resolution="32")
+    assert res == {"FINISHED"}
+    obj = bpy.context.active_object
+    assert obj.name == f"{textured_field.parent.name}_occnet" and tuple(obj.location) == (1.0, 2.0, 3.0)
+    local, _ = mesh_arrays(obj)
+    assert np.abs(local).sum(axis=1).max() < 0.45  # the field's octahedron of radius 0.4
+    red = 1.0 / (1.0 + np.exp(-TEXTURE_SLOPE * local[:, 0]))
+    np.testing.assert_allclose(srgb_colours(obj.data), np.stack([red, 1 - red, 1 - red, np.ones_like(red)], 1),
+                               atol=1e-4)
+    node, layer = colour_link(obj)
+    assert node.bl_idname == "ShaderNodeVertexColor" and layer == "Color"
+
+
+def test_fitted_field_needs_its_file(scene, addon):
+    with pytest.raises(RuntimeError, match="Choose a fitted field"):
+        bpy.ops.occnet.mesh_from_field("EXEC_DEFAULT")
