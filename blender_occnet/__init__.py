@@ -43,10 +43,10 @@ def register():
     check_blender_version(_blender_version())  # before importing anything that needs 4.2
     import bpy
 
-    from . import operators, panel, preferences, runtime
+    from . import export_cameras, operators, panel, preferences, runtime
 
     try:
-        for mod in (preferences, operators, panel):
+        for mod in (preferences, operators, export_cameras, panel):
             mod.register()
             _registered.append(mod)
         if not bpy.app.background:
