@@ -176,7 +176,7 @@ def export_object(bpy, obj, path, fmt):
         res = bpy.ops.export_scene.gltf(filepath=path, export_format="GLB", use_selection=True)
     elif fmt == "obj":
         res = bpy.ops.wm.obj_export(filepath=path, export_selected_objects=True,
-                                    export_materials=False)
+                                    export_materials=False, export_colors=True)
     else:
         res = bpy.ops.wm.ply_export(filepath=path, export_selected_objects=True)
     if "FINISHED" not in res or not os.path.isfile(path):

@@ -190,3 +190,48 @@ def test_launcher_runs_the_batch_of_an_extension_install(tmp_path, tiny_checkpoi
     cp = subprocess.run(common + [str(tmp_path / "empty"), "--out", str(tmp_path / "o")],
                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert cp.returncode == 2 and "no supported inputs" in cp.stderr, cp.stdout + cp.stderr
+
+
+def glb_vertices_and_colours(path):
+    """POSITION (V, 3) and COLOR_0 (V, 3|4) in [0, 1] of a GLB's first primitive (trimesh drops
+    COLOR_0 when the primitive has a material, as Blender's exports do)."""
+    import json
+
+    data = path.read_bytes()
+    json_length = struct.unpack_from("<I", data, 12)[0]
+    gltf = json.loads(data[20:20 + json_length])
+    binary = data[20 + json_length + 8:]
+    components = {5126: np.float32, 5123: np.uint16, 5121: np.uint8}
+    sizes = {"VEC3": 3, "VEC4": 4}
+
+    def accessor(index):
+        acc = gltf["accessors"][index]
+        view = gltf["bufferViews"][acc["bufferView"]]
+        dtype = components[acc["componentType"]]
+        start = view.get("byteOffset", 0) + acc.get("byteOffset", 0)
+        values = np.frombuffer(binary, dtype, acc["count"] * sizes[acc["type"]], start).reshape(acc["count"], -1)
+        return values / np.iinfo(dtype).max if dtype != np.float32 else values
+
+    attributes = gltf["meshes"][0]["primitives"][0]["attributes"]
+    return accessor(attributes["POSITION"]), accessor(attributes["COLOR_0"])
+
+
+@pytest.mark.parametrize("fmt", ["glb", "obj", "ply"])
+def test_batch_files_carry_the_colours(tmp_path, tiny_checkpoints, fmt):
+    """A coloured cloud (red where x < 0, blue above) gives a file with those vertex colours."""
+    points = np.random.default_rng(2).uniform(-1, 1, (600, 3))
+    colours = np.where(points[:, :1] < 0, [255, 0, 0], [0, 0, 255])
+    np.savetxt(tmp_path / "cloud.xyz", np.hstack([points, colours]), fmt=["%.6f"] * 3 + ["%d"] * 3)
+    code, log = _run_batch([tmp_path / "cloud.xyz", "--out", tmp_path / "out", "--format", fmt,
+                            "--resolution", "32", "--checkpoint-points", tiny_checkpoints["points"],
+                            "--device", "cpu"], tmp_path)
+    assert code == 0, log
+    path = tmp_path / "out" / f"cloud.{fmt}"
+    if fmt == "glb":
+        vertices, rgb = glb_vertices_and_colours(path)
+    else:
+        mesh = trimesh.load(path, force="mesh", process=False)
+        vertices, rgb = mesh.vertices, np.asarray(mesh.visual.vertex_colors) / 255.0
+    x, rgb = np.asarray(vertices)[:, 0], rgb[:, :3]
+    np.testing.assert_allclose(rgb[x < -0.3], [[1, 0, 0]] * int((x < -0.3).sum()), atol=0.01)
+    np.testing.assert_allclose(rgb[x > 0.3], [[0, 0, 1]] * int((x > 0.3).sum()), atol=0.01)
