@@ -64,6 +64,9 @@ def test_pipeline_gives_coloured_points_a_coloured_mesh(octahedron):
     assert result.stats["input_colours"]
     plain = Reconstructor("cpu").reconstruct_points(points, ReconstructOptions(checkpoint=octahedron, resolution=32))
     assert plain.colors is None and np.array_equal(plain.vertices, result.vertices)
+    dropped = Reconstructor("cpu").reconstruct_points(
+        points, ReconstructOptions(checkpoint=octahedron, resolution=32, colours=False), colors=colours)
+    assert dropped.colors is None and np.array_equal(dropped.vertices, result.vertices)
 
 
 def test_survey_coordinates_keep_their_precision(octahedron):

@@ -218,6 +218,20 @@ def test_coloured_points_give_a_coloured_result(conn, tiny_checkpoints):
     assert h["code"] == wire.E_BAD_REQUEST and "'colors' must be a float array of the points' shape" in h["message"]
 
 
+def test_a_fitted_field_needs_no_input_and_sends_its_colours_unless_told_not_to(conn, textured_field):
+    rid = conn.request("reconstruct", input="none", options={"checkpoint": str(textured_field), "resolution": 32})
+    _, arrays = conn.expect("result", rid)
+    v, rgba = arrays["vertices"], arrays["colors"]
+    assert rgba.shape == (len(v), 4) and (rgba[v[:, 0] > 0.1, 0] > 0.6).all() and (rgba[v[:, 0] < -0.1, 0] < 0.4).all()
+    rid = conn.request("reconstruct", input="none", options={"checkpoint": str(textured_field), "resolution": 32,
+                                                             "colours": False})
+    _, arrays = conn.expect("result", rid)
+    assert "colors" not in arrays and len(arrays["vertices"]) == len(v)
+    rid = conn.request("reconstruct", input="none", options={"resolution": 32})
+    h, _ = conn.expect("error", rid)
+    assert h["code"] == "bad_option" and "fitted field is its checkpoint" in h["message"]
+
+
 def test_cancel_during_extraction_is_fast(conn, tiny_checkpoints):
     pts = np.random.default_rng(2).normal(size=(500, 3))
     rid = reconstruct_points(conn, pts, checkpoint=str(tiny_checkpoints["points"]), resolution=256)
