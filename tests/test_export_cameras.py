@@ -19,26 +19,28 @@ from training.posed_images import load_folder_views  # noqa: E402
 
 ADDON = "blender_occnet"
 WIDTH, HEIGHT = 48, 32
-# (location, lens mm, shift_x): the last camera's frame is shifted right by a tenth of its width
+# (offset from the cube's centre, lens mm, shift_x): the last camera's frame is shifted right by a
+# tenth of its width. The cube is off the origin, so a mirrored or shifted world would show.
 CAMERAS = [((3.0, -3.0, 2.0), 50.0, 0.0), ((-2.5, -1.0, 3.5), 35.0, 0.0), ((0.5, 4.0, -1.0), 60.0, 0.1)]
-CUBE_CORNERS = np.array(list(itertools.product((-0.5, 0.5), repeat=3)))
+CUBE_CENTRE = np.array([0.3, -0.2, 0.1])
+CUBE_CORNERS = CUBE_CENTRE + np.array(list(itertools.product((-0.5, 0.5), repeat=3)))
 
 
 @pytest.fixture(scope="module")
 def cube_scene():
-    """A unit cube at the origin and three cameras aimed at its centre, rendered by Workbench."""
+    """A unit cube and three cameras aimed at its centre, rendered by Workbench."""
     bpy.ops.wm.read_factory_settings(use_empty=True)
     assert addon_utils.enable(ADDON, default_set=True, handle_error=None) is not None
     scene = bpy.context.scene
     scene.render.engine = "BLENDER_WORKBENCH"
     scene.render.resolution_x, scene.render.resolution_y, scene.render.resolution_percentage = WIDTH, HEIGHT, 100
-    bpy.ops.mesh.primitive_cube_add(size=1.0)
-    for number, (location, lens, shift_x) in enumerate(CAMERAS):
+    bpy.ops.mesh.primitive_cube_add(size=1.0, location=tuple(CUBE_CENTRE))
+    for number, (offset, lens, shift_x) in enumerate(CAMERAS):
         data = bpy.data.cameras.new(f"cam{number}")
         data.lens, data.shift_x = lens, shift_x
         camera = bpy.data.objects.new(f"cam{number}", data)
-        camera.location = location
-        camera.rotation_euler = (-Vector(location)).to_track_quat("-Z", "Y").to_euler()
+        camera.location = CUBE_CENTRE + offset
+        camera.rotation_euler = (-Vector(offset)).to_track_quat("-Z", "Y").to_euler()
         scene.collection.objects.link(camera)
     yield scene
     addon_utils.disable(ADDON, default_set=True)
@@ -51,7 +53,7 @@ def test_exported_folder_loads_and_its_cameras_see_the_cube_where_it_was_rendere
     names = [view["camera"] for view in json.loads((tmp_path / "cameras.json").read_text())["views"]]
     assert names == ["cam0", "cam1", "cam2"]
     for world_mat, camera_mat, mask, (_, _, shift_x) in zip(views.world_mats, views.camera_mats, views.masks, CAMERAS):
-        (u, v), = project(world_mat, camera_mat, np.zeros((1, 3)))[0]
+        (u, v), = project(world_mat, camera_mat, CUBE_CENTRE[None])[0]
         np.testing.assert_allclose([u, v], [(WIDTH - 1) / 2 - shift_x * WIDTH, (HEIGHT - 1) / 2], atol=1e-4)
         # the rendered silhouette is the convex hull of the projected corners, up to its rim pixels
         corners, depth = project(world_mat, camera_mat, CUBE_CORNERS)
