@@ -30,7 +30,7 @@ from .extraction.support import SupportNet, SupportSettings
 from .foreground import object_mask
 from .inputs import normalisation, validate_image
 from .pointclouds import checked_cloud
-from .preprocess import image_to_model_input, subsample_points
+from .preprocess import image_to_model_input, subsample_indices, subsample_points
 from .viewer import masked_logits, output_transform, photo_camera, silhouette_level, viewer_input
 
 RESOLUTIONS = (32, 64, 128, 256, 512)
@@ -192,7 +192,8 @@ class Reconstructor:
         """points (N, 3) in the caller's coordinates -> mesh in the same coordinates, vertices
         float64 (a survey's coordinates 10^5 m from the origin keep their millimetres).
         colors (N, 3), floats in [0, 1] or uint8 / uint16: the mesh gets vertex colours (V, 4) from
-        the nearest points. normals (N, 3): checked, but the current models do not use them."""
+        the nearest points. normals (N, 3), oriented or not: the refinement's planes take their
+        direction from them (docs/performance.md: they help)."""
         options = options or ReconstructOptions()
         options.validate()
         cloud = checked_cloud(points, colors, normals)
@@ -223,9 +224,10 @@ class Reconstructor:
                 progress("refine", 0.0)
             on_round = (lambda fraction: progress("refine", fraction)) if progress is not None else None
             with timer("refine"):
-                surface = subsample_points(canonical, MAX_REFINE_POINTS)
-                mesh = MeshArrays(refine_to_points(mesh.vertices, mesh.faces, surface, progress=on_round,
-                                                   should_cancel=should_cancel), mesh.faces)
+                keep = subsample_indices(canonical, MAX_REFINE_POINTS)
+                own_normals = cloud.normals[keep] if cloud.normals is not None else None
+                mesh = MeshArrays(refine_to_points(mesh.vertices, mesh.faces, canonical[keep], progress=on_round,
+                                                   should_cancel=should_cancel, normals=own_normals), mesh.faces)
         result = self._finish(model, code, device, mesh, options, timer, should_cancel)
         if cloud.colors is not None and options.colours:
             with timer("colours"):

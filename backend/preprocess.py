@@ -76,20 +76,26 @@ def covering_indices(points: np.ndarray, max_points: int, cells: int = COVERAGE_
         step *= 2
 
 
-def subsample_points(points: np.ndarray, max_points: int, seed: int = 0) -> np.ndarray:
-    """(N, 3) -> (min(N, max_points), 3), a deterministic subset that covers the whole cloud.
+def subsample_indices(points: np.ndarray, max_points: int, seed: int = 0) -> np.ndarray:
+    """(N, 3) -> sorted indices (min(N, max_points),) of a deterministic subset that covers the
+    whole cloud (so that per-point normals or colours can follow the points).
 
     A scan is dense near the scanner and sparse far away; a plain random subset would spend the
     encoder's points where the scan was dense and leave far parts with a handful. So one point per
     occupied cell of the finest grid that allows it comes first (covering_indices), and random
     other points fill up the rest, so the encoder still sees max_points points."""
     if len(points) <= max_points:
-        return points
+        return np.arange(len(points))
     covering = covering_indices(points, max_points)
     others = np.ones(len(points), bool)
     others[covering] = False
     fill = np.random.default_rng(seed).choice(np.flatnonzero(others), max_points - len(covering), replace=False)
-    return points[np.sort(np.concatenate([covering, fill]))]
+    return np.sort(np.concatenate([covering, fill]))
+
+
+def subsample_points(points: np.ndarray, max_points: int, seed: int = 0) -> np.ndarray:
+    """(N, 3) -> (min(N, max_points), 3): the points of subsample_indices."""
+    return points if len(points) <= max_points else points[subsample_indices(points, max_points, seed)]
 
 
 def premultiply(rgba: np.ndarray) -> np.ndarray:

@@ -87,6 +87,36 @@ def test_the_pipeline_refines_point_cloud_meshes_by_default(tmp_path, monkeypatc
     assert "refine" in refined.stats["seconds"] and "refine" not in raw.stats["seconds"]
 
 
+def test_the_pipeline_hands_the_points_own_normals_to_the_refinement(tmp_path, monkeypatch):
+    """Normals read with a scan (a PLY's nx ny nz) steer the refinement's planes; the refinement
+    fits to a covering subset of a large cloud, and the normals must follow the same points."""
+    from backend.pipeline import Reconstructor, ReconstructOptions
+    from conftest import make_octahedron_checkpoint
+
+    from backend import pipeline
+
+    seen = {}
+
+    def spy(vertices, faces, points, normals=None, **kwargs):
+        seen.update(points=points, normals=normals)
+        return vertices
+
+    monkeypatch.setattr(pipeline, "refine_to_points", spy)
+    monkeypatch.setattr(pipeline, "MAX_REFINE_POINTS", 500)
+    checkpoint = str(make_octahedron_checkpoint(tmp_path / "octa.safetensors", radius=0.4))
+    scan = octahedron_points(0.4, 3000)
+    normals = np.sign(scan) / np.sqrt(3.0)  # an octahedron's face normals, point by point
+    Reconstructor("cpu").reconstruct_points(scan, ReconstructOptions(checkpoint=checkpoint, resolution=32),
+                                            normals=normals)
+    assert len(seen["points"]) == 500
+    # the subset's own normals: each point, back in the scan's coordinates, still has its face's
+    from backend.inputs import normalisation
+
+    centre, scale = normalisation(scan)
+    original = seen["points"].astype(np.float64) * scale + centre
+    np.testing.assert_allclose(seen["normals"], np.sign(original) / np.sqrt(3.0), atol=1e-6)
+
+
 def test_progress_every_round_and_the_same_result_with_callbacks():
     mesh = sphere_mesh(0.30)
     points = sphere_points(0.34, 3000, noise=0.005)

@@ -122,8 +122,11 @@ def test_ping_and_info(conn, tiny_checkpoints):
 
 def test_reconstruct_points_progress_and_result(conn, tiny_checkpoints):
     rng = np.random.default_rng(1)
-    pts = rng.uniform(-1, 1, (2000, 3)) * [3.0, 1.0, 2.0] + [5.0, -2.0, 1.0]
-    # refine=False: the shape checked below is the network's own surface (these points fill a volume)
+    # a scan of the octahedron |x|+|y|+|z| = 0.5 of the canonical box, 3 units wide, off the origin:
+    # the test model's surface (0.4) lies near the points, where the safety net trusts it
+    directions = rng.exponential(size=(2000, 3)) * rng.choice([-1.0, 1.0], size=(2000, 3))
+    pts = directions / np.abs(directions).sum(axis=1, keepdims=True) * 0.5 * 3.0 + [5.0, -2.0, 1.0]
+    # refine=False: the shape checked below is the network's own surface, not the points'
     rid = reconstruct_points(conn, pts, checkpoint=str(tiny_checkpoints["points"]), resolution=64, refine=False)
     stages = []
     while True:
