@@ -51,6 +51,7 @@ class AnalyticShape(nn.Module):
     """A stand-in network whose logits are the synthetic shape's exact inside test (scaled)."""
 
     input_kind = "points"
+    has_texture = False
 
     def __init__(self, kind: str, half):
         super().__init__()
