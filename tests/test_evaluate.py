@@ -85,6 +85,9 @@ def oracle_pipeline(data_dir, monkeypatch):
         return oracle(synthetic["kind"], synthetic["half"]), ORACLE_CONFIG, {}
 
     monkeypatch.setattr(pipeline, "load_checkpoint", load_oracle)
+    # the scoring is under test, so the mesh is the oracle's own surface: without the point-cloud
+    # safety net, whose carving balls round a box's corners between 500 sparse points
+    monkeypatch.setattr(pipeline, "POINT_SUPPORT", None)
     reconstructor = Reconstructor("cpu")
     reconstructor.returned = []
     reconstruct_points = reconstructor.reconstruct_points
