@@ -391,3 +391,15 @@ def test_ddp_with_two_gloo_processes_matches_one_process(data_dir, tmp_path):
     a, b = final_weights(tmp_path / "ddp"), final_weights(tmp_path / "single")
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
+
+
+def test_the_squash_augmentation_is_read_from_the_configuration(tmp_path):
+    """`augmentation.squash_probability` / `squash_range` reach training's sampling (thin shapes for
+    the point model, docs/pointclouds.md); validation is never squashed."""
+    from training.train import load_config, sampling_config
+
+    config = Path(__file__).resolve().parents[1] / "training" / "configs" / "pointcloud_local.json"
+    cfg = load_config(config, {"augmentation": {"squash_probability": 0.15, "squash_range": [0.05, 0.2]}})
+    training, validation = sampling_config(cfg), sampling_config(cfg, validation=True)
+    assert training.squash_probability == 0.15 and training.squash_range == (0.05, 0.2)
+    assert training.augments and validation.squash_probability == 0.0

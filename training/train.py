@@ -164,6 +164,8 @@ def sampling_config(cfg: dict, validation: bool = False) -> SamplingConfig:
         rotation=aug.get("rotation", "none"),
         up_axis=int(aug.get("up_axis", 2)),
         scale_range=tuple(aug.get("scale_range", (1.0, 1.0))),
+        squash_probability=float(aug.get("squash_probability", 0.0)),
+        squash_range=tuple(aug.get("squash_range", (1 / 30, 1 / 3))),
         image_size=int(model_in.get("image_size", 128)),
         background=aug.get("background", "white"),
         padding=float(cfg["model"].get("padding", 0.1)),
@@ -174,6 +176,7 @@ def sampling_config(cfg: dict, validation: bool = False) -> SamplingConfig:
     if validation:
         s.query_points, s.near_fraction = int(cfg["val_points"]), 0.0
         s.rotation, s.scale_range, s.background, s.view = "none", (1.0, 1.0), "white", 0
+        s.squash_probability = 0.0
         s.num_points = int(model_in.get("num_points", 3000))
     return s
 
