@@ -22,6 +22,7 @@ import json
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -150,13 +151,23 @@ def throughput(name: str, device, repeats: int = 3):
     return row["points_per_second"]
 
 
-def decimation_rows(reconstructor, path: Path, seed: int, tolerances: list[float], resolution: int) -> list[dict]:
-    """Rows (method, faces, seconds, metrics) for one mesh: the grid's mesh as is, decimated to each
-    tolerance, and screened Poisson, all on the same 3000 noisy points."""
-    from backend.extraction import MeshArrays
-    from backend.extraction.marching import simplify_to_tolerance
-    from backend.pipeline import ReconstructOptions
-    from bench.pointcloud import EVAL_POINTS, PROTOCOLS, poisson_mesh, score
+@dataclass
+class ScanCase:
+    """One benchmark mesh, normalised, as the convonet protocol scans it: its ground truth
+    (surface points and normals, occupancy at uniform queries) and 3000 noisy points with the
+    true normals of the points they were sampled at."""
+    rng: np.random.Generator
+    gt_surface: np.ndarray  # (EVAL_POINTS, 3)
+    gt_normals: np.ndarray  # (EVAL_POINTS, 3)
+    queries: np.ndarray     # (EVAL_POINTS, 3) uniform in the padded box
+    occupancy: np.ndarray   # (EVAL_POINTS,) bool
+    noisy: np.ndarray       # (N, 3)
+    normals: np.ndarray     # (N, 3)
+
+
+def scan_case(path: Path, seed: int) -> ScanCase | None:
+    """The ScanCase of a mesh file; None for a mesh that encloses no volume."""
+    from bench.pointcloud import EVAL_POINTS, PROTOCOLS
     from training.meshprep import apply_normalisation, inside, load_mesh, normalisation, sample_surface
 
     rng = np.random.default_rng(seed)
@@ -166,10 +177,26 @@ def decimation_rows(reconstructor, path: Path, seed: int, tolerances: list[float
     queries = rng.uniform(-0.55, 0.55, size=(EVAL_POINTS, 3))
     occupancy = inside(vertices, faces, queries)
     if not occupancy.any():
-        return []
+        return None
     count, sigma = PROTOCOLS["convonet"]
-    surface, _ = sample_surface(rng, vertices, faces, count)
+    surface, normals = sample_surface(rng, vertices, faces, count)
     noisy = surface + rng.normal(scale=sigma, size=surface.shape)
+    return ScanCase(rng, gt_surface, gt_normals, queries, occupancy, noisy, normals)
+
+
+def decimation_rows(reconstructor, path: Path, seed: int, tolerances: list[float], resolution: int) -> list[dict]:
+    """Rows (method, faces, seconds, metrics) for one mesh: the grid's mesh as is, decimated to each
+    tolerance, and screened Poisson, all on the same 3000 noisy points."""
+    from backend.extraction import MeshArrays
+    from backend.extraction.marching import simplify_to_tolerance
+    from backend.pipeline import ReconstructOptions
+    from bench.pointcloud import poisson_mesh, score
+
+    case = scan_case(path, seed)
+    if case is None:
+        return []
+    rng, noisy = case.rng, case.noisy
+    gt_surface, gt_normals, queries, occupancy = case.gt_surface, case.gt_normals, case.queries, case.occupancy
     start = time.perf_counter()
     result = reconstructor.reconstruct_points(noisy, ReconstructOptions(resolution=resolution, max_faces=2 ** 31 - 1))
     seconds = time.perf_counter() - start
@@ -198,20 +225,13 @@ def refinement_rows(reconstructor, path: Path, seed: int, resolution: int) -> li
     the points' normals, on the same points."""
     from backend.extraction.refine import RefineSettings, refine_to_points
     from backend.pipeline import ReconstructOptions
-    from bench.pointcloud import EVAL_POINTS, PROTOCOLS, score
-    from training.meshprep import apply_normalisation, inside, load_mesh, normalisation, sample_surface
+    from bench.pointcloud import score
 
-    rng = np.random.default_rng(seed)
-    vertices, faces = load_mesh(path)
-    vertices = apply_normalisation(vertices, *normalisation(vertices))
-    gt_surface, gt_normals = sample_surface(rng, vertices, faces, EVAL_POINTS)
-    queries = rng.uniform(-0.55, 0.55, size=(EVAL_POINTS, 3))
-    occupancy = inside(vertices, faces, queries)
-    if not occupancy.any():
+    case = scan_case(path, seed)
+    if case is None:
         return []
-    count, sigma = PROTOCOLS["convonet"]
-    surface, normals = sample_surface(rng, vertices, faces, count)
-    noisy = surface + rng.normal(scale=sigma, size=surface.shape)
+    rng, noisy, normals = case.rng, case.noisy, case.normals
+    gt_surface, gt_normals, queries, occupancy = case.gt_surface, case.gt_normals, case.queries, case.occupancy
     # a scanner's estimated normals: about 10 degrees off, and either side of the surface
     turned = (normals + rng.normal(scale=np.tan(np.radians(10.0)) / np.sqrt(2.0), size=normals.shape)) * \
         rng.choice([-1.0, 1.0], size=(len(normals), 1))
