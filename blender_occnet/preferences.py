@@ -34,6 +34,7 @@ class _Defaults:
     max_faces = request_options.NO_FACE_BUDGET
     use_normals = False
     refine_points = True
+    vertex_colours = True
     start_with_blender = False
 
 
@@ -314,6 +315,10 @@ class OCCNET_AP_preferences(bpy.types.AddonPreferences):
         name="Refine onto Points", default=True,
         description="Point clouds: pull the surface onto the input points and smooth it. Turn off "
                     "for partial scans, where it would bend unscanned parts towards the scanned ones")
+    vertex_colours: BoolProperty(
+        name="Vertex Colours", default=True,
+        description="Give results the colours of the input points (or of a model with a texture head): "
+                    "a colour attribute and a material that shows it")
     use_normals: BoolProperty(
         name="Network Normals",
         description="Ask the backend for normals from the network's gradient and use them as "
@@ -329,7 +334,7 @@ class OCCNET_AP_preferences(bpy.types.AddonPreferences):
         _draw_setup(col, context.window_manager)
         col.separator()
         for prop in ("checkpoint_points", "checkpoint_image", "device", "default_resolution",
-                     "threshold", "max_faces", "refine_points", "use_normals",
+                     "threshold", "max_faces", "refine_points", "vertex_colours", "use_normals",
                      "start_with_blender"):
             col.prop(self, prop)
         col.separator()

@@ -58,7 +58,8 @@ def request_options_for(prefs, kind, resolution, threshold, max_faces, checkpoin
     return request_options.make_options(
         checkpoint=bpy.path.abspath(ck) if ck else None, resolution=resolution,
         threshold=threshold, max_faces=max_faces, device=device_option(prefs),
-        normals=prefs.use_normals, refine=prefs.refine_points, focal_length=focal_length)
+        normals=prefs.use_normals, refine=prefs.refine_points, focal_length=focal_length,
+        colours=prefs.vertex_colours)
 
 
 def client_for(prefs):

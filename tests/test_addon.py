@@ -831,6 +831,16 @@ def test_coloured_scan_file_gives_a_coloured_object_in_place(scene, addon, tiny_
     node, layer = colour_link(obj)
     assert node.bl_idname == "ShaderNodeVertexColor" and layer == "Color"
 
+    prefs = bpy.context.preferences.addons[ADDON].preferences
+    prefs.vertex_colours = False  # the preference: results without colours
+    try:
+        res = bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", source="FILE", filepath=str(tmp_path / "survey.laz"),
+                                              resolution="32")
+    finally:
+        prefs.vertex_colours = True
+    assert res == {"FINISHED"}
+    assert len(bpy.context.active_object.data.color_attributes) == 0
+
 
 def test_import_point_cloud_then_reconstruct_from_the_selection(scene, addon, tiny_checkpoints, tmp_path):
     """File > Import > Point Cloud reads a PCD through the backend: an object of vertices with their
