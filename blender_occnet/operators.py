@@ -122,7 +122,7 @@ class _Generate:
         if outcome.error:
             self.report({"ERROR"}, outcome.error)
             return {"CANCELLED"}
-        self.report({"INFO"}, session.last_info)
+        self.report({"WARNING"} if "\nWarning: " in session.last_info else {"INFO"}, session.last_info)
         return {"FINISHED"}
 
     def execute(self, context):

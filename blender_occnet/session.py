@@ -153,10 +153,13 @@ class Session:
 
 
 def _result_summary(obj, job, stats, build_s):
+    """One line on the new object, then what the backend warned about (an estimated mask, an object
+    cut off by the frame, the point-cloud safety net at work, a move to the CPU), one per line."""
     text = f"{obj.name}: {len(obj.data.vertices)} vertices, {len(obj.data.polygons)} faces"
     if job.n_points is not None:
         text += f" from {job.n_points} points"
     secs = stats.get("server_seconds")
     if isinstance(secs, (int, float)):
         text += f", {secs:.2f} s in the backend"
-    return text + f", {build_s:.2f} s to build"
+    warnings = [w for w in stats.get("warnings") or [] if isinstance(w, str)]
+    return "\n".join([text + f", {build_s:.2f} s to build"] + [f"Warning: {w}" for w in warnings])

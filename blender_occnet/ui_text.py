@@ -31,7 +31,12 @@ def available_width(context):
 
 def wrap(text, max_width, measure):
     """Lines of ``text`` no wider than ``max_width`` by ``measure(str) -> float``, broken between
-    words; only a single word wider than a whole line (a long path) is broken inside."""
+    words; only a single word wider than a whole line (a long path) is broken inside. Each line of
+    ``text`` (a warning after a summary) starts a new one."""
+    return [line for paragraph in text.split("\n") for line in _wrap_paragraph(paragraph, max_width, measure)]
+
+
+def _wrap_paragraph(text, max_width, measure):
     lines, line = [], ""
     for word in text.split():
         candidate = f"{line} {word}" if line else word

@@ -267,6 +267,28 @@ def test_a_mask_datablock_is_law_for_an_opaque_picture(scene, solid_pixel_checkp
     assert np.ptp(top[:, 0]) < 0.5 * height, "only the mask's bar, not the whole opaque picture"
 
 
+
+def test_the_backends_warnings_reach_the_user(scene, addon, solid_pixel_checkpoint):
+    """An opaque picture without a mask: the backend estimates the object's mask and says so; the
+    add-on shows it in the panel's message and reports it as a warning, not as plain info."""
+    prefs = bpy.context.preferences.addons[ADDON].preferences
+    previous = prefs.checkpoint_image
+    prefs.checkpoint_image = solid_pixel_checkpoint
+    try:
+        img = bpy.data.images.new("plain", 100, 100, alpha=False)
+        px = np.full((100, 100, 4), 0.9, np.float32)
+        px[..., 3] = 1.0                                     # opaque: no alpha to take the mask from
+        px[30:70, 40:60, :3] = (0.8, 0.2, 0.1)               # a red bar on a light grey backdrop
+        img.pixels.foreach_set(px.ravel())
+        assert bpy.ops.occnet.mesh_from_image("EXEC_DEFAULT", source="IMAGE", image="plain",
+                                              resolution="32") == {"FINISHED"}
+    finally:
+        prefs.checkpoint_image = previous
+    summary, *warnings = addon.session.last_info.split("\n")
+    assert summary.startswith("plain_occnet")
+    assert any(w.startswith("Warning: ") and "mask was estimated" in w for w in warnings), addon.session.last_info
+
+
 def _busy_job(ops, resolution=256):
     pts = np.random.default_rng(7).normal(size=(400, 3)).astype(np.float32)
     from blender_occnet import request_options
@@ -750,6 +772,8 @@ def test_panel_wraps_messages_to_the_region_on_word_boundaries(scene, addon):
     lines = ui_text.wrap(f"cannot read {long_path} now", 20, len)
     assert lines[0] == "cannot read" and all(len(t) <= 20 for t in lines)
     assert "".join(lines[1:]) == long_path + " now"  # only the path, too long for any line, is cut
+    # a warning after the summary starts its own line, however wide the region
+    assert ui_text.wrap("chair: 10 faces\nWarning: cut off", 200, len) == ["chair: 10 faces", "Warning: cut off"]
 
 
 def test_selection_without_geometry_and_a_mesh_with_faces_only(scene, addon, tiny_checkpoints):
