@@ -140,8 +140,7 @@ def falls_back_to_cpu(reconstruct):
                 raise
         self.release(device)
         result = reconstruct(self, data, replace(options, device="cpu"), **kwargs)
-        result.stats.setdefault("warnings", []).append(
-            f"{device} ran out of memory: this result was computed on the CPU instead")
+        result.stats["warnings"].append(f"{device} ran out of memory: this result was computed on the CPU instead")
         result.stats["fell_back_from"] = str(device)
         return result
 
@@ -217,8 +216,9 @@ class Reconstructor:
                 support = SupportNet(near, QUERY_BOX, POINT_SUPPORT, should_cancel)
                 support.prepare(decode, level, device, options.batch_points)
             evaluate = support.wrap(decode, level)
+        warnings = []
         mesh, evaluations = self._extract(evaluate, QUERY_BOX, device, options,
-                                          timer, progress, should_cancel, seed_points=inputs[0])
+                                          timer, progress, should_cancel, seed_points=inputs[0], warnings=warnings)
         if options.refine:
             if progress is not None:
                 progress("refine", 0.0)
@@ -228,7 +228,7 @@ class Reconstructor:
                 own_normals = cloud.normals[keep] if cloud.normals is not None else None
                 mesh = MeshArrays(refine_to_points(mesh.vertices, mesh.faces, canonical[keep], progress=on_round,
                                                    should_cancel=should_cancel, normals=own_normals), mesh.faces)
-        result = self._finish(model, code, device, mesh, options, timer, should_cancel)
+        result = self._finish(model, code, device, mesh, options, timer, should_cancel, warnings)
         if cloud.colors is not None and options.colours:
             with timer("colours"):
                 result.colors = transfer_colours(result.vertices, canonical, cloud.colors)
@@ -239,7 +239,7 @@ class Reconstructor:
         if support is not None:
             result.stats["support"] = support.report.as_stats()
             if support.report.warning():
-                result.stats.setdefault("warnings", []).append(support.report.warning())
+                result.stats["warnings"].append(support.report.warning())
         return result
 
     @falls_back_to_cpu
@@ -264,9 +264,10 @@ class Reconstructor:
         with timer("encode"), torch.inference_mode():
             image = torch.from_numpy(image_to_model_input(rgba, size)).to(device)[None]
             code = model.encode(image)
+        warnings = []
         mesh, evaluations = self._extract(lambda p: model.decode(p[None], code)[0], QUERY_BOX, device, options,
-                                          timer, progress, should_cancel)
-        result = self._finish(model, code, device, mesh, options, timer, should_cancel)
+                                          timer, progress, should_cancel, warnings=warnings)
+        result = self._finish(model, code, device, mesh, options, timer, should_cancel, warnings)
         result.stats.update(evaluations=evaluations, image_size=list(rgba.shape[:2]))
         return result
 
@@ -284,9 +285,10 @@ class Reconstructor:
         timer = StageTimer()
         with timer("load"):
             model, _, device = self.model_for("none", options)
+        warnings = []
         mesh, evaluations = self._extract(lambda p: model.decode(p[None], None)[0], QUERY_BOX, device, options,
-                                          timer, progress, should_cancel)
-        result = self._finish(model, None, device, mesh, options, timer, should_cancel)
+                                          timer, progress, should_cancel, warnings=warnings)
+        result = self._finish(model, None, device, mesh, options, timer, should_cancel, warnings)
         result.stats.update(evaluations=evaluations)
         return result
 
@@ -327,7 +329,7 @@ class Reconstructor:
         warnings, surface_level = [], []
         mesh, evaluations = self._extract(evaluate, VIEWER_BOX, device, options, timer, progress, should_cancel,
                                           warnings=warnings, choose_level=cover_the_mask)
-        result = self._finish(model, code, device, mesh, options, timer, should_cancel)
+        result = self._finish(model, code, device, mesh, options, timer, should_cancel, warnings)
         up = code["up"][0].double().cpu().numpy()
         transform = output_transform(up, result.vertices.astype(np.float64))
         result.vertices = (result.vertices.astype(np.float64) @ transform[:3, :3].T + transform[:3, 3]).astype(np.float32)
@@ -342,14 +344,15 @@ class Reconstructor:
         result.stats.update(evaluations=evaluations, image_size=[height, width], mask_source=found.source,
                             mask_confidence=round(found.confidence, 3), cut_off=found.touches_border,
                             focal=view.crop.focal, elevation_deg=round(math.degrees(elevation_of_up(up)), 1),
-                            viewer_to_output=transform.tolist(), warnings=warnings,
+                            viewer_to_output=transform.tolist(),
                             surface_probability=round(1.0 / (1.0 + math.exp(-surface_level[0])), 4)
                             if surface_level else options.threshold)
         return result
 
-    def _extract(self, evaluate, box, device, options, timer, progress, should_cancel, seed_points=None,
-                 warnings: list | None = None, choose_level=None):
+    def _extract(self, evaluate, box, device, options, timer, progress, should_cancel, *, warnings: list,
+                 seed_points=None, choose_level=None):
         """evaluate(points (M, 3)) -> logits (M,), in the box (low, high) -> (grid mesh, evaluations).
+        What the user should know (batches shrunk for memory) is appended to warnings.
         choose_level(grid, level) -> level may move the surface's level once the grid is known."""
         level = probability_to_logit(options.threshold)
         steps = int(round(math.log2(options.resolution / COARSE_RESOLUTION))) if options.resolution > COARSE_RESOLUTION else 0
@@ -376,8 +379,7 @@ class Reconstructor:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 batch_points //= 4
-                if warnings is not None:
-                    warnings.append(f"out of memory on {device}: retried with network batches of {batch_points} points")
+                warnings.append(f"out of memory on {device}: retried with network batches of {batch_points} points")
         if progress is not None:
             progress("marching_cubes", 0.0)
         if not np.isfinite(grid.values).all():
@@ -394,7 +396,10 @@ class Reconstructor:
                                             "(every point is outside at this threshold); try a lower threshold")
         return mesh, grid.evaluations
 
-    def _finish(self, model, code, device, mesh: MeshArrays, options, timer, should_cancel=None) -> ReconstructionResult:
+    def _finish(self, model, code, device, mesh: MeshArrays, options, timer, should_cancel,
+                warnings: list) -> ReconstructionResult:
+        """The result of a grid mesh: decimated, with normals and texture colours as asked; its stats
+        carry the warnings (a list the caller may still extend)."""
         if options.max_faces is not None:
             with timer("decimate"):
                 mesh = simplify_mesh(mesh, options.max_faces, should_cancel=should_cancel)
@@ -410,7 +415,8 @@ class Reconstructor:
             with timer("colours"):
                 colours = texture_colours(model, code, mesh.vertices, device, options.batch_points)
         stats = {"vertices": len(mesh.vertices), "faces": len(mesh.faces), "resolution": options.resolution,
-                 "threshold": options.threshold, "device": str(device), "seconds": timer.seconds}
+                 "threshold": options.threshold, "device": str(device), "seconds": timer.seconds,
+                 "warnings": warnings}
         return ReconstructionResult(mesh.vertices, mesh.faces, normals, colours, stats)
 
 

@@ -179,7 +179,8 @@ def test_the_surface_level_drops_until_the_result_covers_the_mask():
     assert silhouette_level(values + 5.0, box_min, spacing, mask, focal, 0.0, coverage=0.95, floor=-5.0) == 0.0
 
 
-def test_out_of_memory_during_extraction_retries_with_smaller_batches_and_says_so(solid_pixel_checkpoint, monkeypatch):
+def test_out_of_memory_during_extraction_retries_with_smaller_batches_and_says_so(solid_pixel_checkpoint,
+                                                                                 tiny_checkpoints, monkeypatch):
     from backend import pipeline
 
     real_mise, batches = pipeline.mise, []
@@ -194,6 +195,10 @@ def test_out_of_memory_during_extraction_retries_with_smaller_batches_and_says_s
     picture, _ = ell_picture()
     result = Reconstructor("cpu").reconstruct_image(picture, ReconstructOptions(checkpoint=solid_pixel_checkpoint, resolution=32))
     assert batches == [65536, 16384]
+    assert any("out of memory" in w and "16384" in w for w in result.stats["warnings"])
+    points = np.random.default_rng(0).normal(size=(500, 3))  # point clouds say so too
+    result = Reconstructor("cpu").reconstruct_points(points, ReconstructOptions(
+        checkpoint=str(tiny_checkpoints["points"]), resolution=32))
     assert any("out of memory" in w and "16384" in w for w in result.stats["warnings"])
     monkeypatch.setattr(pipeline, "mise", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("always")))
     with pytest.raises(OccnetError, match="ran out of memory") as error:
