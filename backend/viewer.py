@@ -82,16 +82,18 @@ def masked_logits(decode, points: torch.Tensor, mask: torch.Tensor, focal: float
 def ray_maxima(values: np.ndarray, box_min: float, spacing: float, size: int, focal: float) -> np.ndarray:
     """(size, size) float32: for each pixel of a size x size crop image, the largest of the grid
     values (R+1, R+1, R+1) (viewer points box_min + spacing * index) that project into it; -inf
-    where none does. Along each pixel's ray, the grid's best guess that the object is there."""
+    where none does. Along each pixel's ray, the grid's best guess that the object is there.
+    One slab of constant x at a time, so memory stays at a slab's (R+1)^2 points even at 512^3."""
     count = values.shape[0]
-    axis = torch.arange(count, dtype=torch.float64) * spacing + box_min
-    x, y, z = torch.meshgrid(axis, axis, axis, indexing="ij")
-    uv, depth = camera.project_viewer(torch.stack([x, y, z], dim=-1).reshape(-1, 3).numpy(), size, focal)
-    col, row = np.rint(uv[:, 0]).astype(np.int64), np.rint(uv[:, 1]).astype(np.int64)
-    valid = (depth > 0) & (col >= 0) & (col < size) & (row >= 0) & (row < size)
+    axis = np.arange(count, dtype=np.float64) * spacing + box_min
+    y, z = (a.ravel() for a in np.meshgrid(axis, axis, indexing="ij"))
     maxima = torch.full((size * size,), -math.inf)
-    maxima.scatter_reduce_(0, torch.from_numpy(row[valid] * size + col[valid]),
-                           torch.from_numpy(values.reshape(-1)[valid]).float(), reduce="amax")
+    for i, x in enumerate(axis):
+        uv, depth = camera.project_viewer(np.stack([np.full_like(y, x), y, z], axis=-1), size, focal)
+        col, row = np.rint(uv[:, 0]).astype(np.int64), np.rint(uv[:, 1]).astype(np.int64)
+        valid = (depth > 0) & (col >= 0) & (col < size) & (row >= 0) & (row < size)
+        maxima.scatter_reduce_(0, torch.from_numpy(row[valid] * size + col[valid]),
+                               torch.from_numpy(values[i].reshape(-1)[valid]).float(), reduce="amax")
     return maxima.reshape(size, size).numpy()
 
 
