@@ -241,3 +241,21 @@ def test_the_points_own_normals_steer_the_planes_whichever_side_they_point_to():
     assert radial_error(steered, 0.34) < 0.95 * radial_error(fitted, 0.34)
     unoriented = directions * rng.choice([-2.0, 1.0], size=(3000, 1))     # either side, any length
     np.testing.assert_array_equal(refine_to_points(mesh.vertices, mesh.faces, points, normals=unoriented), steered)
+
+
+def test_the_far_face_of_a_thin_part_is_told_from_a_noisy_single_face():
+    """far_sheet: candidates behind the vertex along its outward normal split into two faces 0.03
+    apart (a plate) are told apart; one face with the same noise (sigma 0.002) is left whole."""
+    from backend.extraction.refine import far_sheet
+
+    rng = np.random.default_rng(0)
+    near_face = rng.normal(0.0, 0.002, size=(200, 12))
+    plate = np.concatenate([near_face, rng.normal(-0.03, 0.002, size=(200, 12))], axis=1)
+    valid = np.ones(plate.shape, bool)
+    far = far_sheet(plate, valid, gap=0.006, min_count=6)
+    assert far[:, 12:].all() and not far[:, :12].any()
+    single = rng.normal(0.0, 0.002, size=(200, 24))
+    assert not far_sheet(single, valid, gap=0.006, min_count=6).any()
+    # candidates not in use never count, and too few behind the gap are no face
+    valid[:, 12:20] = False
+    assert not far_sheet(plate, valid, gap=0.006, min_count=6).any()

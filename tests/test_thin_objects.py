@@ -166,31 +166,32 @@ def reconstructor():
 
 
 def reconstruct_thin(reconstructor, name):
+    """(volume / true volume, farthest vertex from the input points, the same for the true surface,
+    result) for 3000 noisy points on the thin box `name`."""
     from backend.pipeline import ReconstructOptions
 
     dims = THIN_SHAPES[name]
     points = box_points(dims, 3000, seed=1, noise=0.005)
     result = reconstructor.reconstruct_points(points, ReconstructOptions(resolution=128))
     mesh = trimesh.Trimesh(result.vertices, result.faces, process=False)
-    distance, _ = cKDTree(points).query(result.vertices)
-    return mesh.volume / np.prod(dims), distance.max(), result
+    tree = cKDTree(points)
+    truth, _ = trimesh.sample.sample_surface(trimesh.creation.box(extents=dims), 200000, seed=0)
+    return mesh.volume / np.prod(dims), tree.query(result.vertices)[0].max(), tree.query(truth)[0].max(), result
 
 
-# Measured (2 CPU cores, this model, seed 1): the plate comes out of the net at 0.79 of its volume,
-# and the refinement then pulls its two faces, 0.03 apart, onto common planes: 0.33 (see docs/pointclouds.md).
-PLATE_XFAIL = pytest.mark.xfail(strict=True, reason="the refinement (backend/extraction/refine.py) fits planes to points "
-                                                   "from both faces of a 0.03 plate and flattens it: 0.79 of the volume "
-                                                   "before refinement, 0.33 after (measured)")
-
-
-@pytest.mark.parametrize("name", ["rod", "board", pytest.param("plate", marks=PLATE_XFAIL)])
+@pytest.mark.parametrize("name", ["rod", "board", "plate"])
 def test_thin_shapes_come_back_where_the_points_are(reconstructor, name):
-    volume_ratio, farthest, result = reconstruct_thin(reconstructor, name)
-    assert farthest < 0.03, f"a vertex lies {farthest:.3f} from every input point"
+    """Every vertex within 0.03 of an input point, or, where 3000 points leave wider holes than
+    that on the true surface itself (the plate: 0.037), no farther than the truth's own farthest
+    point (+10%); the enclosed volume within 35% of the truth's (both faces of a 0.03 plate kept
+    apart, refine.far_sheet)."""
+    volume_ratio, farthest, truth_farthest, result = reconstruct_thin(reconstructor, name)
+    bound = max(0.03, 1.1 * truth_farthest)
+    assert farthest < bound, f"a vertex lies {farthest:.3f} from every input point (bound {bound:.3f})"
     assert abs(volume_ratio - 1) < 0.35, f"volume {volume_ratio:.2f} of the truth"
 
 
 def test_the_result_says_when_the_net_was_used(reconstructor):
-    _, _, result = reconstruct_thin(reconstructor, "rod")
+    *_, result = reconstruct_thin(reconstructor, "rod")
     assert result.stats["support"]["changed"]
     assert any("safety net" in w for w in result.stats["warnings"])
