@@ -92,6 +92,12 @@ def object_depth(focal: float):
     return focal * (1.0 + 2.0 * CROP_MARGIN)
 
 
+def crop_pixel_width(image_size: int) -> float:
+    """Width, in viewer units, of one pixel of an image_size crop at the viewer origin's depth
+    (whatever the focal length: the crop always spans 1 + 2 CROP_MARGIN units there)."""
+    return (1.0 + 2.0 * CROP_MARGIN) / image_size
+
+
 def project_viewer(points: np.ndarray, image_size: int, focal: float = FOCAL) -> tuple[np.ndarray, np.ndarray]:
     """Viewer points (N, 3) -> crop pixel coordinates uv (N, 2) and camera depth (N,)."""
     q = points + np.array([0.0, 0.0, object_depth(focal)])
@@ -175,6 +181,14 @@ def crop_source_pixels(camera_mat: np.ndarray, crop: CropCamera, size: int) -> n
     original = rays @ crop.rotation            # R^T d, row-wise
     projected = original @ camera_mat.T
     return projected[..., :2] / projected[..., 2:3]
+
+
+def source_pixels_of_viewer_points(points: np.ndarray, camera_mat: np.ndarray, crop: CropCamera) -> np.ndarray:
+    """Viewer points (N, 3) of a crop -> (N, 2) pixel coordinates (u, v) in the original image
+    that camera_mat (3, 3) describes: the crop camera's frame rotated back into the original's."""
+    q = points + np.array([0.0, 0.0, object_depth(crop.focal)])
+    projected = (q @ crop.rotation) @ camera_mat.T
+    return projected[:, :2] / projected[:, 2:3]
 
 
 def transform_points(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:

@@ -31,7 +31,7 @@ from .foreground import object_mask
 from .inputs import normalisation, validate_image
 from .pointclouds import checked_cloud
 from .preprocess import image_to_model_input, subsample_indices, subsample_points
-from .viewer import masked_logits, output_transform, photo_camera, silhouette_level, viewer_input
+from .viewer import masked_logits, output_transform, photo_camera, picture_colours, silhouette_level, viewer_input
 
 RESOLUTIONS = (32, 64, 128, 256, 512)
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -310,9 +310,11 @@ class Reconstructor:
         size = int(config["input"]["image_size"])
         height, width = rgba.shape[:2]
         with timer("encode"), torch.inference_mode():
-            view = viewer_input(rgba, found, photo_camera(height, width, options.focal_length), size)
+            camera_mat = photo_camera(height, width, options.focal_length)
+            view = viewer_input(rgba, found, camera_mat, size)
             image = torch.from_numpy(view.image).to(device)[None]
-            code = model.encode(image, torch.tensor([view.crop.focal], device=device))
+            code = model.encode(image, torch.tensor([view.crop.focal], device=device),
+                                torch.from_numpy(view.mask)[None])
         mask_tensor = torch.from_numpy(view.mask).to(device)
 
         def evaluate(p: torch.Tensor) -> torch.Tensor:
@@ -330,6 +332,9 @@ class Reconstructor:
         mesh, evaluations = self._extract(evaluate, VIEWER_BOX, device, options, timer, progress, should_cancel,
                                           warnings=warnings, choose_level=cover_the_mask)
         result = self._finish(model, code, device, mesh, options, timer, should_cancel, warnings)
+        if options.colours and result.colors is None:
+            with timer("colours"):
+                result.colors = picture_colours(rgba, found.mask, camera_mat, view.crop, result.vertices)
         up = code["up"][0].double().cpu().numpy()
         transform = output_transform(up, result.vertices.astype(np.float64))
         result.vertices = (result.vertices.astype(np.float64) @ transform[:3, :3].T + transform[:3, 3]).astype(np.float32)

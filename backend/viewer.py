@@ -120,6 +120,28 @@ def silhouette_level(values: np.ndarray, box_min: float, spacing: float, mask: n
     return max(min(level, needed), floor)
 
 
+def picture_colours(rgba: np.ndarray, mask: np.ndarray, camera_mat: np.ndarray, crop: camera.CropCamera,
+                    points: np.ndarray) -> np.ndarray:
+    """(N, 4) float32 RGBA (alpha 1), the picture's colour where each viewer point (N, 3) projects:
+    the colour the picture shows on that point's ray, its own if nothing hides it. rgba (H, W, 4)
+    in [0, 1], mask (H, W) bool: background pixels take the nearest object pixel's colour first, so
+    the outline does not bleed the background into the mesh."""
+    from scipy.ndimage import distance_transform_edt, map_coordinates
+
+    uv = camera.source_pixels_of_viewer_points(points, camera_mat, crop)
+    height, width = mask.shape
+    left, top = (np.floor(uv.min(axis=0)).astype(int) - 2).clip(0, [width - 1, height - 1])
+    right, bottom = (np.ceil(uv.max(axis=0)).astype(int) + 3).clip(1, [width, height])
+    region = mask[top:bottom, left:right]
+    rgb = rgba[top:bottom, left:right, :3]
+    if region.any() and not region.all():
+        _, (rows, cols) = distance_transform_edt(~region, return_indices=True)
+        rgb = rgb[rows, cols]
+    coords = np.stack([uv[:, 1] - top, uv[:, 0] - left])
+    colours = np.stack([map_coordinates(rgb[..., k], coords, order=1, mode="nearest") for k in range(3)], axis=1)
+    return np.concatenate([colours.clip(0.0, 1.0), np.ones((len(points), 1))], axis=1).astype(np.float32)
+
+
 def output_transform(up: np.ndarray, vertices: np.ndarray) -> np.ndarray:
     """(4, 4) rigid map from the viewer frame to the returned mesh's frame: Blender's axes with the
     picture seen from the Front view (backend.camera.blender_from_viewer), the object resting on

@@ -226,9 +226,16 @@ def test_mesh_from_image_stands_on_the_cursor_as_seen_from_the_front(scene, soli
         scene.cursor.location = (1.0, 2.0, 3.0)
         res = bpy.ops.occnet.mesh_from_image("EXEC_DEFAULT", source="IMAGE", image="ell", resolution="32")
         assert res == {"FINISHED"}
-        v = world_vertices(bpy.context.active_object)
+        obj = bpy.context.active_object
+        v = world_vertices(obj)
+        colours = obj.data.color_attributes["Color"]
+        rgba = np.empty(len(colours.data) * 4, np.float32)
+        colours.data.foreach_get("color_srgb", rgba)
     finally:
         prefs.checkpoint_image = previous
+    # the picture's own colour on every vertex, shown by the object's material
+    np.testing.assert_allclose(rgba.reshape(-1, 4)[:, :3], np.tile((0.2, 0.4, 0.8), (len(v), 1)), atol=0.01)
+    assert obj.active_material is not None
     assert v[:, 2].min() == pytest.approx(3.0, abs=1e-4), "rests on the cursor's height"
     assert (v[:, 0].min() + v[:, 0].max()) / 2 == pytest.approx(1.0, abs=1e-4)
     assert (v[:, 1].min() + v[:, 1].max()) / 2 == pytest.approx(2.0, abs=1e-4)

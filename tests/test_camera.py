@@ -49,6 +49,8 @@ def test_a_world_point_keeps_its_pixel_through_crop_and_viewer_frame(focal, box)
         world = camera.transform_points(np.linalg.inv(similarity), viewer)
         uv_render, _ = camera.project(world_mat, camera_mat, world)
         assert np.allclose(uv_render, source.reshape(-1, 2), atol=1e-6)
+        # and straight from the viewer frame, as the picture's colours are looked up
+        assert np.allclose(camera.source_pixels_of_viewer_points(viewer, camera_mat, crop), uv_render, atol=1e-6)
 
 
 def test_the_object_centre_lands_at_viewer_depth_zero_and_keeps_its_size_on_screen():

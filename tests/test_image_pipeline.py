@@ -72,6 +72,27 @@ def test_the_outline_of_the_result_is_the_mask(solid_pixel_checkpoint):
     assert near_mask[row, col].all(), "no vertex outside the mask"
 
 
+def test_the_result_takes_the_pictures_colours_without_its_background(solid_pixel_checkpoint):
+    """A model without a texture head colours each vertex with the picture's colour on its ray:
+    the bar red, the foot green, and no vertex takes the white background, not even on the outline."""
+    picture, mask = ell_picture()
+    picture[130:160, 90:150, :3] = [40, 200, 60]     # the foot, right of the bar, is green
+    picture[40:160, 60:90, :3] = [220, 30, 30]       # the bar is red
+    options = ReconstructOptions(checkpoint=solid_pixel_checkpoint, resolution=64)
+    result = Reconstructor("cpu").reconstruct_image(picture, options)
+    v, rgb = result.vertices, result.colors[:, :3]
+    assert result.colors.shape == (len(v), 4) and (result.colors[:, 3] == 1).all()
+    height, left = v[:, 2].max(), v[:, 0].min()
+    width = v[:, 0].max() - left
+    bar = v[:, 2] > 0.5 * height
+    foot = (v[:, 2] < 0.2 * height) & (v[:, 0] > left + 0.6 * width)
+    assert np.allclose(rgb[bar], [220 / 255, 30 / 255, 30 / 255], atol=0.02)
+    assert np.allclose(rgb[foot], [40 / 255, 200 / 255, 60 / 255], atol=0.02)
+    assert rgb.sum(axis=1).max() < 2.0, "no vertex takes the white background"
+    options.colours = False
+    assert Reconstructor("cpu").reconstruct_image(picture, options).colors is None
+
+
 def test_a_picture_without_transparency_uses_the_estimated_mask_and_says_so(solid_pixel_checkpoint):
     picture, _ = ell_picture(alpha=False)
     result = Reconstructor("cpu").reconstruct_image(

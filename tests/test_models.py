@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -135,3 +136,47 @@ def test_truncated_checkpoint_is_refused(tmp_path):
     (tmp_path / "m.safetensors").write_bytes(data[: len(data) - 100])
     with pytest.raises(CheckpointError):
         load_checkpoint(tmp_path / "m.safetensors")
+
+
+# -- the silhouette prior of pixel-aligned models ---------------------------------------------------
+
+def prior_model(temperature=0.05):
+    """The tiny pixel-aligned model with a silhouette prior and a silent network (fc_out zero):
+    its logits are the prior's alone."""
+    config = preset("tiny_pixel_image")
+    config["decoder"]["prior_temperature"] = temperature
+    model = build_model(config).eval()
+    with torch.no_grad():
+        model.decoder.fc_out.weight.zero_()
+        model.decoder.fc_out.bias.zero_()
+    return model
+
+
+def disc_mask(size=64, radius=20.0):
+    rows, cols = np.mgrid[:size, :size]
+    centre = (size - 1) / 2
+    return torch.from_numpy(np.hypot(rows - centre, cols - centre) <= radius)
+
+
+def test_the_silhouette_prior_inflates_a_disc_into_a_ball():
+    from backend import camera
+    from backend.models.pixel_aligned import silhouette_half_thickness
+
+    thickness = silhouette_half_thickness(disc_mask().numpy())
+    radius = 20.0 * camera.crop_pixel_width(64)     # the disc's radius in viewer units
+    assert thickness.max() == pytest.approx(radius, rel=0.05)
+    model = prior_model()
+    image = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        code = model.encode(image, torch.tensor([camera.FOCAL]), disc_mask()[None])
+        probes = torch.tensor([[[0.0, 0.0, 0.0], [0.0, 0.0, 0.9 * radius], [0.0, 0.0, -0.9 * radius],
+                                [0.0, 0.0, 1.2 * radius], [1.2 * radius, 0.0, 0.0], [0.5 * radius, 0.0, 0.9 * radius]]])
+        inside = (model.decode(probes, code) > 0)[0].tolist()
+    assert inside == [True, True, True, False, False, False]
+
+
+def test_a_model_with_a_silhouette_prior_needs_the_mask():
+    model = prior_model()
+    with pytest.raises(ValueError, match="mask"):
+        model.encode(torch.rand(1, 3, 64, 64), torch.tensor([1.4]))
+    assert not build_model(preset("tiny_pixel_image")).needs_mask

@@ -403,3 +403,44 @@ def test_the_squash_augmentation_is_read_from_the_configuration(tmp_path):
     training, validation = sampling_config(cfg), sampling_config(cfg, validation=True)
     assert training.squash_probability == 0.15 and training.squash_range == (0.05, 0.2)
     assert training.augments and validation.squash_probability == 0.0
+
+
+def test_a_silhouette_prior_is_added_to_a_trained_pixel_model_without_changing_its_weights(data_dir, tmp_path):
+    from conftest import make_solid_pixel_checkpoint
+
+    source = make_solid_pixel_checkpoint(tmp_path / "plain.safetensors")
+    model = preset("tiny_pixel_image")
+    model["decoder"]["prior_temperature"] = 0.05
+    cfg = config("test_tiny_image.json", data_dir, tmp_path / "prior", model=model, init_weights=str(source))
+    trainer = Trainer(cfg, resume=False, command="pytest")
+    expected = load_file(str(source))
+    for key, value in trainer.module.state_dict().items():
+        if key.startswith("decoder.fc_prior."):
+            assert not value.any(), key          # new: starts at zero, so the old network is kept
+        else:
+            assert torch.equal(value, expected[key]), key
+    wider = preset("tiny_pixel_image")
+    wider["decoder"]["hidden"] += 8
+    with pytest.raises(TrainingError, match="differs"):
+        Trainer(config("test_tiny_image.json", data_dir, tmp_path / "wider", model=wider, init_weights=str(source)),
+                resume=False, command="pytest")
+
+
+def test_viewer_queries_can_be_drawn_inside_the_masks_cone_only():
+    """Outside the mask's cone the mask law decides at inference: uniform_in_mask spends every
+    uniform query where the network has to guess, and each keeps its true occupancy."""
+    from backend import camera, viewer
+
+    rng = np.random.default_rng(0)
+    uniform = rng.uniform(-0.55, 0.55, size=(50000, 3)).astype(np.float16)
+    ball = np.linalg.norm(uniform.astype(np.float64), axis=1) < 0.3
+    shape = ds.ShapeArrays("ball", "test", uniform, ball, uniform[:0], ball[:0])
+    rows, cols = np.mgrid[:48, :48]
+    mask = torch.from_numpy(np.hypot(rows - 23.5, cols - 23.5) < 12)
+    identity = ds.AffineAugmentation(np.eye(3), np.zeros(3), 1.0)
+    points, occupancies = ds.sample_queries_in_mask(shape, 1000, rng, identity, camera.VIEW_HALF_EXTENT, 0.55,
+                                                    mask, camera.FOCAL)
+    assert points.shape == (1000, 3) and occupancies.shape == (1000,)
+    assert viewer.inside_mask(torch.from_numpy(points), mask, camera.FOCAL).all()
+    np.testing.assert_array_equal(occupancies, np.linalg.norm(points, axis=1) < 0.3)
+    assert 0.2 < occupancies.mean() < 0.9   # the ball fills much of the cone, little of the box

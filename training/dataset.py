@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from backend import camera
+from backend import camera, viewer
 from backend.inputs import normalisation
 from backend.preprocess import image_to_model_input, over_background, premultiply, resample
 
@@ -194,6 +194,31 @@ def sample_uniform_queries(points: np.ndarray, occupancies: np.ndarray, count: i
         out_pts[~outside_original] = stored_pts
         out_occ[~outside_original] = stored_occ
     return out_pts, out_occ
+
+
+def sample_queries_in_mask(shape, count: int, rng: np.random.Generator, augmentation: AffineAugmentation,
+                           half_extent: float, source_half_extent: float, mask: torch.Tensor, focal: float,
+                           max_rounds: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """count uniform viewer-box queries (count, 3) float32 with occupancies (count,) float32, drawn
+    only inside the cone of the crop mask (S, S) bool: outside it the mask law decides at inference,
+    so training spends its queries where the network must guess the depth. Rejection sampling; a
+    mask too small to fill the count in max_rounds is topped up with plain uniform queries."""
+    kept_p, kept_o, have = [], [], 0
+    for _ in range(max_rounds):
+        if have >= count:
+            break
+        p, o = sample_uniform_queries(shape.uniform_points, shape.uniform_occupancies, 4 * count, rng,
+                                      augmentation, half_extent, source_half_extent)
+        inside = viewer.inside_mask(torch.from_numpy(p), mask, focal).numpy()
+        kept_p.append(p[inside])
+        kept_o.append(o[inside])
+        have += int(inside.sum())
+    if have < count:
+        p, o = sample_uniform_queries(shape.uniform_points, shape.uniform_occupancies, count - have, rng,
+                                      augmentation, half_extent, source_half_extent)
+        kept_p.append(p)
+        kept_o.append(o)
+    return np.concatenate(kept_p)[:count], np.concatenate(kept_o)[:count]
 
 
 def sample_near_queries(points: np.ndarray, occupancies: np.ndarray, count: int, rng: np.random.Generator,
@@ -433,6 +458,8 @@ class SamplingConfig:
     background: str = "white"           # "white" | "random" | "mixed"
     view: int | None = None             # fixed view (validation/evaluation) or None for random
     frame: str = "canonical"            # image models: "canonical" or "viewer" (backend.camera)
+    uniform_in_mask: bool = False       # viewer models: uniform queries only where the mask law
+                                        # leaves the answer to the network (inside the mask's cone)
     padding: float = DEFAULT_PADDING
 
     @property
@@ -492,6 +519,7 @@ class OccupancyDataset(torch.utils.data.Dataset):
             inputs_t = torch.from_numpy(inputs)
             extra["up"] = torch.from_numpy(seen.up.astype(np.float32))
             extra["focal"] = torch.tensor(seen.focal, dtype=torch.float32)
+            extra["mask"] = torch.from_numpy(seen.premultiplied[..., 3] >= 0.5)
         else:
             view = s.view if s.view is not None else int(rng.integers(0, len(shape.views)))
             rgba = decode_view(shape.views[view % len(shape.views)])
@@ -499,7 +527,11 @@ class OccupancyDataset(torch.utils.data.Dataset):
         n_near = int(round(s.query_points * s.near_fraction))
         n_uniform = s.query_points - n_near
         parts_p, parts_o = [], []
-        if n_uniform:
+        if n_uniform and s.uniform_in_mask and "mask" in extra:
+            p, o = sample_queries_in_mask(shape, n_uniform, rng, aug, h, source_h, extra["mask"], float(extra["focal"]))
+            parts_p.append(p)
+            parts_o.append(o)
+        elif n_uniform:
             p, o = sample_uniform_queries(shape.uniform_points, shape.uniform_occupancies, n_uniform, rng, aug, h,
                                           source_half_extent=source_h)
             parts_p.append(p)

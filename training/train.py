@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 
+from backend import viewer
 from backend.atomic import TEMP_SUFFIX, atomic_write
 from backend.checkpoint import load_checkpoint, save_checkpoint
 from backend.errors import OccnetError
@@ -62,6 +63,7 @@ DEFAULTS = {
     "batch_size": 16,                 # global batch (split over DDP processes)
     "query_points": 2048,             # query points per shape
     "near_fraction": 0.5,             # share of near-surface query points
+    "uniform_in_mask": False,         # viewer image models: uniform queries only inside the mask's cone
     "input": {},                      # overrides of the model's input section (num_points, noise)
     "num_points_range": None,         # [lo, hi]: each batch uses a random number of input points
     "augmentation": {"rotation": "none", "up_axis": 2, "scale_range": [1.0, 1.0], "background": "white"},
@@ -85,6 +87,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 # Files of out_dir written through atomic_write.
 ATOMIC_OUTPUTS = ("state.safetensors", "model_last.safetensors", "model_best.safetensors", "log.csv")
 DECAYS = ("constant", "cosine", "step")
+PRIOR_LAYERS = ("decoder.fc_prior.",)   # layers that a silhouette prior adds to a pixel-aligned decoder
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,13 +173,14 @@ def sampling_config(cfg: dict, validation: bool = False) -> SamplingConfig:
         background=aug.get("background", "white"),
         padding=float(cfg["model"].get("padding", 0.1)),
         frame=model_in.get("frame", "canonical"),
+        uniform_in_mask=bool(cfg["uniform_in_mask"]),
     )
     if cfg["num_points_range"] and s.input_kind == "points":
         s.num_points = max(s.num_points, int(cfg["num_points_range"][1]))
     if validation:
         s.query_points, s.near_fraction = int(cfg["val_points"]), 0.0
         s.rotation, s.scale_range, s.background, s.view = "none", (1.0, 1.0), "white", 0
-        s.squash_probability = 0.0
+        s.squash_probability, s.uniform_in_mask = 0.0, False
         s.num_points = int(model_in.get("num_points", 3000))
     return s
 
@@ -409,11 +413,16 @@ class Trainer:
         """Start from a model checkpoint's weights; its architecture must be this run's, because
         a silently partial load would look like training from scratch."""
         source, source_cfg, _ = load_checkpoint(path, self.device)
+        without_prior = {k: v for k, v in self.cfg["model"].get("decoder", {}).items() if k != "prior_temperature"}
         if source_cfg.get("encoder") != self.cfg["model"].get("encoder") or \
-                source_cfg.get("decoder") != self.cfg["model"].get("decoder"):
+                source_cfg.get("decoder") not in (self.cfg["model"].get("decoder"), without_prior):
             raise TrainingError(f"init_weights {path}: its encoder/decoder configuration differs from this run's model")
-        self.module.load_state_dict(source.state_dict(), strict=True)
-        self.log(f"initial weights from {path}")
+        missing, unexpected = self.module.load_state_dict(source.state_dict(), strict=False)
+        # Only a silhouette prior's layers may be new; they start at zero (PixelAlignedDecoder).
+        if unexpected or any(not key.startswith(PRIOR_LAYERS) for key in missing):
+            raise TrainingError(f"init_weights {path}: weights do not fit this run's model "
+                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        self.log(f"initial weights from {path}" + (" (the silhouette prior's layers start at zero)" if missing else ""))
 
     # -- small utilities -----------------------------------------------------------------------
     def load_initial_encoder(self, name: str) -> None:
@@ -483,7 +492,8 @@ class Trainer:
     # -- validation -----------------------------------------------------------------------------
     @torch.no_grad()
     def validate(self) -> float | None:
-        """Mean occupancy IoU over the val split (uniform points, logits > 0), over all ranks."""
+        """Mean occupancy IoU over the val split (uniform points, logits > 0), over all ranks.
+        Viewer-centred image models are scored under the mask law, as inference applies it."""
         if len(self.val_set) == 0:
             return None
         self.module.eval()
@@ -495,10 +505,14 @@ class Trainer:
             inputs = item["inputs"].to(self.device)
             points = item["points"].to(self.device)
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                c = self.module.encode(inputs, item["focal"].to(self.device)) if "focal" in item \
+                c = self.module.encode(inputs, item["focal"].to(self.device), item["mask"]) if "focal" in item \
                     else self.module.encode(inputs)
                 logits = torch.cat([self.module.decode(chunk, c) for chunk in points.split(100000, dim=1)], dim=1)
-            for pred, gt in zip((logits > 0).cpu().numpy(), (item["occ"] > 0.5).numpy()):
+            predicted = logits > 0
+            if "mask" in item:
+                predicted &= torch.stack([viewer.inside_mask(p, m.to(p.device), float(f)) for p, m, f
+                                          in zip(points, item["mask"], item["focal"])])
+            for pred, gt in zip(predicted.cpu().numpy(), (item["occ"] > 0.5).numpy()):
                 total += occupancy_iou(pred, gt)
                 count += 1
         self.module.train()
@@ -519,7 +533,8 @@ class Trainer:
             group["lr"] = lr
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
             if "up" in item:
-                logits, code = self.model(points, inputs, focal=item["focal"].to(self.device), with_code=True)
+                logits, code = self.model(points, inputs, focal=item["focal"].to(self.device), with_code=True,
+                                          mask=item["mask"])
             else:
                 logits = self.model(points, inputs)
         loss = occupancy_loss(logits, occ)

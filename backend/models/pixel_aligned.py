@@ -6,14 +6,21 @@ in the viewer frame. The decoder projects each query point through the canonical
 (backend.camera), samples the feature map bilinearly at its pixel and predicts occupancy from that
 feature, the point's viewer coordinates (depth above all) and the global code. What the picture
 shows is read at the point's pixel; only what it cannot show comes from the global code.
+
+With a silhouette prior (decoder option prior_temperature), the decoder learns a correction to a
+shape read from the mask alone: the outline inflated as if every part of it were round (a disc
+becomes a ball). That guess beats an undertrained network on validation, so the network starts
+from it and spends its training on what the outline cannot say.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.ndimage import distance_transform_edt
 from torch import nn
 
 from .. import camera
@@ -86,19 +93,38 @@ def viewer_to_grid(p: torch.Tensor, image_size: int, focal: torch.Tensor) -> tor
     return (2.0 * uv + 1.0) / image_size - 1.0
 
 
+def silhouette_half_thickness(mask: np.ndarray) -> np.ndarray:
+    """Crop mask (R, R) bool -> (R, R) float32: the half thickness, in viewer units, of the outline
+    inflated as if round: sqrt(d (2 D - d)) at distance d from the outline, D the largest such
+    distance (a disc of radius D becomes a ball). Zero outside the mask."""
+    d = distance_transform_edt(mask) * camera.crop_pixel_width(mask.shape[0])
+    return np.sqrt(np.maximum(d * (2.0 * d.max() - d), 0.0)).astype(np.float32)
+
+
 class PixelAlignedDecoder(nn.Module):
     """Occupancy logits (B, M) of viewer points p (B, M, 3) given the encoder's output and each
-    image's crop focal length c["focal"] (B,)."""
+    image's crop focal length c["focal"] (B,); with a silhouette prior also c["thickness"]
+    (B, 1, R, R), the half-thickness map of silhouette_half_thickness."""
 
     def __init__(self, c_dim: int = 64, g_dim: int = 128, hidden: int = 128, n_blocks: int = 3,
-                 frequencies: int = 4, image_size: int = 128):
+                 frequencies: int = 4, image_size: int = 128, prior_temperature: float | None = None):
         super().__init__()
         self.frequencies, self.image_size = frequencies, image_size
+        self.prior_temperature = prior_temperature
         self.fc_feature = nn.Linear(c_dim, hidden)
         self.fc_point = nn.Linear(3 + 6 * frequencies, hidden)
         self.fc_global = nn.Linear(g_dim, hidden)
+        if prior_temperature is not None:
+            # zero at the start: a network trained without the prior keeps its features
+            self.fc_prior = nn.Linear(2, hidden)
+            nn.init.zeros_(self.fc_prior.weight)
+            nn.init.zeros_(self.fc_prior.bias)
         self.blocks = nn.ModuleList(ResnetBlockFC(hidden) for _ in range(n_blocks))
         self.fc_out = nn.Linear(hidden, 1)
+
+    @property
+    def needs_mask(self) -> bool:
+        return self.prior_temperature is not None
 
     def forward(self, p: torch.Tensor, c: dict) -> torch.Tensor:
         grid = viewer_to_grid(p, self.image_size, c["focal"])[:, :, None]            # (B, M, 1, 2)
@@ -106,6 +132,14 @@ class PixelAlignedDecoder(nn.Module):
                                 align_corners=False)[..., 0].transpose(1, 2)         # (B, M, C)
         net = self.fc_feature(sampled) + self.fc_point(fourier_features(p, self.frequencies)) \
             + self.fc_global(c["global"])[:, None]
+        if self.needs_mask:
+            thickness = F.grid_sample(c["thickness"], grid, mode="bilinear", padding_mode="zeros",
+                                      align_corners=False)[:, 0, :, 0]              # (B, M)
+            inside_prior = thickness - p[..., 2].abs()    # > 0 inside the inflated outline
+            net = net + self.fc_prior(torch.stack([thickness, inside_prior], dim=-1))
         for block in self.blocks:
             net = block(net)
-        return self.fc_out(torch.relu(net))[..., 0]
+        logits = self.fc_out(torch.relu(net))[..., 0]
+        if self.needs_mask:
+            logits = logits + inside_prior / self.prior_temperature
+        return logits

@@ -12,6 +12,8 @@ The same dict builds the model at training time and at inference (it travels in 
 
 import copy
 
+import numpy as np
+
 import torch
 from torch import nn
 
@@ -19,7 +21,7 @@ from .. import camera
 
 from .decoders import DecoderCBatchNorm, LocalDecoder
 from .encoders import LocalPoolPointNet, ResNet18Encoder, ResnetPointNet
-from .pixel_aligned import EfficientNetPixelEncoder, PixelAlignedDecoder
+from .pixel_aligned import EfficientNetPixelEncoder, PixelAlignedDecoder, silhouette_half_thickness
 from .textured import NoEncoder, TexturedField
 
 ENCODERS = {
@@ -113,14 +115,26 @@ class OccupancyNetwork(nn.Module):
         """"viewer" for models that predict in the camera's frame (backend.camera), else "canonical"."""
         return self.config["input"].get("frame", "canonical")
 
-    def encode(self, inputs: torch.Tensor, focal: torch.Tensor | None = None):
+    @property
+    def needs_mask(self) -> bool:
+        """The decoder starts from a shape read off the object's mask: encode needs the mask."""
+        return bool(getattr(self.decoder, "needs_mask", False))
+
+    def encode(self, inputs: torch.Tensor, focal: torch.Tensor | None = None, mask: torch.Tensor | None = None):
         """points (B, N, 3) or images (B, 3, S, S) -> c: (B, c_dim), {plane: (B, C, R, R)} or, for
-        viewer-centred models, {"features", "global", "up", "focal"}; focal (B,): each crop's focal
-        length as a fraction of its width (backend.camera), the canonical guess when None."""
+        viewer-centred models, {"features", "global", "up", "focal"} (and "thickness" for models
+        that need the mask); focal (B,): each crop's focal length as a fraction of its width
+        (backend.camera), the canonical guess when None; mask (B, R, R) bool: the crop's mask, at
+        any resolution R."""
         c = self.encoder(inputs)
         if self.frame == "viewer":
             c["focal"] = focal.to(inputs) if focal is not None else \
                 torch.full((inputs.shape[0],), camera.FOCAL, dtype=inputs.dtype, device=inputs.device)
+        if self.needs_mask:
+            if mask is None:
+                raise ValueError("this model reads the object's shape off its mask: encode needs the mask")
+            thickness = np.stack([silhouette_half_thickness(m) for m in mask.cpu().numpy()])
+            c["thickness"] = torch.from_numpy(thickness)[:, None].to(inputs)
         return c
 
     def decode(self, p: torch.Tensor, c) -> torch.Tensor:
@@ -138,9 +152,9 @@ class OccupancyNetwork(nn.Module):
         return self.decoder(p, c, with_colour=True)[1]
 
     def forward(self, p: torch.Tensor, inputs: torch.Tensor, focal: torch.Tensor | None = None,
-                with_code: bool = False):
+                with_code: bool = False, mask: torch.Tensor | None = None):
         """Logits (B, M); with_code: (logits, c), for losses on the encoder's other outputs."""
-        c = self.encode(inputs, focal)
+        c = self.encode(inputs, focal, mask)
         logits = self.decode(p, c)
         return (logits, c) if with_code else logits
 
