@@ -7,8 +7,8 @@ side | ground truth from the front | ground truth from the side.
 Rows: test-split shapes of DATA_DIR (one per class while classes last), each from its first
 rendered view; then the benchmark's Cycles renders of classic meshes (bench/image.py makes them);
 then one of those composited on a plain background without alpha, so the mask is estimated.
-"Front" is Blender's Front view of the returned mesh (the picture's own view); "side" is the Right
-view. The ground truth is moved into the same frame (the view's viewer frame, then the result's
+"Front" is Blender's Front view of the returned mesh (the picture's own view), in the colours the
+result carries (the picture's); "side" is the Right view. The ground truth is moved into the same frame (the view's viewer frame, then the result's
 viewer_to_output), so both columns compare like with like.
 """
 
@@ -40,7 +40,8 @@ def view_matrix(vertices: np.ndarray, direction: np.ndarray) -> np.ndarray:
     return camera.look_at(centre - distance * direction / np.linalg.norm(direction), centre)
 
 
-def render_tile(renderer, vertices, faces, world_mat, path: Path) -> Image.Image:
+def render_tile(renderer, vertices, faces, world_mat, path: Path, colours=None) -> Image.Image:
+    """One view of a mesh, grey or in its vertex colours (V, 4) sRGB."""
     from mathutils import Matrix
 
     from backend.camera import BLENDER_FROM_OPENCV
@@ -49,6 +50,12 @@ def render_tile(renderer, vertices, faces, world_mat, path: Path) -> Image.Image
     shading = renderer.scene.display.shading
     shading.light, shading.color_type = "STUDIO", "SINGLE"
     shading.single_color = (0.75, 0.75, 0.78)
+    if colours is not None:
+        mesh = renderer.mesh_object.data
+        attribute = mesh.color_attributes.new("colour", "FLOAT_COLOR", "POINT")
+        attribute.data.foreach_set("color_srgb", np.ascontiguousarray(colours, np.float32).ravel())
+        mesh.color_attributes.active_color = attribute
+        shading.color_type = "VERTEX"
     shading.show_cavity, shading.show_shadows, shading.show_specular_highlight = True, False, True
     renderer.camera.data.lens = 50.0
     renderer.camera.matrix_world = Matrix(np.linalg.inv(BLENDER_FROM_OPENCV @ world_mat).tolist())
@@ -101,9 +108,10 @@ def row_tiles(renderer, reconstructor, options, rgba, gt_vertices, gt_faces, sim
     both = np.concatenate([result.vertices, gt_output])
     front, side = view_matrix(both, np.array([0.0, 1.0, 0.0])), view_matrix(both, np.array([-1.0, 0.0, 0.0]))
     tiles = [on_white(shown)]
-    for label, (vertices, faces) in (("pred", (result.vertices, result.faces)), ("gt", (gt_output, gt_faces))):
-        tiles.append(render_tile(renderer, vertices, faces, front, work / f"{name}_{label}_front.png"))
-        tiles.append(render_tile(renderer, vertices, faces, side, work / f"{name}_{label}_side.png"))
+    for label, (vertices, faces, colours) in (("pred", (result.vertices, result.faces, result.colors)),
+                                              ("gt", (gt_output, gt_faces, None))):
+        tiles.append(render_tile(renderer, vertices, faces, front, work / f"{name}_{label}_front.png", colours))
+        tiles.append(render_tile(renderer, vertices, faces, side, work / f"{name}_{label}_side.png", colours))
     print(f"{name}: {result.stats['faces']} faces, mask {result.stats['mask_source']}, "
           f"elevation {result.stats['elevation_deg']} deg", flush=True)
     return tiles
