@@ -13,7 +13,7 @@ cloud is reconstructed once, with every face of the grid kept, and that same mes
 decimated to each tolerance (canonical units), so the rows differ in the decimation alone.
 --refinement: the same clouds; the unrefined grid mesh refined with fresh searches and fits every
 round and with the defaults (which keep planes and neighbours while they hold): seconds (wall and
-CPU, the refinement alone) and quality; with every neighbour in the plane fits (sheet_gap None: a
+CPU, the refinement alone) and quality; with every neighbour in the plane fits (sheet_reach None: a
 thin part's far face too); then with the points' normals (the mesh's own, and those
 turned about 10 degrees to either side, as a scanner estimates them).
 """
@@ -242,7 +242,7 @@ def refinement_rows(reconstructor, path: Path, seed: int, resolution: int) -> li
     canonical, points = (raw.vertices - center) / scale, (noisy - center) / scale
     rows = []
     variants = (("every_round", RefineSettings(refit_distance=0.0), None), ("default", RefineSettings(), None),
-                ("both_sheets", RefineSettings(sheet_gap=None), None),
+                ("both_sheets", RefineSettings(sheet_reach=None), None),
                 ("true_normals", RefineSettings(), normals), ("normals_10deg_either_side", RefineSettings(), turned))
     for name, settings, given in variants:
         wall, cpu = time.perf_counter(), time.process_time()

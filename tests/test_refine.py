@@ -243,19 +243,30 @@ def test_the_points_own_normals_steer_the_planes_whichever_side_they_point_to():
     np.testing.assert_array_equal(refine_to_points(mesh.vertices, mesh.faces, points, normals=unoriented), steered)
 
 
-def test_the_far_face_of_a_thin_part_is_told_from_a_noisy_single_face():
-    """far_sheet: candidates behind the vertex along its outward normal split into two faces 0.03
-    apart (a plate) are told apart; one face with the same noise (sigma 0.002) is left whole."""
-    from backend.extraction.refine import far_sheet
+def test_the_mesh_says_where_it_is_thin_and_the_far_faces_points_are_left_out():
+    """local_thickness: on a 0.03 plate the faces' vertices find the other face 0.03 behind them;
+    on a ball nothing is thin. without_far_sheet then drops, for a vertex on the top face, the
+    input points of the bottom face and keeps those of its own."""
+    from backend.extraction.refine import local_thickness, outward_normals, without_far_sheet
+
+    plate = trimesh.creation.box(extents=(1.0, 0.7, 0.03)).subdivide_to_size(0.01)
+    vertices, faces = np.asarray(plate.vertices), np.asarray(plate.faces)
+    normals = outward_normals(vertices, faces)
+    top = (vertices[:, 2] > 0.014) & (np.abs(vertices[:, :2]) < [0.45, 0.3]).all(axis=1)
+    np.testing.assert_allclose(normals[top], np.tile([0.0, 0.0, 1.0], (top.sum(), 1)), atol=1e-9)   # outward
+    thickness = local_thickness(vertices, normals, reach=0.06)
+    np.testing.assert_allclose(thickness[top], 0.03, atol=1e-6)
+    ball = trimesh.creation.icosphere(4, radius=0.3)
+    assert np.isinf(local_thickness(np.asarray(ball.vertices), np.asarray(ball.vertex_normals), reach=0.06)).all()
 
     rng = np.random.default_rng(0)
-    near_face = rng.normal(0.0, 0.002, size=(200, 12))
-    plate = np.concatenate([near_face, rng.normal(-0.03, 0.002, size=(200, 12))], axis=1)
-    valid = np.ones(plate.shape, bool)
-    far = far_sheet(plate, valid, gap=0.006, min_count=6)
-    assert far[:, 12:].all() and not far[:, :12].any()
-    single = rng.normal(0.0, 0.002, size=(200, 24))
-    assert not far_sheet(single, valid, gap=0.006, min_count=6).any()
-    # candidates not in use never count, and too few behind the gap are no face
-    valid[:, 12:20] = False
-    assert not far_sheet(plate, valid, gap=0.006, min_count=6).any()
+    lateral = rng.uniform(-0.03, 0.03, size=(24, 2))
+    two_faces = np.concatenate([lateral, np.repeat([[0.015], [-0.015]], 12, axis=0)], axis=1)
+    two_faces[:, 2] += rng.normal(0.0, 0.003, 24)
+    vertex, up = np.array([[0.0, 0.0, 0.015]]), np.array([[0.0, 0.0, 1.0]])
+    kept = without_far_sheet(vertex, np.arange(24)[None], two_faces.astype(np.float32), up, np.array([0.03]))
+    assert kept.tolist() == [list(range(12)) + [24] * 12]      # 24 = len(points): none
+    # an open sheet: one layer of points in the middle of the network's shell stays whole
+    one_layer = np.concatenate([lateral, rng.normal(0.0, 0.003, (24, 1))], axis=1).astype(np.float32)
+    kept = without_far_sheet(vertex, np.arange(24)[None], one_layer, up, np.array([0.03]))
+    assert kept.tolist() == [list(range(24))]

@@ -41,14 +41,20 @@ class RefineSettings:
     min_neighbours: int = 6      # fewer points within radius: the vertex keeps the network's position
     smoothing_steps: int = 3     # Taubin steps per round
     refit_distance: float = 0.0005  # a vertex that moved less since its last plane fit keeps that plane
-    sheet_gap: float | None = 0.006  # points behind a gap this wide along the vertex normal are another
-                                    # face of a thin part (far_sheet); None: every neighbour counts
+    sheet_reach: float | None = 0.06  # faces closer than this make a thin part, whose far face's points
+                                      # a vertex leaves out (without_far_sheet); None: all count
 
 
 # Each vertex keeps this many more of its nearest points than a plane fit uses. The more it keeps,
 # the further it may move before it has to search again (see search_neighbours); 8 more make the
 # rounds after the first search for few vertices (docs/performance.md).
 SPARE_NEIGHBOURS = 8
+# local_thickness: inward probes per vertex, evenly spaced up to the reach
+THICKNESS_PROBES = 2
+# without_far_sheet: a far face needs this many points on each side, and this share of the
+# thickness between the two sides' means (a single noisy layer split at its middle has far less)
+MIN_LAYER_POINTS = 3
+TWO_LAYERS = 0.6
 
 
 @dataclass
@@ -114,37 +120,40 @@ def smallest_eigenvectors(a00, a01, a02, a11, a12, a22) -> np.ndarray:
     return vectors
 
 
-def far_sheet(behind: np.ndarray, valid: np.ndarray, gap: float, min_count: int) -> np.ndarray:
-    """(V, C) bool: the points of another sheet behind each vertex. behind (V, C): each candidate's
-    offset along the vertex's outward normal (0 on the vertex's tangent plane, negative inside);
-    valid (V, C) the candidates in use. Where the valid offsets, sorted, leave a gap of at least
-    `gap` with min_count or more on either side, the points below the widest such gap belong to
-    the far face of a thin part (a plate seen from one of its faces), not to this one."""
-    order = np.sort(np.where(valid, behind, np.inf), axis=1)                              # (V, C)
-    counts = valid.sum(axis=1)
-    rank = np.arange(order.shape[1] - 1)[None]
-    with np.errstate(invalid="ignore"):                                                   # inf - inf: no gap
-        steps = np.diff(order, axis=1)                                                     # (V, C - 1)
-    # a gap after the (r+1)-th smallest: r+1 points below it, counts-r-1 above
-    allowed = (rank + 1 >= min_count) & (counts[:, None] - rank - 1 >= min_count) & np.isfinite(steps)
-    steps = np.where(allowed, steps, -np.inf)
-    widest = steps.argmax(axis=1)
-    split = np.take_along_axis(steps, widest[:, None], axis=1)[:, 0] >= gap
-    below = np.take_along_axis(order, widest[:, None], axis=1)                             # (V, 1)
-    return split[:, None] & valid & (behind <= below)
+def local_thickness(vertices: np.ndarray, normals: np.ndarray, reach: float) -> np.ndarray:
+    """(V,) how thin the mesh is at each vertex (V, 3) with unit outward normals (V, 3): probes
+    step inwards along the normal up to `reach`; where the mesh vertex nearest a probe faces the
+    other way (normals more than 120 degrees apart), the far face is that vertex's depth behind
+    this one. inf where no probe meets one (bulky parts)."""
+    tree = cKDTree(vertices)
+    thickness = np.full(len(vertices), np.inf)
+    for depth in reach * np.arange(1, THICKNESS_PROBES + 1) / THICKNESS_PROBES:
+        _, nearest = tree.query(vertices - depth * normals, workers=-1)
+        behind = -np.einsum("vi,vi->v", vertices[nearest] - vertices, normals)
+        opposite = (np.einsum("vi,vi->v", normals[nearest], normals) < -0.5) & (behind > 0.0)
+        thickness = np.where(opposite, np.minimum(thickness, behind), thickness)
+    return thickness
 
 
 def without_far_sheet(vertices: np.ndarray, candidates: np.ndarray, points: np.ndarray, facing: np.ndarray,
-                      settings: RefineSettings) -> np.ndarray:
+                      thickness: np.ndarray) -> np.ndarray:
     """Candidates (V, C) of vertices (V, 3) among points (P, 3) with those on a thin part's far
-    face (far_sheet, along the mesh's outward normals facing (V, 3)) replaced by len(points), none:
-    a plate's two faces are then not pulled onto one plane between them. Done when a vertex
-    searches, which after the first round is rare."""
+    face replaced by len(points), none: the points more than half the local thickness (V,)
+    (local_thickness) behind the vertex along its outward normal facing (V, 3), where the points
+    show two layers there (the two groups' means at least TWO_LAYERS of the thickness apart). A
+    plate's two faces are then not pulled onto one plane between them, while the single layer of
+    points of an open sheet, which the network wraps in a thin shell, stays whole for both of the
+    shell's faces. Done when a vertex searches, which after the first round is rare."""
     valid = candidates < len(points)
     offsets = np.take(points, np.minimum(candidates, len(points) - 1), axis=0) - vertices.astype(np.float32)[:, None]
     behind = np.einsum("vci,vi->vc", offsets, facing.astype(np.float32))
-    far = far_sheet(behind, valid, settings.sheet_gap, settings.min_neighbours)
-    return np.where(far, len(points), candidates)
+    far = valid & (behind < -0.5 * thickness[:, None])
+    near = valid & ~far
+    far_count, near_count = far.sum(axis=1), near.sum(axis=1)
+    gap = np.where(near, behind, 0.0).sum(axis=1) / np.maximum(near_count, 1) \
+        - np.where(far, behind, 0.0).sum(axis=1) / np.maximum(far_count, 1)
+    two_layers = (far_count >= MIN_LAYER_POINTS) & (near_count >= MIN_LAYER_POINTS) & (gap >= TWO_LAYERS * thickness)
+    return np.where(far & two_layers[:, None], len(points), candidates)
 
 
 def fit_planes(vertices: np.ndarray, points: np.ndarray, candidates: np.ndarray, settings: RefineSettings,
@@ -206,9 +215,10 @@ PROJECTION_BLOCK = 16384  # vertices per block: a few hundredths of a second, ~1
 
 def remembered_moves(vertices: np.ndarray, tree: cKDTree, points: np.ndarray, memory: VertexMemory,
                      settings: RefineSettings, normals: np.ndarray | None = None,
-                     facing: np.ndarray | None = None) -> np.ndarray:
+                     facing: np.ndarray | None = None, thickness: np.ndarray | None = None) -> np.ndarray:
     """One round's moves (V, 3) of vertices (V, 3) onto points (P, 3) float32 (normals (P, 3)
-    float32 or None, the mesh's outward normals facing (V, 3) or None: without_far_sheet). Vertices that moved
+    float32 or None; the mesh's outward normals facing (V, 3) and thickness (V,), or None:
+    without_far_sheet). Vertices that moved
     settings.refit_distance or more since their last fit get a fresh plane (searching the tree
     again only when they moved beyond their slack); the others keep theirs. memory is updated."""
     refit = np.linalg.norm(vertices - memory.fitted_at, axis=1) >= settings.refit_distance
@@ -216,7 +226,7 @@ def remembered_moves(vertices: np.ndarray, tree: cKDTree, points: np.ndarray, me
     if search.any():
         candidates, memory.slack[search] = search_neighbours(vertices[search], tree, settings)
         if facing is not None:
-            candidates = without_far_sheet(vertices[search], candidates, points, facing[search], settings)
+            candidates = without_far_sheet(vertices[search], candidates, points, facing[search], thickness[search])
         memory.candidates[search] = candidates
         memory.searched_at[search] = vertices[search]
     if refit.any():
@@ -230,7 +240,8 @@ def remembered_moves(vertices: np.ndarray, tree: cKDTree, points: np.ndarray, me
 
 def blockwise_projection(vertices: np.ndarray, tree: cKDTree, points: np.ndarray, memory: VertexMemory,
                          settings: RefineSettings, should_cancel: Callable[[], bool] | None = None,
-                         normals: np.ndarray | None = None, facing: np.ndarray | None = None) -> np.ndarray:
+                         normals: np.ndarray | None = None, facing: np.ndarray | None = None,
+                         thickness: np.ndarray | None = None) -> np.ndarray:
     """remembered_moves (V, 3) over blocks of PROJECTION_BLOCK vertices, checking should_cancel
     before each. A vertex's move depends on that vertex alone, so the result is bit-identical to
     one call over all vertices; blocks bound the (V, C, 3) temporaries and let a cancel land
@@ -240,7 +251,7 @@ def blockwise_projection(vertices: np.ndarray, tree: cKDTree, points: np.ndarray
         check_cancel(should_cancel)
         block = slice(start, start + PROJECTION_BLOCK)
         moves[block] = remembered_moves(vertices[block], tree, points, memory.rows(block), settings, normals,
-                                        facing[block] if facing is not None else None)
+                                        *((facing[block], thickness[block]) if facing is not None else ()))
     return moves
 
 
@@ -267,11 +278,16 @@ def refine_to_points(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray
     if normals is not None:
         normals = np.asarray(normals, np.float64)
         normals = (normals / np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+    # Where the network's own shape is thin, from the mesh as it came: the rounds move vertices by
+    # a fraction of a plate's thickness, too little to change which side a point is on.
+    facing = thickness = None
+    if settings.sheet_reach is not None:
+        facing = outward_normals(np.asarray(mesh.vertices), faces)
+        thickness = local_thickness(np.asarray(mesh.vertices), facing, settings.sheet_reach)
     for done in range(settings.rounds):
         vertices_now = np.asarray(mesh.vertices)
-        facing = outward_normals(vertices_now, faces) if settings.sheet_gap is not None else None
         mesh.vertices = vertices_now + blockwise_projection(vertices_now, tree, points32, memory, settings,
-                                                            should_cancel, normals, facing)
+                                                            should_cancel, normals, facing, thickness)
         trimesh.smoothing.filter_taubin(mesh, iterations=settings.smoothing_steps, laplacian_operator=averaging)
         if progress is not None:
             progress((done + 1) / settings.rounds)
