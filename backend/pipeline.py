@@ -71,7 +71,7 @@ class ReconstructOptions:
     refine: bool = True                # point clouds: pull the surface onto the input points, smooth
     batch_points: int = 65536          # points per network batch (bounds memory)
     focal_length: float | None = None  # images: 35 mm equivalent focal length; None: a 50 mm lens
-    colours: bool = True               # vertex colours (texture head, or the input points' colours)
+    colours: bool = True               # vertex colours (texture head, the input points' or the picture's)
 
     @classmethod
     def from_wire(cls, options: dict | None) -> "ReconstructOptions":

@@ -32,7 +32,8 @@ Requests (add-on -> backend); their bodies are at most MAX_REQUEST_BODY_BYTES
                  options: checkpoint (path or null), resolution, threshold, max_faces, device,
                           normals (bool: also send vertex normals), refine (bool),
                           focal_length (images: 35 mm equivalent; null: the default lens),
-                          colours (bool: vertex colours where the model or the points have them)
+                          colours (bool: vertex colours where the model, the points or the picture
+                          have them)
     read_points  {"id", "path"}: read a point-cloud file with the backend's reader -> points
     read_image   {"id", "path"}: read a picture file with the backend's reader -> image
     cancel       {"id", "target": <id of the reconstruct or read request>}
@@ -415,7 +416,8 @@ def options_dict(checkpoint=None, resolution=128, threshold=0.5, max_faces=None,
     """Reconstruct options as they travel in the header (validated on the server by
     backend.pipeline.ReconstructOptions.from_wire). refine: for point clouds, pull the surface onto
     the input points and smooth it. focal_length: images, 35 mm equivalent, None for the default.
-    colours: vertex colours in the result where there are any (points' colours, a texture head)."""
+    colours: vertex colours in the result where there are any (points' colours, the picture's for
+    viewer-centred image models, a texture head)."""
     return {"checkpoint": checkpoint or None, "resolution": int(resolution),
             "threshold": float(threshold), "max_faces": int(max_faces) if max_faces else None,
             "device": device or None, "normals": bool(normals), "refine": bool(refine),

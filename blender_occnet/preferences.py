@@ -317,8 +317,8 @@ class OCCNET_AP_preferences(bpy.types.AddonPreferences):
                     "for partial scans, where it would bend unscanned parts towards the scanned ones")
     vertex_colours: BoolProperty(
         name="Vertex Colours", default=True,
-        description="Give results the colours of the input points (or of a model with a texture head): "
-                    "a colour attribute and a material that shows it")
+        description="Give results the colours of the input points, of the picture (viewer-centred image "
+                    "models) or of a model with a texture head: a colour attribute and a material that shows it")
     use_normals: BoolProperty(
         name="Network Normals",
         description="Ask the backend for normals from the network's gradient and use them as "

@@ -148,15 +148,16 @@ def test_cancel_is_checked_before_every_block_of_every_round(monkeypatch):
     fractions = []
     checks = []
 
-    def cancel_at_fifth_check():
+    def cancel_at_eighth_check():
         checks.append(len(fractions))
-        return len(checks) == 5
+        return len(checks) == 8
 
     with pytest.raises(Cancelled):
         refine_to_points(mesh.vertices, mesh.faces, points, progress=fractions.append,
-                         should_cancel=cancel_at_fifth_check)
-    # three checks in round 1, the fifth is the second block of round 2, which it stops
-    assert len(mesh.vertices) == 5694 and checks == [0, 0, 0, 1, 1] and fractions == [0.2]
+                         should_cancel=cancel_at_eighth_check)
+    # three checks while the mesh's thickness is measured, three in round 1, the eighth is the
+    # second block of round 2, which it stops
+    assert len(mesh.vertices) == 5694 and checks == [0, 0, 0, 0, 0, 0, 1, 1] and fractions == [0.2]
 
 
 def reference_refinement(vertices, faces, points, settings):

@@ -120,18 +120,24 @@ def smallest_eigenvectors(a00, a01, a02, a11, a12, a22) -> np.ndarray:
     return vectors
 
 
-def local_thickness(vertices: np.ndarray, normals: np.ndarray, reach: float) -> np.ndarray:
+def local_thickness(vertices: np.ndarray, normals: np.ndarray, reach: float,
+                    should_cancel: Callable[[], bool] | None = None) -> np.ndarray:
     """(V,) how thin the mesh is at each vertex (V, 3) with unit outward normals (V, 3): probes
     step inwards along the normal up to `reach`; where the mesh vertex nearest a probe faces the
     other way (normals more than 120 degrees apart), the far face is that vertex's depth behind
-    this one. inf where no probe meets one (bulky parts)."""
+    this one. inf where no probe meets one (bulky parts). should_cancel() is checked before each
+    block of PROJECTION_BLOCK vertices."""
     tree = cKDTree(vertices)
     thickness = np.full(len(vertices), np.inf)
-    for depth in reach * np.arange(1, THICKNESS_PROBES + 1) / THICKNESS_PROBES:
-        _, nearest = tree.query(vertices - depth * normals, workers=-1)
-        behind = -np.einsum("vi,vi->v", vertices[nearest] - vertices, normals)
-        opposite = (np.einsum("vi,vi->v", normals[nearest], normals) < -0.5) & (behind > 0.0)
-        thickness = np.where(opposite, np.minimum(thickness, behind), thickness)
+    for start in range(0, len(vertices), PROJECTION_BLOCK):
+        check_cancel(should_cancel)
+        block = slice(start, start + PROJECTION_BLOCK)
+        here, facing = vertices[block], normals[block]
+        for depth in reach * np.arange(1, THICKNESS_PROBES + 1) / THICKNESS_PROBES:
+            _, nearest = tree.query(here - depth * facing, workers=-1)
+            behind = -np.einsum("vi,vi->v", vertices[nearest] - here, facing)
+            opposite = (np.einsum("vi,vi->v", normals[nearest], facing) < -0.5) & (behind > 0.0)
+            thickness[block] = np.where(opposite, np.minimum(thickness[block], behind), thickness[block])
     return thickness
 
 
@@ -283,7 +289,7 @@ def refine_to_points(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray
     facing = thickness = None
     if settings.sheet_reach is not None:
         facing = outward_normals(np.asarray(mesh.vertices), faces)
-        thickness = local_thickness(np.asarray(mesh.vertices), facing, settings.sheet_reach)
+        thickness = local_thickness(np.asarray(mesh.vertices), facing, settings.sheet_reach, should_cancel)
     for done in range(settings.rounds):
         vertices_now = np.asarray(mesh.vertices)
         mesh.vertices = vertices_now + blockwise_projection(vertices_now, tree, points32, memory, settings,
