@@ -173,14 +173,39 @@ def viewer_from_world(world_mat: np.ndarray, crop: CropCamera, object_centre: np
     return similarity
 
 
+def crop_rays(crop: CropCamera, size: int) -> np.ndarray:
+    """(size, size, 3) direction, in the original camera's frame, of the crop camera's ray through
+    each crop pixel's centre, scaled to unit depth in the crop camera."""
+    rows, cols = np.mgrid[0:size, 0:size].astype(np.float64)
+    rays = np.stack([cols, rows, np.ones_like(rows)], axis=-1) @ np.linalg.inv(intrinsics(size, crop.focal)).T
+    return rays @ crop.rotation            # R^T d, row-wise
+
+
 def crop_source_pixels(camera_mat: np.ndarray, crop: CropCamera, size: int) -> np.ndarray:
     """(size, size, 2) pixel coordinates (u, v) in the original image of each crop pixel's centre:
     the crop camera's ray through it, rotated back into the original camera."""
-    rows, cols = np.mgrid[0:size, 0:size].astype(np.float64)
-    rays = np.stack([cols, rows, np.ones_like(rows)], axis=-1) @ np.linalg.inv(intrinsics(size, crop.focal)).T
-    original = rays @ crop.rotation            # R^T d, row-wise
-    projected = original @ camera_mat.T
+    projected = crop_rays(crop, size) @ camera_mat.T
     return projected[..., :2] / projected[..., 2:3]
+
+
+def crop_viewer_depth(depth: np.ndarray, world_mat: np.ndarray, camera_mat: np.ndarray, crop: CropCamera,
+                      size: int) -> np.ndarray:
+    """A depth map (H, W) of camera z in the original image -> (size, size) viewer z of the same
+    surface along each crop pixel's ray (viewer_from_world with the object's centre at the world
+    origin); the original pixel nearest to where the ray meets the image; NaN where the map has
+    no surface (inf) or the ray leaves the image."""
+    rays = crop_rays(crop, size)
+    projected = rays @ camera_mat.T
+    cols = np.rint(projected[..., 0] / projected[..., 2]).astype(np.int64)
+    rows = np.rint(projected[..., 1] / projected[..., 2]).astype(np.int64)
+    inside = (rows >= 0) & (rows < depth.shape[0]) & (cols >= 0) & (cols < depth.shape[1])
+    z = np.full((size, size), np.nan)
+    z[inside] = depth[rows[inside], cols[inside]]
+    z[~np.isfinite(z)] = np.nan
+    # A point at camera z on a ray of depth rays_z in the original camera lies at z / rays_z
+    # along the crop camera's axis; the viewer frame scales that about the camera (viewer_from_world).
+    centre_depth = (crop.rotation @ world_mat[:3, 3])[2]
+    return object_depth(crop.focal) * (z / rays[..., 2] / centre_depth - 1.0)
 
 
 def source_pixels_of_viewer_points(points: np.ndarray, camera_mat: np.ndarray, crop: CropCamera) -> np.ndarray:

@@ -180,3 +180,57 @@ def test_a_model_with_a_silhouette_prior_needs_the_mask():
     with pytest.raises(ValueError, match="mask"):
         model.encode(torch.rand(1, 3, 64, 64), torch.tensor([1.4]))
     assert not build_model(preset("tiny_pixel_image")).needs_mask
+
+
+# -- the depth-layer prior ---------------------------------------------------------------------------
+
+def layers_model(temperature=0.05):
+    """The tiny pixel-aligned model with a layer head and the layers prior, its network silent
+    (fc_out zero) and its layer head set to say: every pixel's ray enters at z = -0.2 and leaves
+    at z = 0.1 (a slab), so its logits are the prior's alone."""
+    import math
+
+    config = preset("tiny_pixel_image")
+    config["encoder"]["layers"] = True
+    config["decoder"].update(prior="layers", prior_temperature=temperature)
+    model = build_model(config).eval()
+    with torch.no_grad():
+        model.decoder.fc_out.weight.zero_()
+        model.decoder.fc_out.bias.zero_()
+        last = model.encoder.layer_head[-1]
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([-0.2, math.log(math.expm1(0.3))]))
+    return model
+
+
+def test_the_layer_head_predicts_a_front_and_a_back_behind_it_per_pixel():
+    config = preset("tiny_pixel_image")
+    config["encoder"]["layers"] = True
+    model = build_model(config)
+    with torch.no_grad():
+        for parameter in model.encoder.layer_head.parameters():
+            parameter.normal_()                 # whatever the weights say, back stays behind front
+        layers = model.encode(torch.rand(3, 3, 64, 64), torch.full((3,), 1.4))["layers"]
+    assert layers.shape == (3, 2, 16, 16)
+    assert (layers[:, 1] >= layers[:, 0]).all()
+
+
+def test_the_layers_prior_fills_the_predicted_layers_and_needs_no_mask():
+    model = layers_model()
+    assert not model.needs_mask
+    with torch.no_grad():
+        code = model.encode(torch.rand(1, 3, 64, 64), torch.tensor([1.4]))
+        probes = torch.tensor([[[0.0, 0.0, -0.15], [0.1, -0.1, 0.05], [0.0, 0.0, -0.3], [0.0, 0.0, 0.2]]])
+        inside = (model.decode(probes, code) > 0)[0].tolist()
+    assert inside == [True, True, False, False]
+
+
+def test_the_layers_prior_needs_an_encoder_that_predicts_layers():
+    config = preset("tiny_pixel_image")
+    config["decoder"].update(prior="layers", prior_temperature=0.1)
+    with pytest.raises(ValueError, match="layers"):
+        build_model(config)
+    config["encoder"]["layers"] = True
+    config["decoder"]["prior"] = "shading"
+    with pytest.raises(ValueError, match="prior 'shading'"):
+        build_model(config)

@@ -294,11 +294,51 @@ def test_render_stage_adds_views_consistent_with_cameras(tmp_path):
             # The viewer-centred crop of this view (what an image model sees and predicts in):
             # every surface point lands inside the crop's mask, through the crop's own camera.
             seen = viewer_view(image.astype(np.float32) / 255.0, world_mats[view], camera_mats[view], 48)
-            uv, _ = camera.project_viewer(camera.transform_points(seen.similarity, surface), 48, seen.focal)
+            uv, _ = camera.project_viewer(camera.transform_points(seen.similarity, surface), 48, seen.crop.focal)
             col, row = np.clip(np.round(uv).astype(int), 0, 47).T
             assert (seen.premultiplied[row, col, 3] > 0.25).mean() > 0.99
     meta = json.loads((out_dir / "meta.json").read_text())
     assert meta["views"] == views and meta["image_size"] == size
+
+    # The back depth: where each pixel's ray last leaves the shape. For the sphere, the far end of
+    # the chord its ray cuts.
+    shape_dir = out_dir / "toys_sphere"
+    with np.load(shape_dir / "cameras.npz") as cameras, np.load(shape_dir / "depth.npz") as data:
+        world_mats, camera_mats = cameras["world_mat"].astype(np.float64), cameras["camera_mat"].astype(np.float64)
+        front, back = data["depth"].astype(np.float64), data["back"].astype(np.float64)
+    centre, radius = canonical_sphere(shape_dir)
+    for view in range(views):
+        seen = np.isfinite(front[view])
+        assert (np.isfinite(back[view]) == seen).all() and (back[view][seen] >= front[view][seen]).all()
+        pixels = np.argwhere(seen).astype(np.float64)
+        origin, directions = camera.pixel_rays(world_mats[view], camera_mats[view], pixels)
+        offset = origin - centre
+        b = directions @ offset
+        leave = -b + np.sqrt(np.maximum(b ** 2 - (offset @ offset - radius ** 2), 0.0))
+        far_z = leave * (directions @ world_mats[view, 2, :3])
+        assert np.median(np.abs(back[view][seen] - far_z)) < 0.01
+
+    # What a viewer-centred model with a layer head trains on: both layers through its crop, known
+    # where the crop's mask is, the sphere's centre (the viewer origin) between them.
+    from training.dataset import OccupancyDataset, SamplingConfig, ShapeStore
+
+    store = ShapeStore(out_dir, ["toys_sphere"], surface=False, images=True, layers=True)
+    example = OccupancyDataset(store, SamplingConfig(input_kind="image", image_size=32, frame="viewer",
+                                                     layers=True, view=0))[0]
+    layers, mask = example["layers"].numpy(), example["mask"].numpy()
+    known = np.isfinite(layers[0])
+    assert layers.shape == (2, 32, 32) and (known == np.isfinite(layers[1])).all()
+    assert (known == mask).mean() > 0.95
+    middle = (15, 15)
+    assert layers[0][middle] < -0.3 and layers[1][middle] > 0.3       # a ball of viewer radius ~0.43
+
+    # Renders made before the back depth existed gain it from a second run, images untouched.
+    images_mtime = (shape_dir / "images" / "000.png").stat().st_mtime_ns
+    np.savez(shape_dir / "depth.npz", depth=front.astype(np.float16))
+    run_prepare(mesh_dir, out_dir, "--views", str(views), "--image-size", str(size))
+    with np.load(shape_dir / "depth.npz") as data:
+        assert np.array_equal(data["back"].astype(np.float64), back) and np.array_equal(data["depth"], front)
+    assert (shape_dir / "images" / "000.png").stat().st_mtime_ns == images_mtime
 
 
 def test_an_open_sheet_is_told_from_a_solid_by_its_near_surface_samples(tmp_path):

@@ -455,3 +455,35 @@ def test_soft_iou_loss_is_zero_for_the_truth_and_one_for_its_opposite():
     assert soft_iou_loss(-confident, occupancies) > 1 - 1e-6
     half = soft_iou_loss(torch.zeros(2, 4), occupancies)           # p = 0.5 everywhere
     assert half == pytest.approx(1 - (1.0 / 3.0 + 0.5 / 2.5) / 2)
+
+
+def test_layer_loss_compares_upsampled_layers_where_the_truth_is_known():
+    from training.train import layer_loss
+
+    predicted = torch.zeros(1, 2, 4, 4, requires_grad=True)
+    target = torch.full((1, 2, 8, 8), float("nan"))
+    assert layer_loss(predicted, target) == 0.0                      # nothing known: no loss
+    target[0, 0, :4] = 0.5                                           # known on the top half of the front
+    loss = layer_loss(predicted, target)
+    assert loss.item() == pytest.approx(0.5)
+    loss.backward()
+    assert predicted.grad[0, 1].abs().sum() == 0                     # the unknown back gets no gradient
+    assert predicted.grad[0, 0, :2].abs().sum() > 0
+    assert layer_loss(torch.full((1, 2, 4, 4), 0.5), target) == 0.0
+
+
+def test_a_layer_head_is_added_to_a_trained_pixel_model_without_changing_its_weights(data_dir, tmp_path):
+    from conftest import make_solid_pixel_checkpoint
+
+    source = make_solid_pixel_checkpoint(tmp_path / "plain.safetensors")
+    model = preset("tiny_pixel_image")
+    model["encoder"]["layers"] = True
+    model["decoder"].update(prior="layers", prior_temperature=0.1)
+    cfg = config("test_tiny_image.json", data_dir, tmp_path / "layers", model=model, init_weights=str(source),
+                 preload=False)           # the synthetic shapes have no depth maps to train the head on
+    trainer = Trainer(cfg, resume=False, command="pytest")
+    expected = load_file(str(source))
+    new = {key for key in trainer.module.state_dict() if key not in expected}
+    assert new and all(key.startswith(("encoder.layer_head.", "decoder.fc_prior.")) for key in new)
+    for key in expected:
+        assert torch.equal(trainer.module.state_dict()[key], expected[key]), key

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -305,7 +306,7 @@ class ViewerView:
     premultiplied: np.ndarray   # (S, S, 4) float32, the object's crop
     similarity: np.ndarray      # (4, 4) canonical shape coordinates -> viewer frame
     up: np.ndarray              # (3,) the world's up direction in the viewer frame
-    focal: float                # the crop's focal length, a fraction of its width
+    crop: camera.CropCamera     # the crop's camera
 
 
 def viewer_view(rgba: np.ndarray, world_mat: np.ndarray, camera_mat: np.ndarray, size: int) -> ViewerView:
@@ -315,7 +316,7 @@ def viewer_view(rgba: np.ndarray, world_mat: np.ndarray, camera_mat: np.ndarray,
     crop = camera.crop_camera(camera_mat, box)
     similarity = camera.viewer_from_world(world_mat, crop)
     pixels = resample(premultiply(rgba), camera.crop_source_pixels(camera_mat, crop, size))
-    return ViewerView(pixels, similarity, camera.up_in_viewer(similarity), crop.focal)
+    return ViewerView(pixels, similarity, camera.up_in_viewer(similarity), crop)
 
 
 def similarity_augmentation(similarity: np.ndarray) -> AffineAugmentation:
@@ -356,9 +357,11 @@ class ShapeArrays:
     views: list = field(default_factory=list)  # PNG bytes per view (decoded on demand)
     world_mats: np.ndarray | None = None   # (V, 4, 4) per view, canonical -> OpenCV camera
     camera_mats: np.ndarray | None = None  # (V, 3, 3) per view, intrinsics in pixels
+    depth_layers: np.ndarray | None = None  # (V, 2, H, W) float16 camera z of the first and the last
+                                            # surface along each pixel's ray, inf where none
 
 
-def load_shape(shape_dir: Path, surface: bool, normals: bool, images: bool) -> ShapeArrays:
+def load_shape(shape_dir: Path, surface: bool, normals: bool, images: bool, layers: bool = False) -> ShapeArrays:
     """Read one prepared shape folder (see docs/CONTRACTS.md)."""
     shape_dir = Path(shape_dir)
     info_path = shape_dir / "shape.json"
@@ -389,6 +392,13 @@ def load_shape(shape_dir: Path, surface: bool, normals: bool, images: bool) -> S
             with np.load(shape_dir / "cameras.npz") as f:
                 arrays.world_mats = f["world_mat"].astype(np.float64)
                 arrays.camera_mats = f["camera_mat"].astype(np.float64)
+    if layers:
+        depth_path = shape_dir / "depth.npz"
+        with np.load(depth_path) if depth_path.is_file() else nullcontext({}) as f:
+            if "back" not in f:
+                raise FileNotFoundError(f"{depth_path} is missing or has no back depth; run training.prepare "
+                                        "again over the same meshes (with views) to add it")
+            arrays.depth_layers = np.stack([f["depth"], f["back"]], axis=1)
     return arrays
 
 
@@ -412,10 +422,10 @@ class ShapeStore:
     fills it: call preload() before DataLoader workers fork to share one copy among them."""
 
     def __init__(self, data_dir, shape_ids: list[str], surface: bool = True, normals: bool = False,
-                 images: bool = False):
+                 images: bool = False, layers: bool = False):
         self.data_dir = Path(data_dir)
         self.shape_ids = list(shape_ids)
-        self.flags = dict(surface=surface, normals=normals, images=images)
+        self.flags = dict(surface=surface, normals=normals, images=images, layers=layers)
         self._cache: dict[str, ShapeArrays] = {}
 
     def __len__(self) -> int:
@@ -460,6 +470,7 @@ class SamplingConfig:
     frame: str = "canonical"            # image models: "canonical" or "viewer" (backend.camera)
     uniform_in_mask: bool = False       # viewer models: uniform queries only where the mask law
                                         # leaves the answer to the network (inside the mask's cone)
+    layers: bool = False                # viewer models: the depth layers seen through the crop
     padding: float = DEFAULT_PADDING
 
     @property
@@ -518,8 +529,13 @@ class OccupancyDataset(torch.utils.data.Dataset):
                 inputs = over_background(jitter_colours(seen.premultiplied, rng), random_background(s.image_size, rng))
             inputs_t = torch.from_numpy(inputs)
             extra["up"] = torch.from_numpy(seen.up.astype(np.float32))
-            extra["focal"] = torch.tensor(seen.focal, dtype=torch.float32)
+            extra["focal"] = torch.tensor(seen.crop.focal, dtype=torch.float32)
             extra["mask"] = torch.from_numpy(seen.premultiplied[..., 3] >= 0.5)
+            if s.layers:
+                extra["layers"] = torch.from_numpy(np.stack([
+                    camera.crop_viewer_depth(depth.astype(np.float64), shape.world_mats[view], shape.camera_mats[view],
+                                             seen.crop, s.image_size)
+                    for depth in shape.depth_layers[view]]).astype(np.float32))
         else:
             view = s.view if s.view is not None else int(rng.integers(0, len(shape.views)))
             rgba = decode_view(shape.views[view % len(shape.views)])

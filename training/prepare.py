@@ -6,8 +6,10 @@
 Per shape there are two stages, each resumable on its own:
   samples  shape.json, points.npz, pointcloud.npz   (the shape folder appears atomically)
   renders  images/, cameras.npz, depth.npz          (depth.npz is moved in last: it marks done)
-A run does, per shape, only the stages that are missing, so `--views 0` first and `--views 12`
-later adds renders to already sampled shapes.
+depth.npz holds per view the camera z of the first surface hit through each pixel ("depth") and of
+where the ray last leaves the shape ("back"); renders made before "back" existed gain it as a
+stage of its own. A run does, per shape, only the stages that are missing, so `--views 0` first and
+`--views 12` later adds renders to already sampled shapes.
 
 Each shape is processed in a spawned worker process. Real meshes can crash native geometry code
 outright (a segfault, not an exception); such a worker death is recorded as that shape's failure,
@@ -134,6 +136,14 @@ def renders_done(shape_dir: Path, views: int, image_size: int) -> bool:
         return False
 
 
+def back_depth_done(shape_dir: Path) -> bool:
+    try:
+        with np.load(shape_dir / "depth.npz") as depth:
+            return "back" in depth.files
+    except Exception:
+        return False
+
+
 def normalised_mesh(source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Vertices (V, 3) in the canonical box, faces (F, 3), center (3,) and scale."""
     vertices, faces = meshprep.load_mesh(source)
@@ -196,12 +206,33 @@ def write_renders(shape: ShapeSource, out_dir: Path, views: int, image_size: int
     world_mats, camera_mats = render.random_cameras(rng, views, image_size)
     temp = fresh_temp_dir(out_dir, f"{shape.id}.render")
     depth = render.renderer_for(image_size).render_views(vertices, faces, world_mats, camera_mats, rng, temp / "images")
+    back = render.back_depth(vertices, faces, world_mats, camera_mats, depth)
     np.savez(temp / "cameras.npz", world_mat=world_mats.astype(np.float32), camera_mat=camera_mats.astype(np.float32))
-    np.savez(temp / "depth.npz", depth=depth.astype(np.float16))
+    np.savez(temp / "depth.npz", depth=depth.astype(np.float16), back=back.astype(np.float16))
     (shape_dir / "depth.npz").unlink(missing_ok=True)
     shutil.rmtree(shape_dir / "images", ignore_errors=True)
     os.rename(temp / "images", shape_dir / "images")
     os.replace(temp / "cameras.npz", shape_dir / "cameras.npz")
+    os.replace(temp / "depth.npz", shape_dir / "depth.npz")
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def write_back_depth(shape: ShapeSource, out_dir: Path) -> None:
+    """Add "back" to the depth.npz of renders made before it existed (rewritten atomically)."""
+    import bpy  # noqa: F401  (mathutils, for the ray casts, comes with it)
+
+    from training import render
+
+    shape_dir = out_dir / shape.id
+    info = json.loads((shape_dir / "shape.json").read_text())
+    raw_vertices, faces = meshprep.load_mesh(shape.source)
+    vertices = meshprep.apply_normalisation(raw_vertices, np.array(info["center"]), info["scale"])
+    with np.load(shape_dir / "cameras.npz") as cameras, np.load(shape_dir / "depth.npz") as stored:
+        world_mats, camera_mats = cameras["world_mat"].astype(np.float64), cameras["camera_mat"].astype(np.float64)
+        front = stored["depth"]
+    back = render.back_depth(vertices, faces, world_mats, camera_mats, front.astype(np.float32))
+    temp = fresh_temp_dir(out_dir, f"{shape.id}.back")
+    np.savez(temp / "depth.npz", depth=front, back=back.astype(np.float16))
     os.replace(temp / "depth.npz", shape_dir / "depth.npz")
     shutil.rmtree(temp, ignore_errors=True)
 
@@ -217,6 +248,9 @@ def prepare_shape(task: dict) -> dict:
     if task["views"] > 0 and not renders_done(out_dir / shape.id, task["views"], task["image_size"]):
         write_renders(shape, out_dir, task["views"], task["image_size"])
         stages.append("renders")
+    elif task["views"] > 0 and not back_depth_done(out_dir / shape.id):
+        write_back_depth(shape, out_dir)
+        stages.append("back depth")
     return {"id": shape.id, "stages": stages}
 
 
@@ -400,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     for shape in sources:
         shape_dir = out_dir / shape.id
         need_samples = not samples_done(shape_dir)
-        need_renders = args.views > 0 and (need_samples or not renders_done(shape_dir, args.views, args.image_size))
+        need_renders = args.views > 0 and (need_samples or not renders_done(shape_dir, args.views, args.image_size)
+                                           or not back_depth_done(shape_dir))
         if need_samples or need_renders:
             tasks.append({"shape": asdict(shape), "out_dir": str(out_dir), "points": args.points,
                           "views": args.views, "image_size": args.image_size})
@@ -408,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(tasks)} to process with {args.workers} workers", file=sys.stderr, flush=True)
 
     started = time.monotonic()
-    stage_counts = {"samples": 0, "renders": 0}
+    stage_counts = {"samples": 0, "renders": 0, "back depth": 0}
     with tqdm(total=len(tasks), unit="shape", file=sys.stderr) as progress:
         for task, ok, result in run_isolated(prepare_shape, tasks, args.workers, args.timeout):
             if ok:
@@ -426,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     write_meta(out_dir, args)
     elapsed = time.monotonic() - started
     print(f"done in {elapsed:.1f} s: sampled {stage_counts['samples']}, rendered {stage_counts['renders']}, "
+          f"back depth added {stage_counts['back depth']}, "
           f"failed {len(failures)}; split {counts}", file=sys.stderr)
     for failure in failures:
         print(f"  FAILED {failure['id']} ({failure['source']}): {failure['error']}", file=sys.stderr)

@@ -251,8 +251,10 @@ class CyclesRenderer(BlenderRenderer):
         self.bpy.ops.render.render(write_still=True)
 
 
-def ray_cast_depth(tree, world_mat: np.ndarray, camera_mat: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """(S, S) camera z of the first hit through each masked pixel's centre; inf where none."""
+def ray_cast_depth(tree, world_mat: np.ndarray, camera_mat: np.ndarray, mask: np.ndarray,
+                   last: bool = False) -> np.ndarray:
+    """(S, S) camera z of the first hit through each masked pixel's centre (last: of the last hit,
+    where the ray finally leaves the shape, found by casting back from beyond it); inf where none."""
     from mathutils import Vector
 
     depth = np.full(mask.shape, np.inf, dtype=np.float32)
@@ -260,16 +262,32 @@ def ray_cast_depth(tree, world_mat: np.ndarray, camera_mat: np.ndarray, mask: np
     if len(pixels) == 0:
         return depth
     origin, directions = pixel_rays(world_mat, camera_mat, pixels.astype(np.float64))
-    origin_vector = Vector(origin.tolist())
+    if last:
+        # The canonical box lies within sqrt(3)/2 of the origin: start a unit past it.
+        beyond = np.linalg.norm(origin) + 2.0
+        starts, directions = origin + beyond * directions, -directions
+    else:
+        starts = np.broadcast_to(origin, directions.shape)
     hits = np.full((len(pixels), 3), np.nan)
-    for i, direction in enumerate(directions.tolist()):
-        location = tree.ray_cast(origin_vector, Vector(direction))[0]
+    for i, (start, direction) in enumerate(zip(starts.tolist(), directions.tolist())):
+        location = tree.ray_cast(Vector(start), Vector(direction))[0]
         if location is not None:
             hits[i] = location
     hit = ~np.isnan(hits[:, 0])
     z = hits[hit] @ world_mat[2, :3] + world_mat[2, 3]
     depth[pixels[hit, 0], pixels[hit, 1]] = z
     return depth
+
+
+def back_depth(vertices: np.ndarray, faces: np.ndarray, world_mats: np.ndarray, camera_mats: np.ndarray,
+               front: np.ndarray) -> np.ndarray:
+    """(V, S, S) camera z where each pixel's ray last leaves the mesh (V, 3), (F, 3), for the
+    pixels where the front depth (V, S, S) found a surface; inf elsewhere."""
+    from mathutils.bvhtree import BVHTree
+
+    tree = BVHTree.FromPolygons(vertices.tolist(), faces.tolist(), all_triangles=True)
+    return np.stack([ray_cast_depth(tree, world_mat, camera_mat, np.isfinite(depth), last=True)
+                     for world_mat, camera_mat, depth in zip(world_mats, camera_mats, front)])
 
 
 _RENDERER: BlenderRenderer | None = None

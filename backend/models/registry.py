@@ -188,6 +188,9 @@ def validate_config(config: dict) -> None:
         raise ValueError(f"input frame {frame!r} is not one of {FRAMES}")
     if (frame == "viewer") != (ENCODER_OUTPUT[enc] == "pixel"):
         raise ValueError(f"frame {frame!r} does not fit encoder {enc!r}: only pixel-aligned models are viewer-centred")
+    wants_layers = config["decoder"].get("prior") == "layers" and config["decoder"].get("prior_temperature") is not None
+    if wants_layers and not config["encoder"].get("layers", False):
+        raise ValueError("the decoder's layers prior needs an encoder with layers: true (it predicts them)")
 
 
 def build_model(config: dict) -> OccupancyNetwork:
