@@ -3,7 +3,7 @@
 
     python bench/pointfiles.py [--sizes 1000000 10000000] [--formats las laz ...] [--folder DIR]
     python bench/pointfiles.py --scale [--sizes 30000 300000 3000000] [--resolutions 128 256]
-                               [--mesh ../shared/data/meshes/classic/stanford-bunny.obj]
+                               [--mesh ../shared/data/meshes/classic/stanford-bunny.obj] [--poisson]
 
 --scale: points sampled on a classic mesh scaled to 2 m in a room (with 1 mm noise and colours
 from a procedural texture), written as PLY and LAS; each file loaded
@@ -11,7 +11,9 @@ in a fresh process (seconds, peak RSS); then, from the PLY, one fresh process pe
 loads the file and reconstructs it with the default model and options (coloured result): seconds
 per stage, wall and CPU seconds (all threads) and peak RSS of the whole request. Default sizes
 take minutes on 2 idle cores (more when they are shared); add 10000000 to --sizes for the slow
-variant.
+variant. --poisson (slow) adds screened Poisson (bench/pointcloud.py's, normals estimated and
+oriented as there) on the same PLY in a fresh process, and scores both results against the mesh
+(IoU, Chamfer-L1 x10, normal consistency, F-score@1%, in the mesh's unit box).
 
 Each file holds a coloured scan (x y z, 8-bit colours; the PLY and text files also normals),
 written by the format's own library (laspy, pye57, pypcd4, trimesh, numpy). Each load runs in a
@@ -72,11 +74,40 @@ cloud = load_point_cloud(sys.argv[1])
 loaded = time.perf_counter() - start
 result = reconstructor.reconstruct_points(cloud.points, ReconstructOptions(resolution=int(sys.argv[2])),
                                           colors=cloud.colors)
-print(json.dumps({"points": len(cloud.points), "load_s": loaded, "total_s": time.perf_counter() - start,
+seconds = time.perf_counter() - start
+if len(sys.argv) > 3:
+    import numpy as np
+    np.savez(sys.argv[3], vertices=result.vertices, faces=result.faces)
+print(json.dumps({"points": len(cloud.points), "load_s": loaded, "total_s": seconds,
                   "cpu_s": time.process_time() - cpu,
                   "stages": result.stats["seconds"], "faces": len(result.faces), "coloured": result.colors is not None,
                   "peak_rss_mb": peak_rss_mb()}))
 """
+
+
+POISSON_PROBE = """
+import json, sys, time
+import numpy as np
+from bench.pointcloud import poisson_mesh
+from backend.pointclouds import load_point_cloud
+
+
+def peak_rss_mb():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
+
+
+start, cpu = time.perf_counter(), time.process_time()
+cloud = load_point_cloud(sys.argv[1])
+loaded = time.perf_counter() - start
+vertices, faces = poisson_mesh(cloud.points)
+seconds = time.perf_counter() - start
+np.savez(sys.argv[2], vertices=vertices, faces=faces)
+print(json.dumps({"points": len(cloud.points), "load_s": loaded, "total_s": seconds,
+                  "cpu_s": time.process_time() - cpu, "faces": len(faces), "peak_rss_mb": peak_rss_mb()}))
+"""
+# Where mesh_scan puts the mesh's unit box: points = ROOM_OFFSET + unit-box points x ROOM_SCALE.
+ROOM_OFFSET, ROOM_SCALE = np.array([12.0, 34.0, 1.5]), 2.0
 
 
 def mesh_scan(mesh: Path, n: int, seed: int = 0):
@@ -92,21 +123,51 @@ def mesh_scan(mesh: Path, n: int, seed: int = 0):
     texture = np.stack([np.sin(surface[:, 0] * 40.0), np.cos(surface[:, 1] * 25.0),
                         np.sign(np.sin(surface[:, 2] * 30.0) * np.sin(surface[:, 0] * 30.0))], axis=1)
     colours = np.round((texture * 0.5 + 0.5) * 255).astype(np.uint8)
-    points = np.array([12.0, 34.0, 1.5]) + surface * 2.0 + rng.normal(scale=0.001, size=(n, 3))
+    points = ROOM_OFFSET + surface * ROOM_SCALE + rng.normal(scale=0.001, size=(n, 3))
     return points, colours, np.asarray(normals, np.float32)
 
 
-def reconstruct_file(path: Path, resolution: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", RECONSTRUCT_PROBE, str(path), str(resolution)], cwd=REPO,
+def run_probe(probe: str, *arguments) -> dict:
+    out = subprocess.run([sys.executable, "-c", probe, *map(str, arguments)], cwd=REPO,
                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
     if out.returncode != 0:
-        raise RuntimeError(f"reconstructing {path.name} at {resolution}^3 failed:\n{out.stderr[-2000:]}")
+        raise RuntimeError(f"{' '.join(map(str, arguments))} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def scale_table(mesh: Path, sizes: list[int], resolutions: list[int], folder: Path) -> None:
+def reconstruct_file(path: Path, resolution: int, mesh_out: Path | None = None) -> dict:
+    return run_probe(RECONSTRUCT_PROBE, path, resolution, *([mesh_out] if mesh_out else []))
+
+
+def truth(mesh: Path, seed: int = 1):
+    """What a result is scored against (bench/pointcloud.py's score): the mesh's surface samples,
+    their normals, uniform queries and their occupancy, in its unit box."""
+    from training.meshprep import apply_normalisation, inside, load_mesh, normalisation, sample_surface
+
+    from pointcloud import EVAL_POINTS
+
+    rng = np.random.default_rng(seed)
+    vertices, faces = load_mesh(mesh)
+    vertices = apply_normalisation(vertices, *normalisation(vertices))
+    surface, normals = sample_surface(rng, vertices, faces, EVAL_POINTS)
+    queries = rng.uniform(-0.55, 0.55, size=(EVAL_POINTS, 3))
+    return surface, normals, queries, inside(vertices, faces, queries)
+
+
+def quality(result_npz: Path, reference) -> dict:
+    """Metrics of a result mesh written in the room's coordinates, mapped back to the unit box."""
+    from pointcloud import score
+
+    with np.load(result_npz) as mesh:
+        vertices, faces = (mesh["vertices"].astype(np.float64) - ROOM_OFFSET) / ROOM_SCALE, mesh["faces"]
+    metrics = score(vertices, faces, *reference, np.random.default_rng(2))
+    return {k: metrics[k] for k in ("iou", "chamfer_l1_x10", "normal_consistency", "fscore")}
+
+
+def scale_table(mesh: Path, sizes: list[int], resolutions: list[int], folder: Path, poisson: bool = False) -> None:
     """bench --scale: one JSON line per load and per reconstruction, then Markdown tables."""
-    loads, runs = [], []
+    loads, runs, compared = [], [], []
+    reference = truth(mesh) if poisson else None
     for size in sizes:
         points, colours, normals = mesh_scan(mesh, size)
         for fmt in ("ply", "las"):
@@ -117,9 +178,21 @@ def scale_table(mesh: Path, sizes: list[int], resolutions: list[int], folder: Pa
             loads.append(row)
         del points, colours, normals
         for resolution in resolutions:
-            row = {"points": size, "resolution": resolution, **reconstruct_file(folder / f"scan_{size}.ply", resolution)}
+            result = folder / "result.npz"
+            row = {"points": size, "resolution": resolution,
+                   **reconstruct_file(folder / f"scan_{size}.ply", resolution, result if poisson else None)}
             print(json.dumps({"bench": "scale_reconstruct", **row}), flush=True)
             runs.append(row)
+            if poisson:
+                compared.append({"method": f"ours {resolution}^3", "points": size, "seconds": row["total_s"],
+                                 "peak_rss_mb": row["peak_rss_mb"], "faces": row["faces"], **quality(result, reference)})
+                print(json.dumps({"bench": "scale_quality", **compared[-1]}), flush=True)
+        if poisson:
+            row = run_probe(POISSON_PROBE, folder / f"scan_{size}.ply", folder / "result.npz")
+            compared.append({"method": "screened Poisson", "points": size, "seconds": row["total_s"],
+                             "peak_rss_mb": row["peak_rss_mb"], "faces": row["faces"],
+                             **quality(folder / "result.npz", reference)})
+            print(json.dumps({"bench": "scale_quality", **compared[-1]}), flush=True)
         for fmt in ("ply", "las"):
             (folder / f"scan_{size}.{fmt}").unlink()
     print("\n| format | points | file MB | load s | peak RSS MB |\n|---|---|---|---|---|")
@@ -132,6 +205,12 @@ def scale_table(mesh: Path, sizes: list[int], resolutions: list[int], folder: Pa
         print(f"| {r['points']:,} | {r['resolution']}^3 | {r['load_s']:.2f} | " +
               " | ".join(f"{r['stages'].get(k, 0.0):.2f}" for k in stages) +
               f" | {r['stages']['total']:.2f} | {r['total_s']:.2f} | {r['cpu_s']:.2f} | {r['faces']:,} | {r['peak_rss_mb']:.0f} |")
+    if compared:
+        print("\n| points | method | file to mesh s | peak RSS MB | faces | IoU | Chamfer-L1 x10 | NC | F@1% |\n"
+              "|---|---|---|---|---|---|---|---|---|")
+        for r in compared:
+            print(f"| {r['points']:,} | {r['method']} | {r['seconds']:.2f} | {r['peak_rss_mb']:.0f} | {r['faces']:,} | "
+                  f"{r['iou']:.3f} | {r['chamfer_l1_x10']:.3f} | {r['normal_consistency']:.3f} | {r['fscore']:.3f} |")
 
 
 def scan(n: int, seed: int = 0):
@@ -192,6 +271,8 @@ def main(argv=None) -> int:
     parser.add_argument("--folder", help="where the files go (default: a temporary folder)")
     parser.add_argument("--scale", action="store_true", help="whole reconstructions of scans of a real mesh")
     parser.add_argument("--resolutions", type=int, nargs="+", default=[128, 256])
+    parser.add_argument("--poisson", action="store_true",
+                        help="with --scale: screened Poisson on the same files, and both scored against the mesh")
     parser.add_argument("--mesh", type=Path,
                         default=REPO.parent / "shared" / "data" / "meshes" / "classic" / "stanford-bunny.obj")
     args = parser.parse_args(argv)
@@ -202,7 +283,7 @@ def main(argv=None) -> int:
             if not args.mesh.is_file():
                 print(f"skipped: {args.mesh} not found (the shared data folder is absent)")
                 return 0
-            scale_table(args.mesh, args.sizes or [30_000, 300_000, 3_000_000], args.resolutions, folder)
+            scale_table(args.mesh, args.sizes or [30_000, 300_000, 3_000_000], args.resolutions, folder, args.poisson)
             return 0
         for size in args.sizes or [1_000_000, 10_000_000]:
             points, colours, normals = scan(size)
