@@ -207,8 +207,12 @@ def test_the_true_shape_has_no_depth_or_colour_loss_and_its_mask_loss_falls_as_i
     rays = dvr.view_rays(views)
 
     weights = {"mask": 1.0, "depth": 1.0, "rgb": 1.0, "normal": 0.0}
-    blurred = dvr.ray_losses(TrueShape(1.0), rays, weights, 64, 8, torch.Generator().manual_seed(0))
-    sharp = dvr.ray_losses(TrueShape(10.0), rays, weights, 64, 8, torch.Generator().manual_seed(0))
+    losses = {}
+    for sharpness in (1.0, 10.0):
+        shape = TrueShape(sharpness)
+        losses[sharpness] = dvr.ray_losses(dvr.occupancy_field(shape), rays, weights, 64, 8,
+                                           torch.Generator().manual_seed(0), colour=lambda p: dvr.colour_at(shape, p))
+    blurred, sharp = losses[1.0], losses[10.0]
     assert sharp["depth"].item() < 1e-4 and sharp["rgb"].item() < 1e-3
     assert sharp["mask"].item() < 0.1 * blurred["mask"].item()
 

@@ -46,7 +46,8 @@ from backend.camera import pixel_rays
 from backend.checkpoint import save_checkpoint
 from backend.mesh_io import save_mesh
 from backend.models import build_model
-from backend.raymarch import Field, field_gradient, find_surface, ray_box_interval, surface_depth
+from backend.raymarch import (QUERY_HALF_EXTENT, Field, field_gradient, find_surface, ray_box_interval,
+                              surface_depth)
 
 from .metrics import occupancy_iou
 from .posed_images import PosedViews, camera_z_per_distance, image_pixels, load_folder_views, load_prepared_views
@@ -127,10 +128,10 @@ def ray_steps_at(step: int, schedule: list) -> int:
     return current
 
 
-def random_points_in_cube(rays: Rays, generator: torch.Generator) -> torch.Tensor:
-    """One point (R, 3) uniformly at random on each ray's stretch inside the padded cube (the ray's
-    origin for the rare ray that misses the cube)."""
-    near, far, crosses = ray_box_interval(rays.origins, rays.directions)
+def random_points_in_cube(rays: Rays, generator: torch.Generator, half_extent: float = QUERY_HALF_EXTENT) -> torch.Tensor:
+    """One point (R, 3) uniformly at random on each ray's stretch inside the padded cube (or the
+    cube of that half extent; the ray's origin for the rare ray that misses the cube)."""
+    near, far, crosses = ray_box_interval(rays.origins, rays.directions, half_extent)
     fraction = torch.rand(len(near), generator=generator).to(near)
     depth = torch.where(crosses, near + fraction * (far - near), torch.zeros_like(near))
     return rays.origins + depth[:, None] * rays.directions
@@ -160,30 +161,32 @@ def bce_sum(logits: torch.Tensor, target: float) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target), reduction="sum")
 
 
-def ray_losses(model, rays: Rays, weights: dict, n_steps: int, secant_steps: int,
-               generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """The image losses of one batch of rays (module docstring), each a sum over its rays divided
-    by the batch's ray count, unweighted; only the terms with a non-zero weight."""
-    field = occupancy_field(model)
+def ray_losses(field: Field, rays: Rays, weights: dict, n_steps: int, secant_steps: int,
+               generator: torch.Generator, colour=None,
+               half_extent: float = QUERY_HALF_EXTENT) -> dict[str, torch.Tensor]:
+    """The image losses of one batch of rays (module docstring) on an occupancy field (logits)
+    that lives in the cube of half_extent, each a sum over its rays divided by the batch's ray
+    count, unweighted; only the terms with a non-zero weight. colour: points (N, 3) -> RGB
+    (N, 3), the texture head (needed for "rgb")."""
     count = len(rays.masks)
-    surface = surface_depth(field, rays.origins, rays.directions, n_steps, secant_steps)
+    surface = surface_depth(field, rays.origins, rays.directions, n_steps, secant_steps, half_extent)
     hit_rays = rays[surface.hit]
     losses = {}
     if weights["mask"]:
         outside = rays[~rays.masks]
         missed = rays[rays.masks & ~surface.hit]
-        targets = random_points_in_cube(missed, generator)
+        targets = random_points_in_cube(missed, generator, half_extent)
         if missed.depths is not None:
             known = torch.isfinite(missed.depths)
             targets[known] = missed.origins[known] + missed.depths[known, None] * missed.directions[known]
-        losses["mask"] = (bce_sum(field(random_points_in_cube(outside, generator)), 0.0)
+        losses["mask"] = (bce_sum(field(random_points_in_cube(outside, generator, half_extent)), 0.0)
                           + bce_sum(field(targets), 1.0)) / count
     on_object = hit_rays.masks
     if weights["depth"]:
         known = on_object & torch.isfinite(hit_rays.depths)
         losses["depth"] = (surface.depth[known] - hit_rays.depths[known]).abs().sum() / count
     if weights["rgb"]:
-        predicted = colour_at(model, surface.points[on_object])
+        predicted = colour(surface.points[on_object])
         losses["rgb"] = (predicted - hit_rays.colours[on_object]).abs().sum() / count
     if weights["normal"]:
         points = surface.points[on_object].detach()
@@ -289,8 +292,8 @@ def fit(model, views: PosedViews | None, settings: FitSettings, samples: Occupan
         n_steps = ray_steps_at(step, settings.ray_steps)
         losses = {}
         if sampler is not None:
-            losses = ray_losses(model, sampler.sample(settings.rays), settings.losses, n_steps,
-                                settings.secant_steps, generator)
+            losses = ray_losses(occupancy_field(model), sampler.sample(settings.rays), settings.losses, n_steps,
+                                settings.secant_steps, generator, colour=lambda p: colour_at(model, p))
         if settings.losses["points"]:
             points, labels = samples.sample(settings.query_points, rng)
             logits = model.decode(torch.from_numpy(points).to(device)[None], None)[0]

