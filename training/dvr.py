@@ -382,6 +382,23 @@ def split_views(views: PosedViews, held_out: list[int]) -> tuple[PosedViews, Pos
     return views.subset(keep), views.subset(held_out) if held_out else None
 
 
+def csv_logger(log_file, print_every: int):
+    """log(row) for a training loop: every row into log_file as CSV (the first row's keys are the
+    columns), every print_every-th step also printed as a JSON line."""
+    writer = None
+
+    def log(row: dict) -> None:
+        nonlocal writer
+        if writer is None:
+            writer = csv.DictWriter(log_file, fieldnames=list(row), extrasaction="ignore")
+            writer.writeheader()
+        writer.writerow(row)
+        if row["step"] % print_every == 0:
+            print(json.dumps(row), flush=True)
+
+    return log
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Fit one object's shape (and colour) to posed views (DVR).")
     parser.add_argument("config", type=Path)
@@ -413,18 +430,7 @@ def main(argv=None) -> int:
     if model.input_kind != "none":
         raise ValueError('DVR fits a model of input kind "none" (decoder "textured_field")')
     with open(out / "log.csv", "w", newline="") as log_file:
-        writer = None
-
-        def log(row):
-            nonlocal writer
-            if writer is None:
-                writer = csv.DictWriter(log_file, fieldnames=list(row), extrasaction="ignore")
-                writer.writeheader()
-            writer.writerow(row)
-            if row["step"] % 100 == 0:
-                print(json.dumps(row), flush=True)
-
-        rows = fit(model, views, settings, samples, args.device, log)
+        rows = fit(model, views, settings, samples, args.device, csv_logger(log_file, print_every=100))
     summary = {"steps": len(rows), "seconds": rows[-1]["seconds"] if rows else 0.0}
     if prepared and (Path(prepared) / "points.npz").is_file():
         truth = load_occupancy_samples(prepared)

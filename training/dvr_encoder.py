@@ -23,7 +23,6 @@ image model) and OUT/log.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
@@ -39,7 +38,7 @@ from backend.models import build_model
 from backend.preprocess import over_background
 
 from .dataset import jitter_colours, random_background, viewer_view
-from .dvr import LOSS_NAMES, Rays, learning_rate, ray_losses, ray_steps_at
+from .dvr import LOSS_NAMES, Rays, csv_logger, learning_rate, ray_losses, ray_steps_at
 from .posed_images import PosedViews, camera_z_per_distance, image_pixels, load_prepared_views
 
 IMAGE_LOSSES = ("mask", "depth", "normal")
@@ -141,10 +140,10 @@ def example_losses(model, examples: list[Example], settings: EncoderSettings, n_
         rays = Rays(*(None if value is None else value.to(device) for value in
                       (example.rays.origins, example.rays.directions, example.rays.masks, None, example.rays.depths)))
 
-        def field(p, own=own):
+        def occupancy(p, own=own):
             return model.decode(p.reshape(1, -1, 3), own).reshape(p.shape[:-1])
 
-        losses = ray_losses(field, rays, settings.losses, n_steps, settings.secant_steps, generator,
+        losses = ray_losses(occupancy, rays, settings.losses, n_steps, settings.secant_steps, generator,
                             half_extent=camera.VIEW_HALF_EXTENT)
         for name, value in losses.items():
             totals[name] = totals.get(name, 0.0) + value / len(examples)
@@ -166,7 +165,7 @@ def train(model, shape_dirs: list[Path], settings: EncoderSettings, device="cpu"
     settings.steps or settings.seconds; log(row) after every step. -> the rows."""
     if model.frame != "viewer":
         raise ValueError("single-view DVR trains a viewer-centred image model (input frame 'viewer')")
-    if settings.losses["depth"] and any(load_prepared_views(d).depths is None for d in shape_dirs[:1]):
+    if settings.losses["depth"] and shape_dirs and load_prepared_views(shape_dirs[0]).depths is None:
         raise ValueError("loss 'depth' is on but the prepared views have no depth maps")
     size = model.config["input"]["image_size"]
     rng = np.random.default_rng(settings.seed)
@@ -244,18 +243,7 @@ def main(argv=None) -> int:
 
         model.encoder.load_imagenet(imagenet_state(config["init_encoder"]))
     with open(out / "log.csv", "w", newline="") as log_file:
-        writer = None
-
-        def log(row):
-            nonlocal writer
-            if writer is None:
-                writer = csv.DictWriter(log_file, fieldnames=list(row), extrasaction="ignore")
-                writer.writeheader()
-            writer.writerow(row)
-            if row["step"] % 20 == 0:
-                print(json.dumps(row), flush=True)
-
-        rows = train(model, shape_dirs, settings, args.device, log)
+        rows = train(model, shape_dirs, settings, args.device, csv_logger(log_file, print_every=20))
     save_checkpoint(out / "model_last.safetensors", model.cpu(), config["model"],
                     {"dvr_encoder": {"data_dir": str(data_dir), "shapes": len(shape_dirs),
                                      "settings": settings.__dict__, "steps": len(rows),
