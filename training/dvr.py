@@ -222,6 +222,19 @@ def load_occupancy_samples(shape_dir) -> OccupancySamples:
 # Fitting
 
 
+def settings_from_config(cls, config: dict, allowed_losses: tuple, refusal: str):
+    """A settings dataclass from a configuration's keys (others ignored), its "losses" checked
+    against allowed_losses (a ValueError starting with refusal names the first other one) and
+    filled in with a weight, 0 when not given, for every name of LOSS_NAMES."""
+    names = {f.name for f in fields(cls)}
+    settings = cls(**{k: v for k, v in config.items() if k in names})
+    unknown = set(settings.losses) - set(allowed_losses)
+    if unknown:
+        raise ValueError(f"{refusal}: {sorted(unknown)[0]!r}; known: {', '.join(allowed_losses)}")
+    settings.losses = {name: float(settings.losses.get(name, 0.0)) for name in LOSS_NAMES}
+    return settings
+
+
 @dataclass
 class FitSettings:
     """How a fit runs (module docstring): the fitting keys of a configuration."""
@@ -239,12 +252,7 @@ class FitSettings:
     @classmethod
     def from_config(cls, config: dict) -> "FitSettings":
         """Settings from a configuration's keys (others ignored); every loss weight filled in."""
-        names = {f.name for f in fields(cls)}
-        settings = cls(**{k: v for k, v in config.items() if k in names})
-        unknown = set(settings.losses) - set(LOSS_NAMES)
-        if unknown:
-            raise ValueError(f"unknown loss {sorted(unknown)[0]!r}; known: {', '.join(LOSS_NAMES)}")
-        settings.losses = {name: float(settings.losses.get(name, 0.0)) for name in LOSS_NAMES}
+        settings = settings_from_config(cls, config, LOSS_NAMES, "unknown loss")
         return settings
 
 

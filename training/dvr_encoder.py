@@ -26,7 +26,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,7 @@ from backend.models import build_model
 from backend.preprocess import over_background
 
 from .dataset import jitter_colours, random_background, viewer_view
-from .dvr import LOSS_NAMES, Rays, csv_logger, learning_rate, ray_losses, ray_steps_at
+from .dvr import Rays, csv_logger, learning_rate, ray_losses, ray_steps_at, settings_from_config
 from .posed_images import PosedViews, camera_z_per_distance, image_pixels, load_prepared_views
 
 IMAGE_LOSSES = ("mask", "depth", "normal")
@@ -61,13 +61,8 @@ class EncoderSettings:
 
     @classmethod
     def from_config(cls, config: dict) -> "EncoderSettings":
-        names = {f.name for f in fields(cls)}
-        settings = cls(**{k: v for k, v in config.items() if k in names})
-        unknown = set(settings.losses) - set(IMAGE_LOSSES)
-        if unknown:
-            raise ValueError(f"loss {sorted(unknown)[0]!r} cannot train an encoder from other views; "
-                             f"known: {', '.join(IMAGE_LOSSES)}")
-        settings.losses = {name: float(settings.losses.get(name, 0.0)) for name in LOSS_NAMES}
+        settings = settings_from_config(cls, config, IMAGE_LOSSES,
+                                        "a loss that cannot train an encoder from other views")
         if not any(settings.losses.values()):
             raise ValueError("every loss weight is 0: nothing to train")
         if settings.other_views < 1:
