@@ -215,6 +215,26 @@ def test_the_layer_head_predicts_a_front_and_a_back_behind_it_per_pixel():
     assert (layers[:, 1] >= layers[:, 0]).all()
 
 
+def test_the_layer_heads_picture_wide_context_starts_silent_and_needs_the_head():
+    config = preset("tiny_pixel_image")
+    config["encoder"]["layer_context"] = True
+    with pytest.raises(ValueError, match="layer_context needs layers"):
+        build_model(config)
+    config["encoder"]["layers"] = True
+    with_context = build_model(config).eval()
+    config["encoder"]["layer_context"] = False
+    without = build_model(config).eval()
+    with torch.no_grad():
+        without.encoder.layer_head[-1].weight.normal_()       # trained: it reads its input
+    missing, unexpected = with_context.load_state_dict(without.state_dict(), strict=False)
+    assert not unexpected and {key.split(".")[1] for key in missing} == {"layer_context"}
+    images, focal = torch.rand(2, 3, 64, 64), torch.full((2,), 1.4)
+    with torch.no_grad():
+        assert torch.equal(with_context.encode(images, focal)["layers"], without.encode(images, focal)["layers"])
+        with_context.encoder.layer_context.bias.fill_(1.0)
+        assert not torch.equal(with_context.encode(images, focal)["layers"], without.encode(images, focal)["layers"])
+
+
 def test_the_layers_prior_fills_the_predicted_layers_and_needs_no_mask():
     model = layers_model()
     assert not model.needs_mask

@@ -477,13 +477,13 @@ def test_a_layer_head_is_added_to_a_trained_pixel_model_without_changing_its_wei
 
     source = make_solid_pixel_checkpoint(tmp_path / "plain.safetensors")
     model = preset("tiny_pixel_image")
-    model["encoder"]["layers"] = True
+    model["encoder"].update(layers=True, layer_context=True)
     model["decoder"].update(prior="layers", prior_temperature=0.1)
     cfg = config("test_tiny_image.json", data_dir, tmp_path / "layers", model=model, init_weights=str(source),
                  preload=False)           # the synthetic shapes have no depth maps to train the head on
     trainer = Trainer(cfg, resume=False, command="pytest")
     expected = load_file(str(source))
     new = {key for key in trainer.module.state_dict() if key not in expected}
-    assert new and all(key.startswith(("encoder.layer_head.", "decoder.fc_prior.")) for key in new)
+    assert {key.split(".")[1] for key in new} == {"layer_head", "layer_context", "fc_prior"}
     for key in expected:
         assert torch.equal(trainer.module.state_dict()[key], expected[key]), key

@@ -91,8 +91,8 @@ ATOMIC_OUTPUTS = ("state.safetensors", "model_last.safetensors", "model_best.saf
 DECAYS = ("constant", "cosine", "step")
 # Layers that a prior adds to a pixel-aligned model, and the options that add them: init_weights
 # may start such a model from one trained without them (the new layers start from scratch or zero).
-PRIOR_LAYERS = ("decoder.fc_prior.", "encoder.layer_head.")
-PRIOR_OPTIONS = ("prior_temperature", "prior", "layers")
+PRIOR_LAYERS = ("decoder.fc_prior.", "encoder.layer_head.", "encoder.layer_context.")
+PRIOR_OPTIONS = ("prior_temperature", "prior", "layers", "layer_context")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -43,9 +43,11 @@ INITIAL_FRONT, INITIAL_THICKNESS = -0.15, 0.3
 class EfficientNetPixelEncoder(nn.Module):
     """(B, 3, S, S) RGB in [0, 1] -> {"features": (B, c_dim, S/4, S/4), "global": (B, g_dim),
     "up": (B, 3) unit vectors}; with layers also "layers": (B, 2, S/4, S/4), the viewer z where
-    each pixel's ray enters the object and where it last leaves it (back >= front)."""
+    each pixel's ray enters the object and where it last leaves it (back >= front). With
+    layer_context the layer head also sees the whole picture (its pooled deepest features, added to
+    every pixel's), because where the object sits in depth is a property of the whole object."""
 
-    def __init__(self, c_dim: int = 64, g_dim: int = 128, layers: bool = False):
+    def __init__(self, c_dim: int = 64, g_dim: int = 128, layers: bool = False, layer_context: bool = False):
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
 
@@ -63,6 +65,13 @@ class EfficientNetPixelEncoder(nn.Module):
             nn.init.zeros_(self.layer_head[-1].weight)
             with torch.no_grad():
                 self.layer_head[-1].bias.copy_(torch.tensor([INITIAL_FRONT, math.log(math.expm1(INITIAL_THICKNESS))]))
+        if layer_context and not layers:
+            raise ValueError("layer_context needs layers: true (it feeds the layer head)")
+        if layer_context:
+            # Zero at the start, so a model trained without it starts out unchanged.
+            self.layer_context = nn.Linear(LITE0_TAP_CHANNELS[-1], c_dim)
+            nn.init.zeros_(self.layer_context.weight)
+            nn.init.zeros_(self.layer_context.bias)
         self.layers = layers
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -91,7 +100,8 @@ class EfficientNetPixelEncoder(nn.Module):
         features = self.fuse(fused)
         out = {"features": features, "global": self.global_code(pooled), "up": F.normalize(self.up_head(pooled), dim=1)}
         if self.layers:
-            raw = self.layer_head(features)
+            seen = features + self.layer_context(pooled)[:, :, None, None] if hasattr(self, "layer_context") else features
+            raw = self.layer_head(seen)
             out["layers"] = torch.cat([raw[:, :1], raw[:, :1] + F.softplus(raw[:, 1:])], dim=1)
         return out
 
