@@ -1,6 +1,8 @@
 """Test-time refinement shrink-wraps a mesh onto the input points where they are, leaves it alone
 where there are none, never moves a vertex further than allowed, and keeps the mesh closed."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import trimesh
@@ -31,6 +33,33 @@ def test_a_surface_several_cells_off_is_pulled_onto_noisy_points():
     points = sphere_points(0.34, 3000, noise=0.005)
     refined = refine_to_points(mesh.vertices, mesh.faces, points)
     assert radial_error(mesh.vertices, 0.34) > 0.035 and radial_error(refined, 0.34) < 0.004
+
+
+def test_on_a_curved_surface_the_quadratic_fits_land_closer_than_planes():
+    """A plane through a small ball's nearby points lies inside the ball (their centroid does), so
+    planes pull the surface in; the quadratic height field over the same points follows the bend."""
+    mesh = sphere_mesh(0.13)
+    points = sphere_points(0.15, 3000, noise=0.005)
+    planes = refine_to_points(mesh.vertices, mesh.faces, points, RefineSettings(curved_neighbours=None))
+    curved = refine_to_points(mesh.vertices, mesh.faces, points)
+    inward = lambda vertices: 0.15 - np.linalg.norm(vertices, axis=1).mean()
+    assert radial_error(curved, 0.15) < 0.9 * radial_error(planes, 0.15)
+    assert 0 < inward(curved) < 0.75 * inward(planes)
+
+
+def test_the_quadratic_height_field_recovers_a_sphere_and_declines_too_few_points():
+    from backend.extraction.refine import quadratic_heights
+
+    rng = np.random.default_rng(0)
+    polar, azimuth = rng.uniform(0, 0.25, 200), rng.uniform(0, 2 * np.pi, 200)
+    cap = 0.3 * np.stack([np.sin(polar) * np.cos(azimuth), np.sin(polar) * np.sin(azimuth), np.cos(polar)], axis=1)
+    centre = cap.mean(axis=0)
+    offsets, up = (cap - centre)[None].astype(np.float32), np.array([[0.0, 0.0, 1.0]])
+    height = quadratic_heights(offsets, np.ones((1, 200), np.float32), (np.array([0.0, 0.0, 0.2]) - centre)[None], up)
+    assert abs(centre[2] + height[0] - 0.3) < 1e-4          # the plane alone is 0.0036 short
+    few = np.zeros((1, 200), np.float32)
+    few[0, :5] = 1.0                                        # five points cannot fix six coefficients
+    assert quadratic_heights(offsets, few, (np.array([0.0, 0.0, 0.2]) - centre)[None], up)[0] == 0.0
 
 
 def test_vertices_far_from_any_point_stay():
@@ -190,10 +219,11 @@ def test_remembered_neighbours_and_planes_give_the_reference_result():
     vertices that barely moved, within a small fraction of a grid cell of it."""
     mesh = sphere_mesh(0.30)
     points = sphere_points(0.34, 3000, noise=0.005)
-    reference = reference_refinement(mesh.vertices, mesh.faces, points, RefineSettings())
-    exact = refine_to_points(mesh.vertices, mesh.faces, points, RefineSettings(refit_distance=0.0))
+    planes = RefineSettings(curved_neighbours=None)
+    reference = reference_refinement(mesh.vertices, mesh.faces, points, planes)
+    exact = refine_to_points(mesh.vertices, mesh.faces, points, replace(planes, refit_distance=0.0))
     assert np.abs(exact - reference).max() < 1e-5
-    default = refine_to_points(mesh.vertices, mesh.faces, points)
+    default = refine_to_points(mesh.vertices, mesh.faces, points, planes)
     assert np.abs(default - reference).mean() < 1e-4 and np.abs(default - reference).max() < 0.005
 
 
@@ -237,11 +267,13 @@ def test_the_points_own_normals_steer_the_planes_whichever_side_they_point_to():
     directions = rng.normal(size=(3000, 3))
     directions /= np.linalg.norm(directions, axis=1, keepdims=True)
     points = directions * 0.34 + rng.normal(scale=0.005, size=(3000, 3))
-    fitted = refine_to_points(mesh.vertices, mesh.faces, points)
-    steered = refine_to_points(mesh.vertices, mesh.faces, points, normals=directions)
+    planes = RefineSettings(curved_neighbours=None)
+    fitted = refine_to_points(mesh.vertices, mesh.faces, points, planes)
+    steered = refine_to_points(mesh.vertices, mesh.faces, points, planes, normals=directions)
     assert radial_error(steered, 0.34) < 0.95 * radial_error(fitted, 0.34)
     unoriented = directions * rng.choice([-2.0, 1.0], size=(3000, 1))     # either side, any length
-    np.testing.assert_array_equal(refine_to_points(mesh.vertices, mesh.faces, points, normals=unoriented), steered)
+    np.testing.assert_array_equal(refine_to_points(mesh.vertices, mesh.faces, points, planes, normals=unoriented),
+                                  steered)
 
 
 def test_the_mesh_says_where_it_is_thin_and_the_far_faces_points_are_left_out():
