@@ -4,7 +4,7 @@ shape and mode, then a table of means per mode.
 
     nice -n 10 python bench/dvr.py [--data data/prepared] [--shapes ID ...] [--views 24] [--size 64]
                                    [--seconds 12] [--threads 1] [--modes masks masks+rgb ...]
-                                   [--hidden 64] [--blocks 3]
+                                   [--hidden 64] [--blocks 3] [--pictures OUT.png]
 
 Views: 24 training and 4 held-out cameras of training.render (random azimuth, elevation and lens,
 each as far as it needs for the canonical box), ray cast on the normalised mesh (Open3D: exact
@@ -16,6 +16,9 @@ Metrics (training/metrics.py): IoU at the prepared uniform points; Chamfer-L1 x1
 consistency from 100k points on the mesh extracted at 128^3 (MISE) against the prepared surface
 points; PSNR of the held-out views rendered by the ray marcher (black background both sides),
 for the modes that see colour.
+--pictures: a sheet rendered with Blender, a row per shape: two of the input views, each mode's
+mesh in its colours (grey for modes without colour), the truth in its colour field, all from the
+same viewpoint above the shape.
 """
 
 import argparse
@@ -61,17 +64,18 @@ def shape_views(shape_dir: Path, views: int, size: int, seed: int):
     return all_views.subset(range(views)), all_views.subset(range(views, views + HELD_OUT_VIEWS))
 
 
-def evaluate(model, truth, held_out, sees_colour: bool, rng) -> dict:
+def evaluate(model, truth, held_out, sees_colour: bool, rng) -> tuple[dict, tuple]:
+    """(metrics, the fitted mesh as training.dvr.fitted_mesh returns it)."""
     from training.dvr import fitted_mesh, predicted_occupancy, psnr, render
     from training.metrics import mesh_metrics, occupancy_iou, sample_mesh_surface
 
-    vertices, faces, _ = fitted_mesh(model)
+    mesh = vertices, faces, _ = fitted_mesh(model)
     points, normals = sample_mesh_surface(vertices, faces, EVAL_POINTS, rng)
     out = mesh_metrics(points, normals, truth.surface_points, truth.surface_normals)
     out["iou"] = occupancy_iou(predicted_occupancy(model, truth.uniform_points.astype(np.float32)),
                                truth.uniform_occupancies)
     out["psnr"] = psnr(render(model, held_out)[1], held_out.colours) if sees_colour else float("nan")
-    return out
+    return out, mesh
 
 
 def model_config(hidden: int, blocks: int) -> dict:
@@ -79,7 +83,9 @@ def model_config(hidden: int, blocks: int) -> dict:
             "decoder": {"name": "textured_field", "hidden": hidden, "n_blocks": blocks, "texture": True}}
 
 
-def run_shape(data: Path, shape_id: str, modes: list[str], args) -> list[dict]:
+def run_shape(data: Path, shape_id: str, modes: list[str], args, meshes: dict | None = None) -> list[dict]:
+    """One row per mode; meshes, when given, gains meshes[shape_id] = {"views": training views,
+    mode: (vertices, faces, colours or None), "truth": (vertices, faces, colours)}."""
     import torch
 
     from backend.models import build_model
@@ -98,11 +104,60 @@ def run_shape(data: Path, shape_id: str, modes: list[str], args) -> list[dict]:
                                             "rays": 1024, "lr": 1e-3, "seed": args.seed,
                                             "ray_steps": [[0, 16], [150, 32], [300, 64]]})
         log = fit(model, views, settings, samples, clock=time.process_time)
-        metrics = evaluate(model, truth, held_out, "rgb" in MODES[mode], np.random.default_rng(args.seed))
+        metrics, mesh = evaluate(model, truth, held_out, "rgb" in MODES[mode], np.random.default_rng(args.seed))
+        if meshes is not None:
+            meshes.setdefault(shape_id, {"views": views, "truth": truth_mesh(shape_dir)})[mode] = mesh
         rows.append({"shape": shape_id, "mode": mode, "steps": len(log), "seconds": log[-1]["seconds"],
                      **{k: metrics[k] for k in ("iou", "chamfer_l1_x10", "normal_consistency", "psnr")}})
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def truth_mesh(shape_dir: Path) -> tuple:
+    """The normalised source mesh of a prepared shape, in colour_field's colours."""
+    from training.prepare import normalised_mesh
+
+    source = json.loads((shape_dir / "shape.json").read_text())["source"]
+    vertices, faces, _, _ = normalised_mesh(str(ROOT / source) if not Path(source).is_absolute() else source)
+    return vertices, faces, colour_field(vertices)
+
+
+PICTURE_TILE = 192
+PICTURE_DIRECTION = np.array([-1.0, 1.3, -0.9])   # looking down at the shape from the front right
+PICTURE_INPUTS = 2
+
+
+def picture_sheet(meshes: dict, modes: list[str], out: Path) -> None:
+    """meshes as run_shape fills it -> a PNG sheet at out (see the module's docstring)."""
+    import tempfile
+
+    from PIL import Image
+
+    from training.render import BlenderRenderer, framing_view
+
+    renderer = BlenderRenderer(PICTURE_TILE)
+    work = Path(tempfile.mkdtemp(prefix="occnet_dvr_pictures_"))
+    columns = PICTURE_INPUTS + len(modes) + 1
+    sheet = Image.new("RGB", (columns * PICTURE_TILE, len(meshes) * PICTURE_TILE), "white")
+    for row, (shape_id, shown) in enumerate(meshes.items()):
+        views = shown["views"]
+        tiles = []
+        for index in range(PICTURE_INPUTS):
+            rgb = np.where(views.masks[index][..., None], views.colours[index], 1.0)
+            tiles.append(Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8)))
+        world_mat = framing_view(shown["truth"][0], PICTURE_DIRECTION)
+        for name in modes + ["truth"]:
+            vertices, faces, colours = shown[name]
+            colours = colours if name == "truth" or "rgb" in MODES[name] else None   # only RGB modes learn it
+            if len(faces) == 0:
+                tiles.append(Image.new("RGB", (PICTURE_TILE, PICTURE_TILE), "white"))
+                continue
+            image = renderer.picture(vertices, faces, world_mat, work / f"{shape_id}_{name}.png", colours)
+            tiles.append(Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA")))
+        for column, tile in enumerate(tiles):
+            sheet.paste(tile.convert("RGB").resize((PICTURE_TILE, PICTURE_TILE)), (column * PICTURE_TILE, row * PICTURE_TILE))
+    sheet.save(out)
+    print(f"wrote {out} (columns: {PICTURE_INPUTS} input views, {', '.join(modes)}, truth)")
 
 
 def table(rows: list[dict], modes: list[str]) -> str:
@@ -132,6 +187,7 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=64, help="width of the field's trunk")
     parser.add_argument("--blocks", type=int, default=3, help="residual blocks of the field's trunk")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pictures", type=Path, help="also write a sheet of the results rendered with Blender")
     args = parser.parse_args(argv)
     missing = [s for s in args.shapes if not (args.data / s / "points.npz").is_file()]
     if missing:
@@ -139,12 +195,15 @@ def main(argv=None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     start = time.monotonic()
-    rows = [row for shape_id in args.shapes for row in run_shape(args.data, shape_id, args.modes, args)]
+    meshes = {} if args.pictures else None
+    rows = [row for shape_id in args.shapes for row in run_shape(args.data, shape_id, args.modes, args, meshes)]
     print(f"\n{len(args.shapes)} shapes, {args.views} views of {args.size}^2, {args.seconds:g} s per fit, "
           f"field {args.hidden} x {args.blocks} blocks, "
           f"{args.threads} thread(s), {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"total {time.monotonic() - start:.0f} s\n")
     print(table(rows, args.modes))
+    if meshes:
+        picture_sheet(meshes, args.modes, args.pictures)
     return 0
 
 

@@ -29,41 +29,6 @@ CLASSIC_ROWS = (("spot", 0), ("stanford-bunny", 3), ("teapot", 1), ("cow", 2))
 PHOTO_ROW = ("beetle", 0)
 
 
-def view_matrix(vertices: np.ndarray, direction: np.ndarray) -> np.ndarray:
-    """(4, 4) world->camera (OpenCV) of Blender's 50 mm camera looking along direction (3,) at the
-    bounding box of vertices (V, 3), far enough for the whole box to fit."""
-    from backend import camera
-
-    low, high = vertices.min(axis=0), vertices.max(axis=0)
-    centre, radius = (low + high) / 2, float(np.linalg.norm(high - low)) / 2
-    distance = camera.fitting_distance(50.0 / 36.0, radius=max(radius, 1e-3))
-    return camera.look_at(centre - distance * direction / np.linalg.norm(direction), centre)
-
-
-def render_tile(renderer, vertices, faces, world_mat, path: Path, colours=None) -> Image.Image:
-    """One view of a mesh, grey or in its vertex colours (V, 4) sRGB."""
-    from mathutils import Matrix
-
-    from backend.camera import BLENDER_FROM_OPENCV
-
-    renderer.set_mesh(np.asarray(vertices, np.float32), np.asarray(faces, np.int32))
-    shading = renderer.scene.display.shading
-    shading.light, shading.color_type = "STUDIO", "SINGLE"
-    shading.single_color = (0.75, 0.75, 0.78)
-    if colours is not None:
-        mesh = renderer.mesh_object.data
-        attribute = mesh.color_attributes.new("colour", "FLOAT_COLOR", "POINT")
-        attribute.data.foreach_set("color_srgb", np.ascontiguousarray(colours, np.float32).ravel())
-        mesh.color_attributes.active_color = attribute
-        shading.color_type = "VERTEX"
-    shading.show_cavity, shading.show_shadows, shading.show_specular_highlight = True, False, True
-    renderer.camera.data.lens = 50.0
-    renderer.camera.matrix_world = Matrix(np.linalg.inv(BLENDER_FROM_OPENCV @ world_mat).tolist())
-    renderer.scene.render.filepath = str(path)
-    renderer.bpy.ops.render.render(write_still=True)
-    return on_white(Image.open(path))
-
-
 def on_white(image: Image.Image) -> Image.Image:
     rgba = image.convert("RGBA").resize((TILE, TILE), Image.Resampling.LANCZOS)
     canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -96,6 +61,7 @@ def row_tiles(renderer, reconstructor, options, rgba, gt_vertices, gt_faces, sim
     """The five tiles of one row; gt_vertices (canonical) go through similarity into the viewer frame."""
     from backend import camera
     from backend.errors import OccnetError
+    from training.render import framing_view
 
     shown = Image.fromarray((np.clip(rgba, 0, 1) * 255).astype(np.uint8))
     try:
@@ -106,12 +72,12 @@ def row_tiles(renderer, reconstructor, options, rgba, gt_vertices, gt_faces, sim
     to_output = np.asarray(result.stats["viewer_to_output"])
     gt_output = camera.transform_points(to_output @ similarity, gt_vertices)
     both = np.concatenate([result.vertices, gt_output])
-    front, side = view_matrix(both, np.array([0.0, 1.0, 0.0])), view_matrix(both, np.array([-1.0, 0.0, 0.0]))
+    front, side = framing_view(both, np.array([0.0, 1.0, 0.0])), framing_view(both, np.array([-1.0, 0.0, 0.0]))
     tiles = [on_white(shown)]
     for label, (vertices, faces, colours) in (("pred", (result.vertices, result.faces, result.colors)),
                                               ("gt", (gt_output, gt_faces, None))):
-        tiles.append(render_tile(renderer, vertices, faces, front, work / f"{name}_{label}_front.png", colours))
-        tiles.append(render_tile(renderer, vertices, faces, side, work / f"{name}_{label}_side.png", colours))
+        tiles.append(on_white(renderer.picture(vertices, faces, front, work / f"{name}_{label}_front.png", colours)))
+        tiles.append(on_white(renderer.picture(vertices, faces, side, work / f"{name}_{label}_side.png", colours)))
     print(f"{name}: {result.stats['faces']} faces, mask {result.stats['mask_source']}, "
           f"elevation {result.stats['elevation_deg']} deg", flush=True)
     return tiles

@@ -46,6 +46,15 @@ def random_cameras(rng: np.random.Generator, views: int, image_size: int,
     return world_mats, camera_mats
 
 
+def framing_view(vertices: np.ndarray, direction: np.ndarray) -> np.ndarray:
+    """(4, 4) world->camera (OpenCV) of a FOCAL_MM camera looking along direction (3,) at the
+    bounding box of vertices (V, 3), far enough for the whole box to be in the frame."""
+    low, high = vertices.min(axis=0), vertices.max(axis=0)
+    centre, radius = (low + high) / 2, float(np.linalg.norm(high - low)) / 2
+    distance = fitting_distance(FOCAL_MM / SENSOR_MM, radius=max(radius, 1e-3))
+    return look_at(centre - distance * direction / np.linalg.norm(direction), centre)
+
+
 class BlenderRenderer:
     """One Blender scene (Workbench engine, transparent film) that renders shape after shape.
 
@@ -105,6 +114,31 @@ class BlenderRenderer:
         previous = self.mesh_object.data
         self.mesh_object.data = mesh
         bpy.data.meshes.remove(previous)
+
+    def picture(self, vertices: np.ndarray, faces: np.ndarray, world_mat: np.ndarray, path: Path,
+                colours: np.ndarray | None = None):
+        """A PIL image (RGBA, written to path) of the mesh vertices (V, 3), faces (F, 3) through a
+        FOCAL_MM camera at world_mat (4, 4), studio-lit: grey, or in its vertex colours (V, 3|4) sRGB."""
+        from mathutils import Matrix
+        from PIL import Image
+
+        self.set_mesh(np.asarray(vertices, np.float32), np.asarray(faces, np.int32))
+        shading = self.scene.display.shading
+        shading.light, shading.color_type = "STUDIO", "SINGLE"
+        shading.single_color = (0.75, 0.75, 0.78)
+        if colours is not None:
+            colours = np.asarray(colours, np.float32)
+            rgba = np.concatenate([colours[:, :3], np.ones((len(colours), 1), np.float32)], axis=1)
+            attribute = self.mesh_object.data.color_attributes.new("colour", "FLOAT_COLOR", "POINT")
+            attribute.data.foreach_set("color_srgb", np.ascontiguousarray(rgba).ravel())
+            self.mesh_object.data.color_attributes.active_color = attribute
+            shading.color_type = "VERTEX"
+        shading.show_cavity, shading.show_shadows, shading.show_specular_highlight = True, False, True
+        self.camera.data.lens = FOCAL_MM
+        self.camera.matrix_world = Matrix(np.linalg.inv(BLENDER_FROM_OPENCV @ world_mat).tolist())
+        self.scene.render.filepath = str(path)
+        self.bpy.ops.render.render(write_still=True)
+        return Image.open(path)
 
     def _randomise_look(self, rng: np.random.Generator) -> None:
         """A random appearance per view, so that shaded renders and photos are in distribution:
