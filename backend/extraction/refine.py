@@ -312,8 +312,10 @@ def remembered_moves(vertices: np.ndarray, tree: cKDTree, points: np.ndarray, me
     search = refit & (np.linalg.norm(vertices - memory.searched_at, axis=1) >= memory.slack)
     if search.any():
         candidates, memory.slack[search] = search_neighbours(vertices[search], tree, settings)
-        if facing is not None:
-            candidates = without_far_sheet(vertices[search], candidates, points, facing[search], thickness[search])
+        thin = np.flatnonzero(np.isfinite(thickness[search])) if facing is not None else []
+        if len(thin):   # a bulky vertex has no far face to leave out
+            rows = np.flatnonzero(search)[thin]
+            candidates[thin] = without_far_sheet(vertices[rows], candidates[thin], points, facing[rows], thickness[rows])
         memory.candidates[search] = candidates
         memory.searched_at[search] = vertices[search]
     if refit.any():
