@@ -37,6 +37,7 @@ import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -262,6 +263,29 @@ def learning_rate(base: float, progress: float) -> float:
     return base * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
 
 
+def budgeted_steps(settings, optimizer, clock: Callable[[], float], start: float) -> Iterator[int]:
+    """The step numbers of a run while settings.steps and settings.seconds (by clock, since start)
+    last, the optimizer's learning rate set for each first: learning_rate of the run's progress,
+    the larger of its share of the steps and of the time. settings: FitSettings or EncoderSettings."""
+    for step in range(settings.steps):
+        elapsed = clock() - start
+        if settings.seconds is not None and elapsed > settings.seconds:
+            return
+        progress = max(step / settings.steps, elapsed / settings.seconds if settings.seconds else 0.0)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(settings.lr, progress)
+        yield step
+
+
+def optimisation_step(optimizer, losses: dict, weights: dict) -> torch.Tensor:
+    """One step on the weighted sum of losses (name -> scalar tensor) -> that sum."""
+    total = sum(weights[name] * value for name, value in losses.items())
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    optimizer.step()
+    return total
+
+
 def check_supervision(settings: FitSettings, views: PosedViews | None, samples: OccupancySamples | None) -> None:
     """ValueError when no loss is on, or one is on whose data is missing."""
     available = {"mask": views is not None, "normal": views is not None,
@@ -290,13 +314,7 @@ def fit(model, views: PosedViews | None, settings: FitSettings, samples: Occupan
     generator = torch.Generator().manual_seed(settings.seed + 1)
     rng = np.random.default_rng(settings.seed)
     rows, start = [], clock()
-    for step in range(settings.steps):
-        elapsed = clock() - start
-        if settings.seconds is not None and elapsed > settings.seconds:
-            break
-        progress = max(step / settings.steps, elapsed / settings.seconds if settings.seconds else 0.0)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(settings.lr, progress)
+    for step in budgeted_steps(settings, optimizer, clock, start):
         n_steps = ray_steps_at(step, settings.ray_steps)
         losses = {}
         if sampler is not None:
@@ -306,10 +324,7 @@ def fit(model, views: PosedViews | None, settings: FitSettings, samples: Occupan
             points, labels = samples.sample(settings.query_points, rng)
             logits = model.decode(torch.from_numpy(points).to(device)[None], None)[0]
             losses["points"] = F.binary_cross_entropy_with_logits(logits, torch.from_numpy(labels).to(logits))
-        total = sum(settings.losses[name] * value for name, value in losses.items())
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
+        total = optimisation_step(optimizer, losses, settings.losses)
         row = {"step": step, "seconds": round(clock() - start, 3), "ray_steps": n_steps,
                "loss": total.item(), **{name: value.item() for name, value in losses.items()}}
         rows.append(row)

@@ -38,7 +38,7 @@ from backend.models import build_model
 from backend.preprocess import over_background
 
 from .dataset import jitter_colours, random_background, viewer_view
-from .dvr import Rays, csv_logger, learning_rate, ray_losses, ray_steps_at, settings_from_config
+from .dvr import Rays, budgeted_steps, csv_logger, optimisation_step, ray_losses, ray_steps_at, settings_from_config
 from .posed_images import PosedViews, camera_z_per_distance, image_pixels, load_prepared_views
 
 IMAGE_LOSSES = ("mask", "depth", "normal")
@@ -169,21 +169,12 @@ def train(model, shape_dirs: list[Path], settings: EncoderSettings, device="cpu"
     freeze_batch_norm(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
     rows, start = [], clock()
-    for step in range(settings.steps):
-        elapsed = clock() - start
-        if settings.seconds is not None and elapsed > settings.seconds:
-            break
-        progress = max(step / settings.steps, elapsed / settings.seconds if settings.seconds else 0.0)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(settings.lr, progress)
+    for step in budgeted_steps(settings, optimizer, clock, start):
         picked = rng.choice(len(shape_dirs), size=min(settings.shapes_per_step, len(shape_dirs)), replace=False)
         examples = [make_example(load_prepared_views(shape_dirs[i]), size, settings, rng) for i in picked]
         n_steps = ray_steps_at(step, settings.ray_steps)
         losses = example_losses(model, examples, settings, n_steps, generator, device)
-        total = sum(settings.losses[name] * value for name, value in losses.items())
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
+        total = optimisation_step(optimizer, losses, settings.losses)
         row = {"step": step, "seconds": round(clock() - start, 3), "ray_steps": n_steps, "loss": total.item(),
                **{name: value.item() for name, value in losses.items()}}
         rows.append(row)
