@@ -51,14 +51,21 @@ def colour_field(points: np.ndarray) -> np.ndarray:
                                          6.0 * points[:, 2] + 4.0 * points[:, 0]], axis=1))).astype(np.float32)
 
 
-def shape_views(shape_dir: Path, views: int, size: int, seed: int):
-    """(training views, held-out views) of a prepared shape's normalised source mesh."""
-    from training.posed_images import cast_views, mesh_caster
+def source_mesh(shape_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Vertices (V, 3) in the canonical box and faces (F, 3) of a prepared shape's source mesh."""
     from training.prepare import normalised_mesh
-    from training.render import random_cameras
 
     source = json.loads((shape_dir / "shape.json").read_text())["source"]
     vertices, faces, _, _ = normalised_mesh(str(ROOT / source) if not Path(source).is_absolute() else source)
+    return vertices, faces
+
+
+def shape_views(shape_dir: Path, views: int, size: int, seed: int):
+    """(training views, held-out views) of a prepared shape's normalised source mesh."""
+    from training.posed_images import cast_views, mesh_caster
+    from training.render import random_cameras
+
+    vertices, faces = source_mesh(shape_dir)
     world_mats, camera_mats = random_cameras(np.random.default_rng(seed), views + HELD_OUT_VIEWS, size)
     all_views = cast_views(mesh_caster(vertices, faces), world_mats, camera_mats, size, colour_field)
     return all_views.subset(range(views)), all_views.subset(range(views, views + HELD_OUT_VIEWS))
@@ -96,6 +103,8 @@ def run_shape(data: Path, shape_id: str, modes: list[str], args, meshes: dict | 
     truth = load_shape(shape_dir, surface=True, normals=True, images=False)
     samples = OccupancySamples(truth.uniform_points, truth.uniform_occupancies, truth.near_points, truth.near_occupancies)
     views, held_out = shape_views(shape_dir, args.views, args.size, args.seed)
+    if meshes is not None:
+        meshes[shape_id] = {"views": views, "truth": truth_mesh(shape_dir)}
     rows = []
     for mode in modes:
         torch.manual_seed(args.seed)
@@ -106,7 +115,7 @@ def run_shape(data: Path, shape_id: str, modes: list[str], args, meshes: dict | 
         log = fit(model, views, settings, samples, clock=time.process_time)
         metrics, mesh = evaluate(model, truth, held_out, "rgb" in MODES[mode], np.random.default_rng(args.seed))
         if meshes is not None:
-            meshes.setdefault(shape_id, {"views": views, "truth": truth_mesh(shape_dir)})[mode] = mesh
+            meshes[shape_id][mode] = mesh
         rows.append({"shape": shape_id, "mode": mode, "steps": len(log), "seconds": log[-1]["seconds"],
                      **{k: metrics[k] for k in ("iou", "chamfer_l1_x10", "normal_consistency", "psnr")}})
         print(json.dumps(rows[-1]), flush=True)
@@ -115,10 +124,7 @@ def run_shape(data: Path, shape_id: str, modes: list[str], args, meshes: dict | 
 
 def truth_mesh(shape_dir: Path) -> tuple:
     """The normalised source mesh of a prepared shape, in colour_field's colours."""
-    from training.prepare import normalised_mesh
-
-    source = json.loads((shape_dir / "shape.json").read_text())["source"]
-    vertices, faces, _, _ = normalised_mesh(str(ROOT / source) if not Path(source).is_absolute() else source)
+    vertices, faces = source_mesh(shape_dir)
     return vertices, faces, colour_field(vertices)
 
 

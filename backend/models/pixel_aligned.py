@@ -67,9 +67,8 @@ class EfficientNetPixelEncoder(nn.Module):
                 self.layer_head[-1].bias.copy_(torch.tensor([INITIAL_FRONT, math.log(math.expm1(INITIAL_THICKNESS))]))
         if layer_context and not layers:
             raise ValueError("layer_context needs layers: true (it feeds the layer head)")
-        if layer_context:
-            # Zero at the start, so a model trained without it starts out unchanged.
-            self.layer_context = nn.Linear(LITE0_TAP_CHANNELS[-1], c_dim)
+        self.layer_context = nn.Linear(LITE0_TAP_CHANNELS[-1], c_dim) if layer_context else None
+        if layer_context:   # zero at the start, so a model trained without it starts out unchanged
             nn.init.zeros_(self.layer_context.weight)
             nn.init.zeros_(self.layer_context.bias)
         self.layers = layers
@@ -100,7 +99,7 @@ class EfficientNetPixelEncoder(nn.Module):
         features = self.fuse(fused)
         out = {"features": features, "global": self.global_code(pooled), "up": F.normalize(self.up_head(pooled), dim=1)}
         if self.layers:
-            seen = features + self.layer_context(pooled)[:, :, None, None] if hasattr(self, "layer_context") else features
+            seen = features if self.layer_context is None else features + self.layer_context(pooled)[:, :, None, None]
             raw = self.layer_head(seen)
             out["layers"] = torch.cat([raw[:, :1], raw[:, :1] + F.softplus(raw[:, 1:])], dim=1)
         return out
