@@ -260,7 +260,8 @@ def monomials(u: np.ndarray, v: np.ndarray) -> np.ndarray:
 def solve_positive_definite(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """x (V, n) with a x = b for symmetric positive definite a (V, n, n) and b (V, n), by a
     Cholesky factorisation vectorised across V: for thousands of small systems a few dozen array
-    operations instead of numpy's per-matrix LAPACK calls (ten times faster at n = 6)."""
+    operations instead of numpy's per-matrix LAPACK calls (16,384 systems of n = 6: 0.016 s against
+    0.056 s)."""
     n = a.shape[1]
     lower = np.zeros_like(a)
     for j in range(n):
