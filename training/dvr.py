@@ -434,16 +434,23 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def run_config(args, default_out: str) -> tuple[dict, Path]:
+    """The configuration JSON at args.config with the command line's steps and seconds over it, and
+    the output folder (args.out, else the config's out_dir, else default_out), created."""
     config = json.loads(args.config.read_text())
     for key in ("steps", "seconds"):
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
-    out = args.out or Path(config.get("out_dir", "runs/dvr"))
+    out = args.out or Path(config.get("out_dir", default_out))
     out.mkdir(parents=True, exist_ok=True)
+    return config, out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config, out = run_config(args, "runs/dvr")
     settings = FitSettings.from_config(config)
     views, held_out = split_views(load_views(config["data"]), config.get("held_out_views", []))
     prepared = config["data"].get("prepared")

@@ -38,7 +38,8 @@ from backend.models import build_model
 from backend.preprocess import over_background
 
 from .dataset import jitter_colours, random_background, viewer_view
-from .dvr import Rays, budgeted_steps, csv_logger, optimisation_step, ray_losses, ray_steps_at, settings_from_config
+from .dvr import (Rays, budgeted_steps, csv_logger, optimisation_step, ray_losses, ray_steps_at, run_config,
+                  settings_from_config)
 from .posed_images import PosedViews, camera_z_per_distance, image_pixels, load_prepared_views
 
 IMAGE_LOSSES = ("mask", "depth", "normal")
@@ -197,12 +198,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    config = json.loads(args.config.read_text())
-    for key in ("steps", "seconds"):
-        if getattr(args, key) is not None:
-            config[key] = getattr(args, key)
-    out = args.out or Path(config.get("out_dir", "runs/dvr_encoder"))
-    out.mkdir(parents=True, exist_ok=True)
+    config, out = run_config(args, "runs/dvr_encoder")
     settings = EncoderSettings.from_config(config)
     data_dir, split = Path(config["data_dir"]), config.get("split", "train")
     split_file = data_dir / "split" / f"{split}.txt"
