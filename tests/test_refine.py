@@ -9,7 +9,7 @@ import trimesh
 from scipy.spatial import cKDTree
 
 from backend.extraction import grid_to_mesh, mise
-from backend.extraction.refine import RefineSettings, plane_projection, refine_to_points
+from backend.extraction.refine import RefineSettings, surface_projection, refine_to_points
 
 
 def sphere_mesh(radius):
@@ -67,7 +67,7 @@ def test_vertices_far_from_any_point_stay():
     cap = sphere_points(0.31, 5000, noise=0.0)
     cap = cap[cap[:, 2] > 0.1]                     # only the top cap was scanned
     settings = RefineSettings(radius=0.05)
-    move = plane_projection(mesh.vertices.astype(np.float64), cKDTree(cap), cap, settings)
+    move = surface_projection(mesh.vertices.astype(np.float64), cKDTree(cap), cap, settings)
     bottom = mesh.vertices[:, 2] < -0.1
     assert not move[bottom].any()
     assert np.abs(move[~bottom]).max() > 0.005
@@ -77,7 +77,7 @@ def test_moves_are_capped_per_round_and_the_mesh_stays_closed():
     mesh = sphere_mesh(0.30)
     points = sphere_points(0.45, 5000, noise=0.0)  # far off: every move is capped
     settings = RefineSettings()
-    step = np.linalg.norm(plane_projection(mesh.vertices.astype(np.float64), cKDTree(points), points, settings), axis=1)
+    step = np.linalg.norm(surface_projection(mesh.vertices.astype(np.float64), cKDTree(points), points, settings), axis=1)
     assert step.max() <= settings.max_move + 1e-9
     refined = refine_to_points(mesh.vertices, mesh.faces, points, settings)
     assert np.linalg.norm(refined, axis=1).max() <= 0.31 + settings.rounds * settings.max_move
@@ -231,9 +231,9 @@ def test_later_rounds_search_and_fit_few_vertices(monkeypatch):
     from backend.extraction import refine
 
     searched, fitted = [], []
-    search, fit = refine.search_neighbours, refine.fit_planes
+    search, fit = refine.search_neighbours, refine.fit_local_surfaces
     monkeypatch.setattr(refine, "search_neighbours", lambda v, *a: searched.append(len(v)) or search(v, *a))
-    monkeypatch.setattr(refine, "fit_planes", lambda v, *a: fitted.append(len(v)) or fit(v, *a))
+    monkeypatch.setattr(refine, "fit_local_surfaces", lambda v, *a: fitted.append(len(v)) or fit(v, *a))
     mesh = sphere_mesh(0.30)                       # 5694 vertices: one block per round
     refine_to_points(mesh.vertices, mesh.faces, sphere_points(0.34, 3000, noise=0.005))
     later = (RefineSettings().rounds - 1) * len(mesh.vertices)   # what searching and fitting every round costs

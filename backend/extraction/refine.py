@@ -7,7 +7,9 @@ unlike the training data the surface can sit a few cells away from the points. T
 are measured data. So, a few rounds of:
   * move every vertex with enough input points around it onto a moving-least-squares plane of
     those points (Gaussian weights at the scale of the nearest few points, so the plane is local
-    even where the neighbourhood is wide), by at most `max_move` per round;
+    even where the neighbourhood is wide), by at most `max_move` per round; where the mesh is
+    bulky, onto a quadratic height field over that plane instead (a plane's centroid lies inside a
+    curved surface; on thin parts the wider fit would reach the far face);
   * a few steps of Taubin smoothing (trimesh's, no shrinkage), so neighbouring vertices move together and
     the mesh stays a clean surface rather than a set of independently snapped points.
 Faces never change, so the mesh stays watertight. Parameters were chosen on the validation split
@@ -69,9 +71,9 @@ class VertexMemory:
     candidates: np.ndarray  # (V, C) int64 the C nearest points within the radius when searched; len(points): none
     searched_at: np.ndarray  # (V, 3) float64 where the vertex was then
     slack: np.ndarray        # (V,) float64 while closer than this to searched_at, its k nearest are candidates
-    centre: np.ndarray       # (V, 3) float64 a point of its last fitted plane
-    normal: np.ndarray       # (V, 3) float64 that plane's unit normal
-    usable: np.ndarray       # (V,) bool the plane had settings.min_neighbours points or more
+    centre: np.ndarray       # (V, 3) float64 its last fitted surface's point (above it, for a height field)
+    normal: np.ndarray       # (V, 3) float64 the fitted plane's unit normal, along which it moves
+    usable: np.ndarray       # (V,) bool the fit had settings.min_neighbours points or more
     fitted_at: np.ndarray    # (V, 3) float64 where the vertex was then (inf: never fitted)
 
     @classmethod
@@ -172,7 +174,7 @@ def without_far_sheet(vertices: np.ndarray, candidates: np.ndarray, points: np.n
     return np.where(far & two_layers[:, None], len(points), candidates)
 
 
-def fit_planes(vertices: np.ndarray, points: np.ndarray, candidates: np.ndarray, settings: RefineSettings,
+def fit_local_surfaces(vertices: np.ndarray, points: np.ndarray, candidates: np.ndarray, settings: RefineSettings,
                normals: np.ndarray | None = None, curved: np.ndarray | None = None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The local surface of each vertex (V, 3) among input points (P, 3), found among candidates
@@ -289,10 +291,11 @@ def plane_moves(vertices: np.ndarray, centre: np.ndarray, normal: np.ndarray, us
     return move
 
 
-def plane_projection(vertices: np.ndarray, tree: cKDTree, points: np.ndarray, settings: RefineSettings) -> np.ndarray:
-    """Moves (V, 3) of vertices (V, 3) onto the planes of points (P, 3), with a fresh search of tree
-    (over points) and fresh fits: one round of the refinement without its memory or smoothing."""
-    centroid, normal, usable = fit_planes(vertices, points.astype(np.float32),
+def surface_projection(vertices: np.ndarray, tree: cKDTree, points: np.ndarray, settings: RefineSettings) -> np.ndarray:
+    """Moves (V, 3) of vertices (V, 3) onto the local surfaces of points (P, 3) (every vertex taken as
+    bulky: fit_local_surfaces), with a fresh search of tree (over points) and fresh fits: one round
+    of the refinement without its memory, far-sheet test or smoothing."""
+    centroid, normal, usable = fit_local_surfaces(vertices, points.astype(np.float32),
                                           search_neighbours(vertices, tree, settings)[0], settings,
                                           curved=np.ones(len(vertices), bool))
     return plane_moves(vertices, vertices + centroid, normal, usable, settings)
@@ -307,7 +310,7 @@ def remembered_moves(vertices: np.ndarray, tree: cKDTree, points: np.ndarray, me
     """One round's moves (V, 3) of vertices (V, 3) onto points (P, 3) float32 (normals (P, 3)
     float32 or None; the mesh's outward normals facing (V, 3) and thickness (V,), or None:
     without_far_sheet). Vertices that moved
-    settings.refit_distance or more since their last fit get a fresh plane (searching the tree
+    settings.refit_distance or more since their last fit get a fresh fit (searching the tree
     again only when they moved beyond their slack); the others keep theirs. memory is updated."""
     refit = np.linalg.norm(vertices - memory.fitted_at, axis=1) >= settings.refit_distance
     search = refit & (np.linalg.norm(vertices - memory.searched_at, axis=1) >= memory.slack)
@@ -321,7 +324,7 @@ def remembered_moves(vertices: np.ndarray, tree: cKDTree, points: np.ndarray, me
         memory.searched_at[search] = vertices[search]
     if refit.any():
         curved = np.isinf(thickness[refit]) if thickness is not None else np.ones(int(refit.sum()), bool)
-        centroid, memory.normal[refit], memory.usable[refit] = fit_planes(vertices[refit], points,
+        centroid, memory.normal[refit], memory.usable[refit] = fit_local_surfaces(vertices[refit], points,
                                                                           memory.candidates[refit], settings,
                                                                           normals, curved)
         memory.centre[refit] = vertices[refit] + centroid
