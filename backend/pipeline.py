@@ -24,7 +24,7 @@ from .defaults import default_checkpoint, installed_defaults
 from .device import resolve_device
 from .errors import Cancelled, InputError, OccnetError
 from .extraction import MeshArrays, grid_to_mesh, mise, simplify_mesh
-from .extraction.marching import DEFAULT_TOLERANCE, simplify_to_tolerance
+from .extraction.marching import cloud_tolerance, simplify_to_tolerance
 from .extraction.refine import refine_to_points
 from .extraction.support import SupportNet, SupportSettings
 from .foreground import object_mask
@@ -219,16 +219,17 @@ class Reconstructor:
         warnings = []
         mesh, evaluations = self._extract(evaluate, QUERY_BOX, device, options,
                                           timer, progress, should_cancel, seed_points=inputs[0], warnings=warnings)
+        keep = subsample_indices(canonical, MAX_REFINE_POINTS)
         if options.refine:
             if progress is not None:
                 progress("refine", 0.0)
             on_round = (lambda fraction: progress("refine", fraction)) if progress is not None else None
             with timer("refine"):
-                keep = subsample_indices(canonical, MAX_REFINE_POINTS)
                 own_normals = cloud.normals[keep] if cloud.normals is not None else None
                 mesh = MeshArrays(refine_to_points(mesh.vertices, mesh.faces, canonical[keep], progress=on_round,
                                                    should_cancel=should_cancel, normals=own_normals), mesh.faces)
-        result = self._finish(model, code, device, mesh, options, timer, should_cancel, warnings)
+        result = self._finish(model, code, device, mesh, options, timer, should_cancel, warnings,
+                              tolerance=cloud_tolerance(canonical[keep]))
         if cloud.colors is not None and options.colours:
             with timer("colours"):
                 result.colors = transfer_colours(result.vertices, canonical, cloud.colors)
@@ -402,15 +403,15 @@ class Reconstructor:
         return mesh, grid.evaluations
 
     def _finish(self, model, code, device, mesh: MeshArrays, options, timer, should_cancel,
-                warnings: list) -> ReconstructionResult:
+                warnings: list, tolerance: float | None = None) -> ReconstructionResult:
         """The result of a grid mesh: decimated, with normals and texture colours as asked; its stats
         carry the warnings (a list the caller may still extend)."""
         if options.max_faces is not None:
             with timer("decimate"):
                 mesh = simplify_mesh(mesh, options.max_faces, should_cancel=should_cancel)
-        elif model.input_kind == "points":  # as many faces as the detail needs
+        elif tolerance is not None:  # as many faces as the detail needs
             with timer("decimate"):
-                mesh = simplify_to_tolerance(mesh, DEFAULT_TOLERANCE, should_cancel=should_cancel)
+                mesh = simplify_to_tolerance(mesh, tolerance, should_cancel=should_cancel)
         normals = None
         if options.normals:
             with timer("normals"):

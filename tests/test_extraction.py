@@ -218,6 +218,27 @@ def test_simplify_to_tolerance_keeps_the_surface_within_it(tolerance):
     assert surface_error(small, lambda p: np.abs(p).max(axis=1) - 0.3).max() < error + tolerance
 
 
+def test_a_sparser_cloud_is_decimated_to_a_coarser_tolerance(monkeypatch):
+    """The default tolerance follows the points' spacing (ten times fewer points on a surface:
+    about sqrt(10) times the spacing), never finer than the floor; a large cloud's spacing is
+    measured on a sample and scaled back to the whole cloud."""
+    from scipy.spatial import cKDTree
+
+    from backend.extraction import marching
+
+    def sphere(count):
+        p = np.random.default_rng(count).normal(size=(count, 3))
+        return 0.5 * p / np.linalg.norm(p, axis=1, keepdims=True)
+
+    sparse, dense = marching.cloud_tolerance(sphere(300)), marching.cloud_tolerance(sphere(3000))
+    assert sparse / dense == pytest.approx(np.sqrt(10), rel=0.25)
+    assert marching.cloud_tolerance(sphere(200_000)) == marching.DEFAULT_TOLERANCE
+    monkeypatch.setattr(marching, "DEFAULT_TOLERANCE", 0.0)
+    large = sphere(100_000)
+    exact = marching.SPACING_TOLERANCE * np.median(cKDTree(large).query(large, k=2)[0][:, 1])
+    assert marching.cloud_tolerance(large) == pytest.approx(exact, rel=0.15)
+
+
 def test_point_cloud_meshes_are_decimated_by_default_and_a_budget_still_rules(tmp_path, monkeypatch):
     pytest.importorskip("fast_simplification")
     from backend import pipeline
