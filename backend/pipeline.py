@@ -31,7 +31,8 @@ from .foreground import object_mask
 from .inputs import normalisation, validate_image
 from .pointclouds import checked_cloud
 from .preprocess import image_to_model_input, subsample_indices, subsample_points
-from .viewer import masked_logits, output_transform, photo_camera, picture_colours, silhouette_level, viewer_input
+from .viewer import (fill_the_mask, follow_the_outline, masked_logits, output_transform, photo_camera,
+                     picture_colours, viewer_input)
 
 RESOLUTIONS = (32, 64, 128, 256, 512)
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -51,10 +52,9 @@ MAX_REFINE_POINTS = 1_000_000
 # measure with and without). It works on a covering subset of at most this many points.
 POINT_SUPPORT: SupportSettings | None = SupportSettings()
 MAX_SUPPORT_POINTS = 200_000
-# Viewer-centred images: the surface's level is lowered until the result covers this fraction of
-# the mask (backend.viewer.silhouette_level), but not below this probability. None: not at all.
-SILHOUETTE_COVERAGE: float | None = 0.95
-MIN_SILHOUETTE_PROBABILITY = 0.05
+# Viewer-centred images: when the network doubted more than this fraction of the rays through the
+# mask (backend.viewer.fill_the_mask filled them), the result says its depth is mostly a guess.
+DOUBTFUL_FRACTION = 0.5
 # Below this confidence an estimated mask is not trusted: the user is asked for one.
 MIN_MASK_CONFIDENCE = 0.25
 Progress = Callable[[str, float], None]
@@ -321,17 +321,13 @@ class Reconstructor:
         def evaluate(p: torch.Tensor) -> torch.Tensor:
             return masked_logits(lambda q: model.decode(q[None], code)[0], p, mask_tensor, view.crop.focal)
 
-        def cover_the_mask(grid, level: float) -> float:
-            if SILHOUETTE_COVERAGE is None:
-                return level
-            chosen = silhouette_level(grid.values, grid.box_min, grid.spacing, view.mask, view.crop.focal, level,
-                                      SILHOUETTE_COVERAGE, probability_to_logit(MIN_SILHOUETTE_PROBABILITY))
-            surface_level.append(chosen)
-            return chosen
+        def fit_the_mask(grid, level: float) -> None:
+            filled.append(fill_the_mask(grid.values, grid.box_min, grid.spacing, view.mask, view.crop.focal, level))
+            follow_the_outline(grid.values, grid.box_min, grid.spacing, view.mask, view.crop.focal, level)
 
-        warnings, surface_level = [], []
+        warnings, filled = [], []
         mesh, evaluations = self._extract(evaluate, VIEWER_BOX, device, options, timer, progress, should_cancel,
-                                          warnings=warnings, choose_level=cover_the_mask)
+                                          warnings=warnings, settle=fit_the_mask)
         result = self._finish(model, code, device, mesh, options, timer, should_cancel, warnings)
         if options.colours and result.colors is None:
             with timer("colours"):
@@ -343,6 +339,9 @@ class Reconstructor:
             result.normals = (result.normals.astype(np.float64) @ transform[:3, :3].T).astype(np.float32)
         if found.touches_border:
             warnings.append("the object touches the picture's border: it is cut off there, and so is the result")
+        if filled[0] > DOUBTFUL_FRACTION:
+            warnings.append(f"the network was unsure of {filled[0]:.0%} of the object as the picture shows it: those "
+                            f"parts were placed at their likeliest depth, which is a guess")
         if found.source in ("estimate", "saliency"):
             how = "from the background" if found.source == "estimate" else "by a salient-object network"
             warnings.append(f"the picture has no transparency: the object's mask was estimated {how} "
@@ -351,15 +350,14 @@ class Reconstructor:
                             mask_confidence=round(found.confidence, 3), cut_off=found.touches_border,
                             focal=view.crop.focal, elevation_deg=round(math.degrees(elevation_of_up(up)), 1),
                             viewer_to_output=transform.tolist(),
-                            surface_probability=round(1.0 / (1.0 + math.exp(-surface_level[0])), 4)
-                            if surface_level else options.threshold)
+                            filled_fraction=round(filled[0], 4))
         return result
 
     def _extract(self, evaluate, box, device, options, timer, progress, should_cancel, *, warnings: list,
-                 seed_points=None, choose_level=None):
+                 seed_points=None, settle=None):
         """evaluate(points (M, 3)) -> logits (M,), in the box (low, high) -> (grid mesh, evaluations).
         What the user should know (batches shrunk for memory) is appended to warnings.
-        choose_level(grid, level) -> level may move the surface's level once the grid is known."""
+        settle(grid, level) may reshape grid.values in place once the grid is known, before marching cubes."""
         level = probability_to_logit(options.threshold)
         steps = int(round(math.log2(options.resolution / COARSE_RESOLUTION))) if options.resolution > COARSE_RESOLUTION else 0
         resolution0 = min(options.resolution, COARSE_RESOLUTION)
@@ -391,8 +389,8 @@ class Reconstructor:
         if not np.isfinite(grid.values).all():
             raise OccnetError("bad_model", "the network's output is not a number (NaN or infinite) for some points: "
                                            "the model is broken, whatever the threshold")
-        if choose_level is not None:
-            level = choose_level(grid, level)
+        if settle is not None:
+            settle(grid, level)
         if should_cancel is not None and should_cancel():
             raise Cancelled()
         with timer("marching_cubes"):
