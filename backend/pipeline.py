@@ -322,8 +322,10 @@ class Reconstructor:
             return masked_logits(lambda q: model.decode(q[None], code)[0], p, mask_tensor, view.crop.focal)
 
         def fit_the_mask(grid, level: float) -> None:
-            filled.append(fill_the_mask(grid.values, grid.box_min, grid.spacing, view.mask, view.crop.focal, level))
-            follow_the_outline(grid.values, grid.box_min, grid.spacing, view.mask, view.crop.focal, level)
+            with timer("fit_the_mask"):
+                filled.append(fill_the_mask(grid.values, grid.box_min, grid.spacing, view.mask, view.crop.focal,
+                                            level))
+                follow_the_outline(grid.values, grid.box_min, grid.spacing, view.mask, view.crop.focal, level)
 
         warnings, filled = [], []
         mesh, evaluations = self._extract(evaluate, VIEWER_BOX, device, options, timer, progress, should_cancel,

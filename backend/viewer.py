@@ -86,28 +86,47 @@ def masked_logits(decode, points: torch.Tensor, mask: torch.Tensor, focal: float
     return logits
 
 
-def grid_slabs(count: int, box_min: float, spacing: float):
-    """Yields (i, points (count^2, 3)): the viewer points of a grid's slab of constant x, i-th of
-    count, in the order of values[i].reshape(-1) for a grid of values (count,)^3."""
+def depth_slices(count: int, box_min: float, spacing: float, size: int, focal: float):
+    """Yields (k, cols (count,), rows (count,)): where the grid's viewer points of depth index k
+    (box_min + spacing * index, count per axis) land in a size x size crop image: point (i, j, k)
+    at column cols[i] and row rows[j], both increasing. The camera looks along z, so a slice of
+    constant depth projects by one scale per axis, and a whole slice is two 1D projections."""
     axis = np.arange(count, dtype=np.float64) * spacing + box_min
-    y, z = (a.ravel() for a in np.meshgrid(axis, axis, indexing="ij"))
-    for i, x in enumerate(axis):
-        yield i, np.stack([np.full_like(y, x), y, z], axis=-1)
+    zero = np.zeros(count)
+    for k, z in enumerate(axis):
+        depth = np.full(count, z)
+        cols = camera.project_viewer(np.stack([axis, zero, depth], axis=-1), size, focal)[0][:, 0]
+        rows = camera.project_viewer(np.stack([zero, axis, depth], axis=-1), size, focal)[0][:, 1]
+        yield k, cols, rows
+
+
+def pixel_runs(coordinates: np.ndarray, size: int) -> tuple[slice, np.ndarray, np.ndarray]:
+    """For increasing pixel coordinates (N,) of a size-pixel axis: the slice of those that land in
+    the image, the starts (R,) of the runs among them that round to the same pixel (offsets within
+    the slice), and those runs' pixels (R,)."""
+    pixels = np.rint(coordinates).astype(np.int64)
+    inside = np.nonzero((pixels >= 0) & (pixels < size))[0]
+    if len(inside) == 0:
+        return slice(0, 0), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    kept = pixels[inside[0]: inside[-1] + 1]
+    starts = np.flatnonzero(np.r_[True, np.diff(kept) != 0])
+    return slice(inside[0], inside[-1] + 1), starts, kept[starts]
 
 
 def ray_maxima(values: np.ndarray, box_min: float, spacing: float, size: int, focal: float) -> np.ndarray:
     """(size, size) float32: for each pixel of a size x size crop image, the largest of the grid
     values (R+1, R+1, R+1) (viewer points box_min + spacing * index) that project into it; -inf
-    where none does. Along each pixel's ray, the grid's best guess that the object is there.
-    One slab of constant x at a time, so memory stays at a slab's (R+1)^2 points even at 512^3."""
-    maxima = torch.full((size * size,), -math.inf)
-    for i, points in grid_slabs(values.shape[0], box_min, spacing):
-        uv, depth = camera.project_viewer(points, size, focal)
-        col, row = np.rint(uv[:, 0]).astype(np.int64), np.rint(uv[:, 1]).astype(np.int64)
-        valid = (depth > 0) & (col >= 0) & (col < size) & (row >= 0) & (row < size)
-        maxima.scatter_reduce_(0, torch.from_numpy(row[valid] * size + col[valid]),
-                               torch.from_numpy(values[i].reshape(-1)[valid]).float(), reduce="amax")
-    return maxima.reshape(size, size).numpy()
+    where none does. Along each pixel's ray, the grid's best guess that the object is there."""
+    maxima = np.full((size, size), -np.inf, np.float32)
+    for k, cols, rows in depth_slices(values.shape[0], box_min, spacing, size, focal):
+        (x, col_starts, col_pixels), (y, row_starts, row_pixels) = pixel_runs(cols, size), pixel_runs(rows, size)
+        if len(col_pixels) == 0 or len(row_pixels) == 0:
+            continue
+        plane = values[x, y, k]                                                   # (X, Y)
+        runs = np.maximum.reduceat(np.maximum.reduceat(plane, col_starts, axis=0), row_starts, axis=1)
+        where = np.ix_(row_pixels, col_pixels)
+        maxima[where] = np.maximum(maxima[where], runs.T)
+    return maxima
 
 
 def mask_signed_distance(mask: np.ndarray) -> np.ndarray:
@@ -120,6 +139,19 @@ def mask_signed_distance(mask: np.ndarray) -> np.ndarray:
     return np.where(mask, inside, -outside).astype(np.float32)
 
 
+def bilinear_outer(image: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """(R, C): image (H, W) sampled bilinearly at every (rows[r], cols[c]), clamped to its border."""
+    def weights(coordinates, length):
+        clamped = np.clip(coordinates, 0.0, length - 1.0)
+        low = np.minimum(np.floor(clamped).astype(np.int64), length - 2)
+        return low, clamped - low
+
+    top, down = weights(rows, image.shape[0])
+    left, right = weights(cols, image.shape[1])
+    across = image[top] * (1.0 - down[:, None]) + image[top + 1] * down[:, None]       # (R, W)
+    return across[:, left] * (1.0 - right) + across[:, left + 1] * right
+
+
 def follow_the_outline(values: np.ndarray, box_min: float, spacing: float, mask: np.ndarray, focal: float,
                        level: float, slope: float = OUTLINE_SLOPE) -> None:
     """In place: the grid's values (R+1,)^3 (viewer points box_min + spacing * index) crossing
@@ -129,17 +161,14 @@ def follow_the_outline(values: np.ndarray, box_min: float, spacing: float, mask:
     the outline short by up to a cell). A point outside the mask gets level + slope times its
     distance to the outline in grid cells (negative); inside, the network's value is capped at
     level + slope times that distance, so only values within a few cells of the outline change."""
-    from scipy.ndimage import map_coordinates
-
     size = mask.shape[0]
     distance = mask_signed_distance(mask)
-    for i, points in grid_slabs(values.shape[0], box_min, spacing):
-        uv, depth = camera.project_viewer(points, size, focal)
-        pixels = map_coordinates(distance, [uv[:, 1], uv[:, 0]], order=1, mode="nearest")
-        cells = pixels * depth / (focal * size * spacing)   # a crop pixel spans depth / (focal * size)
+    for k, cols, rows in depth_slices(values.shape[0], box_min, spacing, size, focal):
+        depth = box_min + spacing * k + camera.object_depth(focal)
+        cells = bilinear_outer(distance, rows, cols).T * (depth / (focal * size * spacing))   # (X, Y)
         field = level + slope * cells
-        slab = values[i].reshape(-1)
-        slab[:] = np.where(cells < 0, field, np.minimum(slab, field))
+        plane = values[:, :, k]
+        plane[...] = np.where(cells < 0, field, np.minimum(plane, field))
 
 
 def fill_the_mask(values: np.ndarray, box_min: float, spacing: float, mask: np.ndarray, focal: float,
@@ -159,14 +188,17 @@ def fill_the_mask(values: np.ndarray, box_min: float, spacing: float, mask: np.n
     if not doubtful.any():
         return 0.0
     target = np.float32(level + margin)
-    for i, points in grid_slabs(values.shape[0], box_min, spacing):
-        uv, _ = camera.project_viewer(points, size, focal)
-        col, row = np.rint(uv[:, 0]).astype(np.int64), np.rint(uv[:, 1]).astype(np.int64)
-        on_a_ray = np.nonzero((col >= 0) & (col < size) & (row >= 0) & (row < size))[0]
-        col, row = col[on_a_ray], row[on_a_ray]
-        slab = values[i].reshape(-1)
-        raised = doubtful[row, col] & (slab[on_a_ray] >= maxima[row, col] - band)
-        slab[on_a_ray[raised]] = target
+    for k, cols, rows in depth_slices(values.shape[0], box_min, spacing, size, focal):
+        (x, col_starts, col_pixels), (y, row_starts, row_pixels) = pixel_runs(cols, size), pixel_runs(rows, size)
+        if len(col_pixels) == 0 or len(row_pixels) == 0:
+            continue
+        # each kept point's pixel: runs repeated over their lengths
+        point_cols = np.repeat(col_pixels, np.diff(np.r_[col_starts, x.stop - x.start]))
+        point_rows = np.repeat(row_pixels, np.diff(np.r_[row_starts, y.stop - y.start]))
+        where = np.ix_(point_rows, point_cols)
+        plane = values[x, y, k]                                                   # (X, Y) view
+        raised = doubtful[where].T & (plane >= maxima[where].T - band)
+        plane[raised] = target
     return float(doubtful.sum() / max(int(seen.sum()), 1))
 
 
