@@ -24,7 +24,7 @@ from .defaults import default_checkpoint, installed_defaults
 from .device import resolve_device
 from .errors import Cancelled, InputError, OccnetError
 from .extraction import MeshArrays, grid_to_mesh, mise, simplify_mesh
-from .extraction.marching import cloud_tolerance, simplify_to_tolerance
+from .extraction.marching import cloud_tolerance, simplify_to_tolerance, taubin_smoothed
 from .extraction.refine import refine_to_points
 from .extraction.support import SupportNet, SupportSettings
 from .foreground import object_mask
@@ -228,6 +228,8 @@ class Reconstructor:
                 own_normals = cloud.normals[keep] if cloud.normals is not None else None
                 mesh = MeshArrays(refine_to_points(mesh.vertices, mesh.faces, canonical[keep], progress=on_round,
                                                    should_cancel=should_cancel, normals=own_normals), mesh.faces)
+            with timer("smooth"):
+                mesh = taubin_smoothed(mesh)
         result = self._finish(model, code, device, mesh, options, timer, should_cancel, warnings,
                               tolerance=cloud_tolerance(canonical[keep]))
         if cloud.colors is not None and options.colours:
