@@ -125,7 +125,7 @@ def test_installs_and_runs_with_bundled_backend(built, tiny_checkpoints, tmp_pat
     assert res["file"].startswith(user), res  # the installed copy, not the source tree
     assert res["backend_path"].startswith(user) and res["backend_path"].endswith(
         os.path.join("blender_occnet", "bundled", "backend"))
-    assert res["faces"] > 100
+    assert res["faces"] >= 8  # the tiny model's octahedron, decimated to the spacing of a cube's 8 corners
     assert res["location"] == pytest.approx([2.0, 0.0, 0.0], abs=1e-5)
     assert not pid_alive(res["pid"])
 
