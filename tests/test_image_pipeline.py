@@ -52,23 +52,29 @@ def test_the_result_is_the_picture_seen_from_the_front_resting_on_the_ground(sol
     assert result.stats["elevation_deg"] == pytest.approx(0.0, abs=1e-3)
 
 
-def test_the_outline_of_the_result_is_the_mask(solid_pixel_checkpoint):
-    """Projected back through the crop camera, the result covers the mask and nothing else."""
-    from scipy.ndimage import binary_dilation
-
+def ell_result_in_the_crop(checkpoint):
+    """The solid model's result for the L picture at 64^3, seen through the crop camera: its faces
+    (F, 3), its vertices' crop pixels (V, 2) in the crop's mask image, and that mask (M, M)."""
     from backend import camera, viewer
     from backend.foreground import object_mask
 
     picture, mask = ell_picture()
-    result = Reconstructor("cpu").reconstruct_image(
-        picture, ReconstructOptions(checkpoint=solid_pixel_checkpoint, resolution=64))
+    result = Reconstructor("cpu").reconstruct_image(picture, ReconstructOptions(checkpoint=checkpoint, resolution=64))
     to_output = np.array(result.stats["viewer_to_output"])
     in_viewer = (result.vertices - to_output[:3, 3]) @ to_output[:3, :3]
     rgba = picture.astype(np.float32) / 255.0
     view = viewer.viewer_input(rgba, object_mask(rgba), viewer.photo_camera(*mask.shape), 64)
     uv, _ = camera.project_viewer(in_viewer, view.mask.shape[0], view.crop.focal)
-    col, row = np.clip(np.round(uv).astype(int), 0, view.mask.shape[0] - 1).T
-    near_mask = binary_dilation(view.mask, iterations=6)   # a voxel of the 64^3 grid is ~5 mask pixels
+    return result.faces, uv, view.mask
+
+
+def test_the_outline_of_the_result_is_the_mask(solid_pixel_checkpoint):
+    """Projected back through the crop camera, the result covers the mask and nothing else."""
+    from scipy.ndimage import binary_dilation
+
+    _, uv, crop_mask = ell_result_in_the_crop(solid_pixel_checkpoint)
+    col, row = np.clip(np.round(uv).astype(int), 0, crop_mask.shape[0] - 1).T
+    near_mask = binary_dilation(crop_mask, iterations=6)   # a voxel of the 64^3 grid is ~5 mask pixels
     assert near_mask[row, col].all(), "no vertex outside the mask"
 
 
@@ -78,23 +84,13 @@ def test_the_silhouette_follows_the_outline_to_a_fraction_of_a_grid_cell(solid_p
     short all round) reaches 0.92."""
     from PIL import Image, ImageDraw
 
-    from backend import camera, viewer
-    from backend.foreground import object_mask
-
-    picture, mask = ell_picture()
-    result = Reconstructor("cpu").reconstruct_image(
-        picture, ReconstructOptions(checkpoint=solid_pixel_checkpoint, resolution=64))
-    to_output = np.array(result.stats["viewer_to_output"])
-    in_viewer = (result.vertices - to_output[:3, 3]) @ to_output[:3, :3]
-    rgba = picture.astype(np.float32) / 255.0
-    view = viewer.viewer_input(rgba, object_mask(rgba), viewer.photo_camera(*mask.shape), 64)
-    uv, _ = camera.project_viewer(in_viewer, view.mask.shape[0], view.crop.focal)
-    canvas = Image.new("1", view.mask.shape[::-1], 0)
+    faces, uv, crop_mask = ell_result_in_the_crop(solid_pixel_checkpoint)
+    canvas = Image.new("1", crop_mask.shape[::-1], 0)
     draw = ImageDraw.Draw(canvas)
-    for triangle in uv[result.faces]:
+    for triangle in uv[faces]:
         draw.polygon([tuple(p) for p in triangle], fill=1)
     drawn = np.asarray(canvas, bool)
-    assert (drawn & view.mask).sum() / (drawn | view.mask).sum() > 0.96
+    assert (drawn & crop_mask).sum() / (drawn | crop_mask).sum() > 0.96
 
 
 def test_the_result_takes_the_pictures_colours_without_its_background(solid_pixel_checkpoint):
