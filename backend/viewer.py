@@ -87,17 +87,17 @@ def masked_logits(decode, points: torch.Tensor, mask: torch.Tensor, focal: float
 
 
 def depth_slices(count: int, box_min: float, spacing: float, size: int, focal: float):
-    """Yields (k, cols (count,), rows (count,)): where the grid's viewer points of depth index k
-    (box_min + spacing * index, count per axis) land in a size x size crop image: point (i, j, k)
-    at column cols[i] and row rows[j], both increasing. The camera looks along z, so a slice of
+    """Yields (k, cols (count,), rows (count,), depth): where the grid's viewer points of depth index
+    k (box_min + spacing * index, count per axis) land in a size x size crop image: point (i, j, k)
+    at column cols[i] and row rows[j], both increasing; depth is the slice's camera depth. The camera looks along z, so a slice of
     constant depth projects by one scale per axis, and a whole slice is two 1D projections."""
     axis = np.arange(count, dtype=np.float64) * spacing + box_min
     zero = np.zeros(count)
     for k, z in enumerate(axis):
         depth = np.full(count, z)
-        cols = camera.project_viewer(np.stack([axis, zero, depth], axis=-1), size, focal)[0][:, 0]
+        along_x, camera_depth = camera.project_viewer(np.stack([axis, zero, depth], axis=-1), size, focal)
         rows = camera.project_viewer(np.stack([zero, axis, depth], axis=-1), size, focal)[0][:, 1]
-        yield k, cols, rows
+        yield k, along_x[:, 0], rows, float(camera_depth[0])
 
 
 def pixel_runs(coordinates: np.ndarray, size: int) -> tuple[slice, np.ndarray, np.ndarray]:
@@ -118,7 +118,7 @@ def ray_maxima(values: np.ndarray, box_min: float, spacing: float, size: int, fo
     values (R+1, R+1, R+1) (viewer points box_min + spacing * index) that project into it; -inf
     where none does. Along each pixel's ray, the grid's best guess that the object is there."""
     maxima = np.full((size, size), -np.inf, np.float32)
-    for k, cols, rows in depth_slices(values.shape[0], box_min, spacing, size, focal):
+    for k, cols, rows, _ in depth_slices(values.shape[0], box_min, spacing, size, focal):
         (x, col_starts, col_pixels), (y, row_starts, row_pixels) = pixel_runs(cols, size), pixel_runs(rows, size)
         if len(col_pixels) == 0 or len(row_pixels) == 0:
             continue
@@ -163,8 +163,7 @@ def follow_the_outline(values: np.ndarray, box_min: float, spacing: float, mask:
     level + slope times that distance, so only values within a few cells of the outline change."""
     size = mask.shape[0]
     distance = mask_signed_distance(mask)
-    for k, cols, rows in depth_slices(values.shape[0], box_min, spacing, size, focal):
-        depth = box_min + spacing * k + camera.object_depth(focal)
+    for k, cols, rows, depth in depth_slices(values.shape[0], box_min, spacing, size, focal):
         cells = bilinear_outer(distance, rows, cols).T * (depth / (focal * size * spacing))   # (X, Y)
         field = level + slope * cells
         plane = values[:, :, k]
@@ -188,7 +187,7 @@ def fill_the_mask(values: np.ndarray, box_min: float, spacing: float, mask: np.n
     if not doubtful.any():
         return 0.0
     target = np.float32(level + margin)
-    for k, cols, rows in depth_slices(values.shape[0], box_min, spacing, size, focal):
+    for k, cols, rows, _ in depth_slices(values.shape[0], box_min, spacing, size, focal):
         (x, col_starts, col_pixels), (y, row_starts, row_pixels) = pixel_runs(cols, size), pixel_runs(rows, size)
         if len(col_pixels) == 0 or len(row_pixels) == 0:
             continue
