@@ -13,7 +13,8 @@ import trimesh
 from scipy.spatial import cKDTree
 
 from backend.extraction import grid_to_mesh
-from backend.extraction.support import SupportNet, SupportSettings, median_spacing
+from backend.extraction.spacing import median_spacing
+from backend.extraction.support import SupportNet, SupportSettings
 
 BOX = (-0.55, 0.55)
 SLOPE = 100.0  # logits per unit length of the made-up networks

@@ -49,6 +49,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from ..errors import Cancelled
+from .spacing import median_spacing
 
 # Connectivity of the far region: faces only, so an outside piece cannot leak into the inside
 # through the corner where two band places meet diagonally.
@@ -113,21 +114,6 @@ class SupportReport:
             parts.append(f"rebuilt from the points the parts the network missed ({self.unexplained:.0%} of the points "
                          f"had no surface near them)")
         return "the point-cloud safety net " + " and ".join(parts) + ": check the result against the points"
-
-
-def median_spacing(points: np.ndarray, sample: int = 50_000) -> float:
-    """Median distance from a point (N, 3) to its nearest neighbour. Larger clouds are measured on a
-    random subset and scaled back (the spacing on a surface goes as one over the square root of the
-    count)."""
-    points = np.asarray(points, dtype=np.float64)
-    if len(points) < 2:
-        return 0.0
-    factor = 1.0
-    if len(points) > sample:
-        factor = math.sqrt(sample / len(points))
-        points = points[np.random.default_rng(0).choice(len(points), sample, replace=False)]
-    distances, _ = cKDTree(points).query(points, k=2)
-    return float(np.median(distances[:, 1]) * factor)
 
 
 def dilate(mask: np.ndarray, cube: bool = False) -> np.ndarray:
