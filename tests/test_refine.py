@@ -48,18 +48,22 @@ def test_on_a_curved_surface_the_quadratic_fits_land_closer_than_planes():
 
 
 def test_the_quadratic_height_field_recovers_a_sphere_and_declines_too_few_points():
-    from backend.extraction.refine import quadratic_heights
+    from backend.extraction.refine import quadratic_fit, quadratic_height
 
     rng = np.random.default_rng(0)
     polar, azimuth = rng.uniform(0, 0.25, 200), rng.uniform(0, 2 * np.pi, 200)
     cap = 0.3 * np.stack([np.sin(polar) * np.cos(azimuth), np.sin(polar) * np.sin(azimuth), np.cos(polar)], axis=1)
     centre = cap.mean(axis=0)
     offsets, up = (cap - centre)[None].astype(np.float32), np.array([[0.0, 0.0, 1.0]])
-    height = quadratic_heights(offsets, np.ones((1, 200), np.float32), (np.array([0.0, 0.0, 0.2]) - centre)[None], up)
+    above = (np.array([0.0, 0.0, 0.2]) - centre)[None]
+    height = quadratic_height(*quadratic_fit(offsets, np.ones((1, 200), np.float32), up), above)
     assert abs(centre[2] + height[0] - 0.3) < 1e-4          # the plane alone is 0.0036 short
+    aside = (np.array([0.03, -0.02, 0.2]) - centre)[None]     # one fit serves nearby vertices too
+    height = quadratic_height(*quadratic_fit(offsets, np.ones((1, 200), np.float32), up), aside)
+    assert abs(np.linalg.norm([0.03, -0.02, centre[2] + height[0]]) - 0.3) < 1e-4
     few = np.zeros((1, 200), np.float32)
     few[0, :5] = 1.0                                        # five points cannot fix six coefficients
-    assert quadratic_heights(offsets, few, (np.array([0.0, 0.0, 0.2]) - centre)[None], up)[0] == 0.0
+    assert quadratic_height(*quadratic_fit(offsets, few, up), above)[0] == 0.0
 
 
 def test_vertices_far_from_any_point_stay():
@@ -214,12 +218,13 @@ def reference_refinement(vertices, faces, points, settings):
 
 
 def test_remembered_neighbours_and_planes_give_the_reference_result():
-    """Kept candidates (searched again only beyond their slack) and closed-form normals: with
-    refit_distance 0 the reference result to float rounding; the default, which keeps planes of
-    vertices that barely moved, within a small fraction of a grid cell of it."""
+    """Kept candidates (searched again only beyond their slack) and closed-form normals, every
+    vertex its own site: with refit_distance 0 the reference result to float rounding; the
+    default, which keeps planes of vertices that barely moved, within a small fraction of a grid
+    cell of it."""
     mesh = sphere_mesh(0.30)
     points = sphere_points(0.34, 3000, noise=0.005)
-    planes = RefineSettings(curved_neighbours=None)
+    planes = RefineSettings(curved_neighbours=None, site_spacing=0.0)
     reference = reference_refinement(mesh.vertices, mesh.faces, points, planes)
     exact = refine_to_points(mesh.vertices, mesh.faces, points, replace(planes, refit_distance=0.0))
     assert np.abs(exact - reference).max() < 1e-5
@@ -227,18 +232,35 @@ def test_remembered_neighbours_and_planes_give_the_reference_result():
     assert np.abs(default - reference).mean() < 1e-4 and np.abs(default - reference).max() < 0.005
 
 
-def test_later_rounds_search_and_fit_few_vertices(monkeypatch):
+def count_searches_and_fits(monkeypatch, settings, points=3000):
+    """Sites searched and fitted per block while refining a sphere's 5694 vertices (one block per
+    round) onto noisy points."""
     from backend.extraction import refine
 
     searched, fitted = [], []
     search, fit = refine.search_neighbours, refine.fit_local_surfaces
     monkeypatch.setattr(refine, "search_neighbours", lambda v, *a: searched.append(len(v)) or search(v, *a))
     monkeypatch.setattr(refine, "fit_local_surfaces", lambda v, *a: fitted.append(len(v)) or fit(v, *a))
-    mesh = sphere_mesh(0.30)                       # 5694 vertices: one block per round
-    refine_to_points(mesh.vertices, mesh.faces, sphere_points(0.34, 3000, noise=0.005))
-    later = (RefineSettings().rounds - 1) * len(mesh.vertices)   # what searching and fitting every round costs
-    assert searched[0] == fitted[0] == len(mesh.vertices)
+    mesh = sphere_mesh(0.30)
+    refined = refine_to_points(mesh.vertices, mesh.faces, sphere_points(0.34, points, noise=0.005), settings)
+    monkeypatch.undo()
+    return searched, fitted, refined
+
+
+def test_later_rounds_search_and_fit_few_vertices(monkeypatch):
+    searched, fitted, _ = count_searches_and_fits(monkeypatch, RefineSettings(site_spacing=0.0))
+    later = (RefineSettings().rounds - 1) * 5694   # what searching and fitting every vertex every round costs
+    assert searched[0] == fitted[0] == 5694
     assert sum(searched[1:]) < 0.6 * later and sum(fitted[1:]) < 0.95 * later
+
+
+def test_nearby_vertices_share_a_fit_and_land_where_their_own_would_put_them(monkeypatch):
+    """Sites a point spacing wide (about 0.02 here, a little more than the mesh's edges): about half
+    the fits, the same surface to a hundredth of the points' spacing."""
+    _, own_fits, own = count_searches_and_fits(monkeypatch, RefineSettings(site_spacing=0.0), points=1000)
+    _, shared_fits, shared = count_searches_and_fits(monkeypatch, RefineSettings(), points=1000)
+    assert shared_fits[0] < 0.6 * own_fits[0] and sum(shared_fits) < 0.6 * sum(own_fits)
+    assert np.abs(shared - own).mean() < 2e-4 and radial_error(shared, 0.34) < 1.05 * radial_error(own, 0.34)
 
 
 @pytest.mark.parametrize("kind", ["random", "flat", "line", "point", "zero"])

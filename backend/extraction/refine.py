@@ -15,13 +15,18 @@ are measured data. So, a few rounds of:
 Faces never change, so the mesh stays watertight. Parameters were chosen on the validation split
 of our own training data (never on the benchmark meshes); see backend/weights/MODEL_CARD.md.
 
-Speed (docs/performance.md): after the first rounds most vertices move by a fraction of the spacing
-of the points. Each vertex remembers its last plane and keeps it while it has moved less than
-`refit_distance` since (0: refit every round); it remembers SPARE_NEIGHBOURS more nearest points than
-a fit uses, and searches the tree again only when it has moved so far that its nearest points may
-have changed (search_neighbours says why that is exact). The plane normal is the covariance's
-smallest eigenvector in closed form. With refit_distance 0 the planes are those of a fresh search and
-a LAPACK eigensolver every round, to float rounding.
+Speed (docs/performance.md): the fits' weights reach a few point spacings, wider than a grid cell
+where the points are sparser than the mesh, so vertices share them: one local surface per fitting
+site, a cube about one point spacing wide holding the vertices that face the same way
+(fitting_sites), fitted at their mean and evaluated at each vertex (its quadratic height field
+above the vertex, not only its plane). After the first rounds most sites move by a fraction of the
+spacing of the points. Each site remembers its last surface and keeps it while it has moved less
+than `refit_distance` since (0: refit every round); it remembers SPARE_NEIGHBOURS more nearest
+points than a fit uses, and searches the tree again only when it has moved so far that its nearest
+points may have changed (search_neighbours says why that is exact). The plane normal is the
+covariance's smallest eigenvector in closed form. With site_spacing 0 and refit_distance 0 the
+planes are those of a fresh search and a LAPACK eigensolver at every vertex every round, to float
+rounding.
 """
 
 from dataclasses import dataclass, fields
@@ -31,6 +36,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from ..errors import Cancelled
+from .spacing import median_spacing
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,8 @@ class RefineSettings:
                                         # of the plane (on a curved surface a plane's centroid lies
                                         # inside it); None: planes everywhere
     curved_weight_rank: int = 12  # its Gaussian weight width = distance to this nearest neighbour
+    site_spacing: float = 1.0     # vertices share fits: one per cube of this many times the points'
+                                  # median spacing and per facing direction (fitting_sites); 0: one each
 
 
 # Each vertex keeps this many more of its nearest points than a plane fit uses. The more it keeps,
@@ -65,25 +73,41 @@ TWO_LAYERS = 0.6
 
 
 @dataclass
-class VertexMemory:
-    """What the refinement keeps of each vertex from one round to the next. Rows of a block are
-    views (`rows`), so a block's updates land in the whole."""
-    candidates: np.ndarray  # (V, C) int64 the C nearest points within the radius when searched; len(points): none
-    searched_at: np.ndarray  # (V, 3) float64 where the vertex was then
-    slack: np.ndarray        # (V,) float64 while closer than this to searched_at, its k nearest are candidates
-    centre: np.ndarray       # (V, 3) float64 its last fitted surface's point (above it, for a height field)
-    normal: np.ndarray       # (V, 3) float64 the fitted plane's unit normal, along which it moves
-    usable: np.ndarray       # (V,) bool the fit had settings.min_neighbours points or more
-    fitted_at: np.ndarray    # (V, 3) float64 where the vertex was then (inf: never fitted)
+class SiteMemory:
+    """What the refinement keeps of each fitting site (fitting_sites) from one round to the next:
+    its search and its local surface (fit_local_surfaces). Rows of a block are views (`rows`), so
+    a block's updates land in the whole."""
+    candidates: np.ndarray  # (S, C) int64 the C nearest points within the radius when searched; len(points): none
+    searched_at: np.ndarray  # (S, 3) float64 where the site was then
+    slack: np.ndarray        # (S,) float64 while closer than this to searched_at, its k nearest are candidates
+    fitted_at: np.ndarray    # (S, 3) float64 where the site was at its last fit (inf: never fitted)
+    usable: np.ndarray       # (S,) bool the fit had settings.min_neighbours points or more
+    origin: np.ndarray       # (S, 3) float64 the fitted plane's point (the points' weighted centroid)
+    normal: np.ndarray       # (S, 3) float64 its unit normal, along which vertices move
+    frame: np.ndarray        # (S, 3, 3) float32 tangent, tangent, normal: the height field's axes
+    spread: np.ndarray       # (S,) float32 the height field's unit of tangent length
+    coefficients: np.ndarray  # (S, 6) float64 the height field's (monomials); zero: the plane
 
     @classmethod
-    def empty(cls, count: int, candidates: int) -> "VertexMemory":
-        """Nothing searched or fitted: the first round does both for every vertex."""
+    def empty(cls, count: int, candidates: int) -> "SiteMemory":
+        """Nothing searched or fitted: the first round does both for every site."""
         return cls(np.empty((count, candidates), np.int64), np.full((count, 3), np.inf), np.zeros(count),
-                   np.zeros((count, 3)), np.zeros((count, 3)), np.zeros(count, bool), np.full((count, 3), np.inf))
+                   np.full((count, 3), np.inf), np.zeros(count, bool), np.zeros((count, 3)), np.zeros((count, 3)),
+                   np.zeros((count, 3, 3), np.float32), np.ones(count, np.float32), np.zeros((count, 6)))
 
-    def rows(self, block: slice) -> "VertexMemory":
-        return VertexMemory(*(getattr(self, f.name)[block] for f in fields(self)))
+    def rows(self, block: slice) -> "SiteMemory":
+        return SiteMemory(*(getattr(self, f.name)[block] for f in fields(self)))
+
+
+@dataclass
+class LocalSurfaces:
+    """Fitted local surfaces of S sites (fit_local_surfaces)."""
+    origin: np.ndarray        # (S, 3) float64 the plane's point, relative to the site
+    normal: np.ndarray        # (S, 3) float64 unit normal
+    usable: np.ndarray        # (S,) bool fitted to settings.min_neighbours points or more
+    frame: np.ndarray         # (S, 3, 3) float32 the height field's axes (quadratic_fit)
+    spread: np.ndarray        # (S,) float32
+    coefficients: np.ndarray  # (S, 6) float64; zero where the surface is the plane
 
 
 def fitted_count(settings: RefineSettings) -> int:
@@ -174,51 +198,53 @@ def without_far_sheet(vertices: np.ndarray, candidates: np.ndarray, points: np.n
     return np.where(far & two_layers[:, None], len(points), candidates)
 
 
-def fit_local_surfaces(vertices: np.ndarray, points: np.ndarray, candidates: np.ndarray, settings: RefineSettings,
-               normals: np.ndarray | None = None, curved: np.ndarray | None = None
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The local surface of each vertex (V, 3) among input points (P, 3), found among candidates
-    (V, C) (len(points): none) within settings.radius -> a point of it relative to the vertex (V, 3),
-    unit normal (V, 3), usable (V,) (at least settings.min_neighbours points). The surface is the
-    weighted least-squares plane of the settings.neighbours nearest points, or, where curved (V,)
-    bool, the quadratic height field over the plane of the settings.curved_neighbours nearest
-    (quadratic_heights), its point above the vertex. Float32 on coordinates relative to each
-    vertex; candidates beyond the k nearest get zero weight. With the points' own normals (P, 3)
-    the plane's normal is their weighted mean instead, each turned to the side of the fitted one
-    (scanners do not agree on which side is out); where they cancel out, the fitted normal stays."""
-    curved = np.zeros(len(vertices), bool) if curved is None or settings.curved_neighbours is None else curved
+def fit_local_surfaces(sites: np.ndarray, points: np.ndarray, candidates: np.ndarray, settings: RefineSettings,
+                       normals: np.ndarray | None = None, curved: np.ndarray | None = None) -> LocalSurfaces:
+    """The local surface at each site (S, 3) among input points (P, 3), found among candidates
+    (S, C) (len(points): none) within settings.radius: the weighted least-squares plane of the
+    settings.neighbours nearest points or, where curved (S,) bool, the quadratic height field
+    (quadratic_fit) over the plane of the settings.curved_neighbours nearest. Gaussian weights at
+    the scale of the settings.weight_rank-th (curved: curved_weight_rank-th) nearest; candidates
+    beyond the k nearest get zero weight. Float32 on coordinates relative to each site. With the
+    points' own normals (P, 3) the plane's normal is their weighted mean instead, each turned to
+    the side of the fitted one (scanners do not agree on which side is out); where they cancel
+    out, the fitted normal stays."""
+    curved = np.zeros(len(sites), bool) if curved is None or settings.curved_neighbours is None else curved
     flat_k = min(settings.neighbours, len(points))
     curved_k = min(settings.curved_neighbours or flat_k, len(points), candidates.shape[1])
-    k = np.where(curved, curved_k, flat_k)                                                  # (V,)
+    k = np.where(curved, curved_k, flat_k)                                                  # (S,)
     rank = np.minimum(np.where(curved, settings.curved_weight_rank, settings.weight_rank), k) - 1
-    offsets = np.take(points, np.minimum(candidates, len(points) - 1), axis=0)            # (V, C, 3)
-    offsets -= vertices.astype(np.float32)[:, None]
-    squared = np.einsum("vci,vci->vc", offsets, offsets)                                    # (V, C)
+    offsets = np.take(points, np.minimum(candidates, len(points) - 1), axis=0)            # (S, C, 3)
+    offsets -= sites.astype(np.float32)[:, None]
+    squared = np.einsum("vci,vci->vc", offsets, offsets)                                    # (S, C)
     squared[(candidates >= len(points)) | (squared > np.float32(settings.radius ** 2))] = np.inf
     ranked = np.sort(squared, axis=1)
-    rows = np.arange(len(vertices))
+    rows = np.arange(len(sites))
     kth, width = ranked[rows, k - 1][:, None], ranked[rows, rank][:, None]
     valid = np.isfinite(squared) & (squared <= kth)                                         # the k nearest
     width = np.where(np.isfinite(width), width, np.float32(settings.radius ** 2))
     weights = np.where(valid, np.exp(-squared / np.maximum(width, np.float32(1e-18))), np.float32(0.0))
     total = np.maximum(weights.sum(axis=1, keepdims=True), 1e-30)
-    centroid = (weights[:, None, :] @ offsets)[:, 0] / total                                # (V, 3)
+    centroid = (weights[:, None, :] @ offsets)[:, 0] / total                                # (S, 3)
     offsets -= centroid[:, None]
-    covariance = (offsets * weights[:, :, None]).transpose(0, 2, 1) @ offsets             # (V, 3, 3)
+    covariance = (offsets * weights[:, :, None]).transpose(0, 2, 1) @ offsets             # (S, 3, 3)
     normal = smallest_eigenvectors(covariance[:, 0, 0], covariance[:, 0, 1], covariance[:, 0, 2],
                                    covariance[:, 1, 1], covariance[:, 1, 2], covariance[:, 2, 2])
     if normals is not None:
-        given = np.take(normals, np.minimum(candidates, len(points) - 1), axis=0)          # (V, C, 3)
+        given = np.take(normals, np.minimum(candidates, len(points) - 1), axis=0)          # (S, C, 3)
         sides = np.sign(np.einsum("vci,vi->vc", given, normal.astype(np.float32)))
         mean = np.einsum("vc,vci->vi", weights * sides, given).astype(np.float64)
         length = np.linalg.norm(mean, axis=1)
         agreed = length > 0.5 * weights.sum(axis=1)
         normal[agreed] = mean[agreed] / length[agreed, None]
-    centre = centroid.astype(np.float64)
+    frame = np.zeros((len(sites), 3, 3), np.float32)
+    spread = np.ones(len(sites), np.float32)
+    coefficients = np.zeros((len(sites), 6))
     if curved.any():
-        centre[curved] += quadratic_heights(offsets[curved], weights[curved], -centroid[curved],
-                                            normal[curved])[:, None] * normal[curved]
-    return centre, normal, valid.sum(axis=1) >= settings.min_neighbours
+        frame[curved], spread[curved], coefficients[curved] = quadratic_fit(offsets[curved], weights[curved],
+                                                                            normal[curved])
+    return LocalSurfaces(centroid.astype(np.float64), normal, valid.sum(axis=1) >= settings.min_neighbours,
+                         frame, spread, coefficients)
 
 
 # quadratic_heights: a fit whose weights add up to fewer points than this (sum / largest) keeps the
@@ -227,13 +253,14 @@ MIN_QUADRATIC_SUPPORT = 8.0
 QUADRATIC_RIDGE = 1e-3
 
 
-def quadratic_heights(offsets: np.ndarray, weights: np.ndarray, at: np.ndarray, normal: np.ndarray) -> np.ndarray:
-    """(V,) the height along each unit normal (V, 3) at `at` (V, 3) of the weighted least-squares
-    quadratic h(u, v) = c0 + c1 u + c2 v + c3 u^2 + c4 uv + c5 v^2 through points given as offsets
-    (V, C, 3) from a point of their plane, weights (V, C) (0: not a neighbour); (u, v) are tangent
-    coordinates in units of the neighbourhood's spread. 0 (the plane) where the weights hold too
-    few points to fix six coefficients, or where the quadratic would put `at` further from the
-    plane than the neighbourhood is wide (the points are no height field there)."""
+def quadratic_fit(offsets: np.ndarray, weights: np.ndarray, normal: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The weighted least-squares quadratic h(u, v) = c0 + c1 u + c2 v + c3 u^2 + c4 uv + c5 v^2
+    through points given as offsets (V, C, 3) from a point of their plane, weights (V, C) (0: not a
+    neighbour), heights along the plane's unit normal (V, 3) -> its frame (V, 3, 3) float32 (rows:
+    two tangents and the normal), spread (V,) float32 (the unit of u and v: the neighbourhood's
+    weighted tangent spread) and coefficients (V, 6) float64, all zero where the weights hold too
+    few points to fix six coefficients (the plane)."""
     helper = np.where(np.abs(normal[:, :1]) < 0.9, [[1.0, 0.0, 0.0]], [[0.0, 1.0, 0.0]])
     first = np.cross(normal, helper)
     first /= np.linalg.norm(first, axis=1, keepdims=True)
@@ -241,17 +268,24 @@ def quadratic_heights(offsets: np.ndarray, weights: np.ndarray, at: np.ndarray, 
     local = offsets @ frame.transpose(0, 2, 1)                                             # (V, C, 3)
     total = np.maximum(weights.sum(axis=1), 1e-30)
     spread = np.sqrt(np.maximum((weights * (local[..., 0] ** 2 + local[..., 1] ** 2)).sum(axis=1) / total,
-                                1e-12))[:, None]                                           # (V, 1)
-    design = monomials(local[..., 0] / spread, local[..., 1] / spread)                     # (V, C, 6)
+                                1e-12))                                                    # (V,)
+    design = monomials(local[..., 0] / spread[:, None], local[..., 1] / spread[:, None])   # (V, C, 6)
     weighted = design * weights[..., None]
     gram = (weighted.transpose(0, 2, 1) @ design).astype(np.float64)                       # (V, 6, 6)
     gram += np.diag([1e-6, 1e-6, 1e-6, QUADRATIC_RIDGE, QUADRATIC_RIDGE, QUADRATIC_RIDGE]) * total[:, None, None]
     coefficients = solve_positive_definite(gram, (weighted * local[..., 2:]).sum(axis=1).astype(np.float64))
-    target = (at.astype(np.float32)[:, None] @ frame.transpose(0, 2, 1))[:, 0] / spread     # (V, 3)
+    supported = total / np.maximum(weights.max(axis=1), 1e-30) >= MIN_QUADRATIC_SUPPORT
+    return frame, spread.astype(np.float32), np.where(supported[:, None], coefficients, 0.0)
+
+
+def quadratic_height(frame: np.ndarray, spread: np.ndarray, coefficients: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """(V,) the height along each frame's normal of the quadratic_fit (frame (V, 3, 3), spread
+    (V,), coefficients (V, 6)) at `at` (V, 3), given from the plane's point. 0 (the plane) where
+    the quadratic would put `at` further from the plane than the neighbourhood is wide (the points
+    are no height field there)."""
+    target = (at.astype(np.float32)[:, None] @ frame.transpose(0, 2, 1))[:, 0] / spread[:, None]  # (V, 3)
     height = np.einsum("vk,vk->v", monomials(target[:, 0], target[:, 1]).astype(np.float64), coefficients)
-    trusted = (total / np.maximum(weights.max(axis=1), 1e-30) >= MIN_QUADRATIC_SUPPORT) & \
-        (np.abs(height) <= spread[:, 0]) & np.isfinite(height)
-    return np.where(trusted, height, 0.0)
+    return np.where((np.abs(height) <= spread) & np.isfinite(height), height, 0.0)
 
 
 def monomials(u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -291,62 +325,89 @@ def plane_moves(vertices: np.ndarray, centre: np.ndarray, normal: np.ndarray, us
     return move
 
 
+def surface_targets(vertices: np.ndarray, surfaces: LocalSurfaces | SiteMemory, site: np.ndarray,
+                    origin: np.ndarray) -> np.ndarray:
+    """The point (V, 3) of each vertex's (V, 3) local surface above or below it: surfaces of the
+    sites, site (V,) each vertex's, origin (V, 3) its surface's plane point (absolute)."""
+    at = vertices - origin
+    height = quadratic_height(surfaces.frame[site], surfaces.spread[site], surfaces.coefficients[site], at)
+    return origin + height[:, None] * surfaces.normal[site]
+
+
 def surface_projection(vertices: np.ndarray, tree: cKDTree, points: np.ndarray, settings: RefineSettings) -> np.ndarray:
-    """Moves (V, 3) of vertices (V, 3) onto the local surfaces of points (P, 3) (every vertex taken as
-    bulky: fit_local_surfaces), with a fresh search of tree (over points) and fresh fits: one round
-    of the refinement without its memory, far-sheet test or smoothing."""
-    centroid, normal, usable = fit_local_surfaces(vertices, points.astype(np.float32),
-                                          search_neighbours(vertices, tree, settings)[0], settings,
-                                          curved=np.ones(len(vertices), bool))
-    return plane_moves(vertices, vertices + centroid, normal, usable, settings)
+    """Moves (V, 3) of vertices (V, 3) onto the local surfaces of points (P, 3) (every vertex its own
+    site, taken as bulky), with a fresh search of tree (over points) and fresh fits: one round of
+    the refinement without its memory, far-sheet test or smoothing."""
+    surfaces = fit_local_surfaces(vertices, points.astype(np.float32), search_neighbours(vertices, tree, settings)[0],
+                                  settings, curved=np.ones(len(vertices), bool))
+    every = np.arange(len(vertices))
+    centre = surface_targets(vertices, surfaces, every, vertices + surfaces.origin)
+    return plane_moves(vertices, centre, surfaces.normal, surfaces.usable, settings)
 
 
-PROJECTION_BLOCK = 16384  # vertices per block: a few hundredths of a second, ~15 MB of temporaries
+PROJECTION_BLOCK = 16384  # sites per block: a few hundredths of a second, ~15 MB of temporaries
 
 
-def remembered_moves(vertices: np.ndarray, tree: cKDTree, points: np.ndarray, memory: VertexMemory,
-                     settings: RefineSettings, normals: np.ndarray | None = None,
-                     facing: np.ndarray | None = None, thickness: np.ndarray | None = None) -> np.ndarray:
-    """One round's moves (V, 3) of vertices (V, 3) onto points (P, 3) float32 (normals (P, 3)
-    float32 or None; the mesh's outward normals facing (V, 3) and thickness (V,), or None:
-    without_far_sheet). Vertices that moved
-    settings.refit_distance or more since their last fit get a fresh fit (searching the tree
-    again only when they moved beyond their slack); the others keep theirs. memory is updated."""
-    refit = np.linalg.norm(vertices - memory.fitted_at, axis=1) >= settings.refit_distance
-    search = refit & (np.linalg.norm(vertices - memory.searched_at, axis=1) >= memory.slack)
+def fitting_sites(vertices: np.ndarray, facing: np.ndarray, edge: float) -> np.ndarray:
+    """The site (V,) int64 of each vertex (V, 3) with unit outward normal facing (V, 3): vertices in
+    one cube of the given edge that face the same way (the axis and sign of their normal's largest
+    component) share a local surface, so the two faces of a thin part never do; edge 0: each
+    vertex its own site. Sites are numbered 0 .. S-1."""
+    if edge <= 0.0:
+        return np.arange(len(vertices))
+    axis = np.abs(facing).argmax(axis=1)
+    way = 2 * axis + (facing[np.arange(len(facing)), axis] < 0.0)
+    keys = np.column_stack([np.floor(vertices / edge).astype(np.int64), way])
+    return np.unique(keys, axis=0, return_inverse=True)[1].ravel()
+
+
+def site_means(values: np.ndarray, site: np.ndarray, sites: int) -> np.ndarray:
+    """Mean (S, D) over each site's vertices of values (V, D)."""
+    counts = np.maximum(np.bincount(site, minlength=sites), 1)
+    return np.stack([np.bincount(site, weights=values[:, d], minlength=sites) for d in range(values.shape[1])],
+                    axis=1) / counts[:, None]
+
+
+def remembered_fits(sites: np.ndarray, tree: cKDTree, points: np.ndarray, memory: SiteMemory,
+                    settings: RefineSettings, normals: np.ndarray | None = None,
+                    facing: np.ndarray | None = None, thickness: np.ndarray | None = None) -> None:
+    """One round's local surfaces of sites (S, 3) among points (P, 3) float32 (normals (P, 3)
+    float32 or None; the sites' outward normals facing (S, 3) and thickness (S,), or None:
+    without_far_sheet), into memory. Sites that moved settings.refit_distance or more since their
+    last fit get a fresh fit (searching the tree again only when they moved beyond their slack);
+    the others keep theirs."""
+    refit = np.linalg.norm(sites - memory.fitted_at, axis=1) >= settings.refit_distance
+    search = refit & (np.linalg.norm(sites - memory.searched_at, axis=1) >= memory.slack)
     if search.any():
-        candidates, memory.slack[search] = search_neighbours(vertices[search], tree, settings)
+        candidates, memory.slack[search] = search_neighbours(sites[search], tree, settings)
         thin = np.flatnonzero(np.isfinite(thickness[search])) if facing is not None else []
-        if len(thin):   # a bulky vertex has no far face to leave out
+        if len(thin):   # a bulky site has no far face to leave out
             rows = np.flatnonzero(search)[thin]
-            candidates[thin] = without_far_sheet(vertices[rows], candidates[thin], points, facing[rows], thickness[rows])
+            candidates[thin] = without_far_sheet(sites[rows], candidates[thin], points, facing[rows], thickness[rows])
         memory.candidates[search] = candidates
-        memory.searched_at[search] = vertices[search]
+        memory.searched_at[search] = sites[search]
     if refit.any():
         curved = np.isinf(thickness[refit]) if thickness is not None else np.ones(int(refit.sum()), bool)
-        centroid, memory.normal[refit], memory.usable[refit] = fit_local_surfaces(vertices[refit], points,
-                                                                          memory.candidates[refit], settings,
-                                                                          normals, curved)
-        memory.centre[refit] = vertices[refit] + centroid
-        memory.fitted_at[refit] = vertices[refit]
-    return plane_moves(vertices, memory.centre, memory.normal, memory.usable, settings)
+        fitted = fit_local_surfaces(sites[refit], points, memory.candidates[refit], settings, normals, curved)
+        memory.origin[refit] = sites[refit] + fitted.origin
+        for name in ("normal", "usable", "frame", "spread", "coefficients"):
+            getattr(memory, name)[refit] = getattr(fitted, name)
+        memory.fitted_at[refit] = sites[refit]
 
 
-def blockwise_projection(vertices: np.ndarray, tree: cKDTree, points: np.ndarray, memory: VertexMemory,
-                         settings: RefineSettings, should_cancel: Callable[[], bool] | None = None,
-                         normals: np.ndarray | None = None, facing: np.ndarray | None = None,
-                         thickness: np.ndarray | None = None) -> np.ndarray:
-    """remembered_moves (V, 3) over blocks of PROJECTION_BLOCK vertices, checking should_cancel
-    before each. A vertex's move depends on that vertex alone, so the result is bit-identical to
-    one call over all vertices; blocks bound the (V, C, 3) temporaries and let a cancel land
-    within a fraction of a second instead of after the round."""
-    moves = np.empty_like(vertices, dtype=np.float64)
-    for start in range(0, len(vertices), PROJECTION_BLOCK):
+def blockwise_fits(sites: np.ndarray, tree: cKDTree, points: np.ndarray, memory: SiteMemory,
+                   settings: RefineSettings, should_cancel: Callable[[], bool] | None = None,
+                   normals: np.ndarray | None = None, facing: np.ndarray | None = None,
+                   thickness: np.ndarray | None = None) -> None:
+    """remembered_fits over blocks of PROJECTION_BLOCK sites, checking should_cancel before each. A
+    site's fit depends on that site alone, so the result is bit-identical to one call over all
+    sites; blocks bound the (S, C, 3) temporaries and let a cancel land within a fraction of a
+    second instead of after the round."""
+    for start in range(0, len(sites), PROJECTION_BLOCK):
         check_cancel(should_cancel)
         block = slice(start, start + PROJECTION_BLOCK)
-        moves[block] = remembered_moves(vertices[block], tree, points, memory.rows(block), settings, normals,
-                                        *((facing[block], thickness[block]) if facing is not None else ()))
-    return moves
+        remembered_fits(sites[block], tree, points, memory.rows(block), settings, normals,
+                        *((facing[block], thickness[block]) if facing is not None else ()))
 
 
 def refine_to_points(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray,
@@ -358,7 +419,7 @@ def refine_to_points(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray
     vertices (V, 3) float32; faces are unchanged. normals (P, 3): the points' own normals, oriented
     or not; the planes take their direction from them (docs/performance.md: they help).
     progress(fraction in [0, 1]) is called after every round; should_cancel() before every block
-    of vertices in every round, raising Cancelled."""
+    of sites in every round, raising Cancelled."""
     import trimesh
 
     points = np.asarray(points, dtype=np.float64)
@@ -367,21 +428,31 @@ def refine_to_points(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray
     mesh = trimesh.Trimesh(np.asarray(vertices, dtype=np.float64), faces, process=False)
     averaging = trimesh.smoothing.laplacian_calculation(mesh)  # built once, used every round
     tree = cKDTree(points)
-    memory = VertexMemory.empty(len(vertices), min(fitted_count(settings), len(points)) + SPARE_NEIGHBOURS)
     points32 = points.astype(np.float32)
     if normals is not None:
         normals = np.asarray(normals, np.float64)
         normals = (normals / np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-    # Where the network's own shape is thin, from the mesh as it came: the rounds move vertices by
-    # a fraction of a plate's thickness, too little to change which side a point is on.
+    # Sites and where the network's own shape is thin, from the mesh as it came: the rounds move
+    # vertices by a fraction of a plate's thickness, too little to change which side a point is on.
+    outward = outward_normals(np.asarray(mesh.vertices), faces)
+    vertex_thickness = local_thickness(np.asarray(mesh.vertices), outward, settings.sheet_reach, should_cancel) \
+        if settings.sheet_reach is not None else None
+    site = fitting_sites(np.asarray(mesh.vertices), outward, settings.site_spacing * median_spacing(points))
+    count = int(site.max()) + 1
     facing = thickness = None
-    if settings.sheet_reach is not None:
-        facing = outward_normals(np.asarray(mesh.vertices), faces)
-        thickness = local_thickness(np.asarray(mesh.vertices), facing, settings.sheet_reach, should_cancel)
+    if vertex_thickness is not None:
+        thickness = np.full(count, np.inf)
+        np.minimum.at(thickness, site, vertex_thickness)
+        facing = site_means(outward, site, count)
+        facing /= np.maximum(np.linalg.norm(facing, axis=1, keepdims=True), 1e-30)
+    memory = SiteMemory.empty(count, min(fitted_count(settings), len(points)) + SPARE_NEIGHBOURS)
     for done in range(settings.rounds):
         vertices_now = np.asarray(mesh.vertices)
-        mesh.vertices = vertices_now + blockwise_projection(vertices_now, tree, points32, memory, settings,
-                                                            should_cancel, normals, facing, thickness)
+        blockwise_fits(site_means(vertices_now, site, count), tree, points32, memory, settings, should_cancel,
+                       normals, facing, thickness)
+        centre = surface_targets(vertices_now, memory, site, memory.origin[site])
+        mesh.vertices = vertices_now + plane_moves(vertices_now, centre, memory.normal[site], memory.usable[site],
+                                                   settings)
         trimesh.smoothing.filter_taubin(mesh, iterations=settings.smoothing_steps, laplacian_operator=averaging)
         if progress is not None:
             progress((done + 1) / settings.rounds)
