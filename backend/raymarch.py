@@ -35,9 +35,12 @@ MIN_INCIDENCE_COSINE = 0.05
 @dataclass
 class SurfaceHits:
     """Result of `find_surface` for R rays: hit (R,) bool, depth (R,) distance along the ray to
-    the surface (inf where there is no hit)."""
+    the surface (inf where there is no hit), likeliest (R,) the sampled depth where the field was
+    largest (inf where the ray misses the cube): where a ray that missed came closest to the
+    surface."""
     hit: torch.Tensor
     depth: torch.Tensor
+    likeliest: torch.Tensor
 
 
 @dataclass
@@ -50,6 +53,7 @@ class RaySurface:
     points: torch.Tensor
     logits: torch.Tensor
     slope: torch.Tensor
+    likeliest: torch.Tensor  # (R,) find_surface's, detached
 
 
 def ray_box_interval(origins: torch.Tensor, directions: torch.Tensor,
@@ -113,6 +117,7 @@ def find_surface(field: Field, origins: torch.Tensor, directions: torch.Tensor, 
     count = origins.shape[0]
     depth = torch.full((count,), float("inf"), dtype=origins.dtype, device=origins.device)
     hit = torch.zeros(count, dtype=torch.bool, device=origins.device)
+    likeliest = torch.full((count,), float("inf"), dtype=origins.dtype, device=origins.device)
     near, far, crosses = ray_box_interval(origins, directions, half_extent)
     chunk = max(1, max_points // n_steps)
     fractions = torch.linspace(0.0, 1.0, n_steps, dtype=origins.dtype, device=origins.device)
@@ -124,13 +129,14 @@ def find_surface(field: Field, origins: torch.Tensor, directions: torch.Tensor, 
         o, w = origins[rays], directions[rays]
         depths = near[rays, None] + (far[rays] - near[rays])[:, None] * fractions   # (r, K)
         logits = field(o[:, None, :] + depths[..., None] * w[:, None, :])
+        likeliest[rays] = depths.gather(1, logits.argmax(dim=1, keepdim=True))[:, 0]
         index, found = first_entry(logits, level)
         rays, o, w, depths, logits, index = rays[found], o[found], w[found], depths[found], logits[found], index[found]
         rows = torch.arange(len(rays), device=origins.device)
         depth[rays] = secant_refine(field, o, w, depths[rows, index], depths[rows, index + 1],
                                     logits[rows, index], logits[rows, index + 1], secant_steps, level)
         hit[rays] = True
-    return SurfaceHits(hit, depth)
+    return SurfaceHits(hit, depth, likeliest)
 
 
 class ImplicitDepth(torch.autograd.Function):
@@ -177,4 +183,4 @@ def surface_depth(field: Field, origins: torch.Tensor, directions: torch.Tensor,
     # round-off, so a non-positive slope is a graze as well.
     grazing = slope <= min_incidence_cosine * gradient.norm(dim=-1)
     depth = ImplicitDepth.apply(marched, logits, slope.detach(), grazing)
-    return RaySurface(hits.hit, depth, o + depth[:, None] * w, logits, slope.detach())
+    return RaySurface(hits.hit, depth, o + depth[:, None] * w, logits, slope.detach(), hits.likeliest)

@@ -217,6 +217,22 @@ def test_the_true_shape_has_no_depth_or_colour_loss_and_its_mask_loss_falls_as_i
     assert sharp["mask"].item() < 0.1 * blurred["mask"].item()
 
 
+def test_rays_that_miss_inside_the_mask_are_told_to_be_inside_where_they_came_closest():
+    """The views show the ellipsoid; the field is a ball inside it that the rim's rays miss. Their
+    occupancy target is the marched sample where the field was largest ("likeliest"), not a
+    random point of the ray (DVR's "random"): there the field is already nearest to inside, so
+    that part of the mask loss is smaller, and its pull lands next to what the field has."""
+    views = analytic_views(ellipsoid, 2, 16)
+    rays = dvr.view_rays(PosedViews(views.world_mats, views.camera_mats, views.masks, views.colours, None))
+    small_ball = lambda p: 10.0 * (0.15 - p.norm(dim=-1))
+    weights = {"mask": 1.0, "depth": 0.0, "rgb": 0.0, "normal": 0.0}
+    losses = {target: dvr.ray_losses(small_ball, rays[rays.masks], weights, 64, 8, torch.Generator().manual_seed(0),
+                                     missed_rays=target)["mask"].item() for target in dvr.MISSED_RAY_TARGETS}
+    assert losses["likeliest"] < 0.5 * losses["random"]
+    with pytest.raises(ValueError, match="unknown missed_rays"):
+        dvr.FitSettings.from_config({"missed_rays": "nearest"})
+
+
 def test_rendering_the_true_shape_reproduces_its_views():
     views = analytic_views(ellipsoid, 2, 24)
     masks, colours = dvr.render(TrueShape(10.0), views)

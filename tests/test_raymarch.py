@@ -79,6 +79,18 @@ def test_rays_that_miss_give_no_hit():
     assert torch.isinf(hits.depth).all()
 
 
+def test_a_ray_that_misses_knows_where_it_came_closest():
+    """`likeliest` is the sampled depth where the field was largest: for rays passing a ball,
+    their closest approach to its centre, to within one step; inf for a ray that misses the cube."""
+    origins = torch.tensor([[0.45, 0.0, -2.0], [-2.0, 0.0, 0.4], [3.0, 3.0, 3.0]], dtype=torch.float64)
+    directions = torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float64)
+    hits = find_surface(sphere_field(0.3), origins, directions, n_steps=64)
+    step = 1.1 / 63
+    assert not hits.hit.any()
+    assert hits.likeliest[:2].tolist() == pytest.approx([2.0, 2.0], abs=step)
+    assert torch.isinf(hits.likeliest[2])
+
+
 def test_the_nearer_of_two_surfaces_is_found():
     near_ball, far_ball = sphere_field(0.1, (0.0, 0.0, -0.3)), sphere_field(0.1, (0.0, 0.0, 0.3))
     field = lambda p: torch.maximum(near_ball(p), far_ball(p))

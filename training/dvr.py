@@ -9,7 +9,9 @@ differentiation) and applies the paper's losses, each summed over its rays and d
 number of rays (every ray weighs the same, whichever loss it feeds):
   mask       free space: a random point of the ray inside the cube is empty, for rays outside the
              mask; occupancy: for rays inside the mask that found no surface, a point of the ray is
-             occupied (the true surface point where the depth is known, else a random one)
+             occupied (the true surface point where the depth is known, else the marched sample
+             where the field was largest, `missed_rays` "likeliest"; DVR's random point of the
+             ray, "random", let a colour term erode a second object: docs/DVR.md)
   depth      L1 between the found and the true distance along the ray, where both exist
   rgb        L1 between the texture head's colour at the found surface point and the pixel's
   normal     smoothness: the unit normals at a surface point and at a point near it agree
@@ -22,7 +24,7 @@ Config (JSON, see training/configs/dvr_*.json): "data" {"prepared": shape folder
 folder with cameras.json} (training.posed_images); "held_out_views": view numbers kept out of
 training; "model": a configuration of input kind "none" (backend.models.textured); "losses":
 weights of the terms above (a term it does not name is off; without "losses": masks only); "rays", "inside_fraction", "ray_steps",
-"secant_steps", "lr", "steps", "seconds" (time budget, null for none), "seed".
+"secant_steps", "lr", "steps", "seconds" (time budget, null for none), "seed", "missed_rays".
 Writes OUT/model_last.safetensors (backend.checkpoint format), OUT/log.csv and OUT/mesh.ply (the
 surface at 128^3, with vertex colours from the texture head when the model has one).
 """
@@ -164,19 +166,26 @@ def bce_sum(logits: torch.Tensor, target: float) -> torch.Tensor:
 
 def ray_losses(field: Field, rays: Rays, weights: dict, n_steps: int, secant_steps: int,
                generator: torch.Generator, colour=None,
-               half_extent: float = QUERY_HALF_EXTENT) -> dict[str, torch.Tensor]:
+               half_extent: float = QUERY_HALF_EXTENT, missed_rays: str = "likeliest") -> dict[str, torch.Tensor]:
     """The image losses of one batch of rays (module docstring) on an occupancy field (logits)
     that lives in the cube of half_extent, each a sum over its rays divided by the batch's ray
     count, unweighted; only the terms with a non-zero weight. colour: points (N, 3) -> RGB
-    (N, 3), the texture head (needed for "rgb")."""
+    (N, 3), the texture head (needed for "rgb"). missed_rays: where a ray inside the mask that
+    found no surface (and has no known depth) is told to be inside: "likeliest", the marched
+    sample where the field was largest, or "random", a random point of it in the cube (DVR's)."""
     count = len(rays.masks)
     surface = surface_depth(field, rays.origins, rays.directions, n_steps, secant_steps, half_extent)
     hit_rays = rays[surface.hit]
     losses = {}
     if weights["mask"]:
         outside = rays[~rays.masks]
-        missed = rays[rays.masks & ~surface.hit]
+        missed_rows = rays.masks & ~surface.hit
+        missed = rays[missed_rows]
         targets = random_points_in_cube(missed, generator, half_extent)
+        if missed_rays == "likeliest":
+            closest = surface.likeliest[missed_rows]
+            near = torch.isfinite(closest)
+            targets[near] = missed.origins[near] + closest[near, None] * missed.directions[near]
         if missed.depths is not None:
             known = torch.isfinite(missed.depths)
             targets[known] = missed.origins[known] + missed.depths[known, None] * missed.directions[known]
@@ -236,6 +245,9 @@ def settings_from_config(cls, config: dict, allowed_losses: tuple, refusal: str)
     return settings
 
 
+MISSED_RAY_TARGETS = ("likeliest", "random")
+
+
 @dataclass
 class FitSettings:
     """How a fit runs (module docstring): the fitting keys of a configuration."""
@@ -249,11 +261,14 @@ class FitSettings:
     seconds: float | None = None
     seed: int = 0
     query_points: int = 2048
+    missed_rays: str = "likeliest"   # ray_losses' target for in-mask rays without a surface
 
     @classmethod
     def from_config(cls, config: dict) -> "FitSettings":
         """Settings from a configuration's keys (others ignored); every loss weight filled in."""
         settings = settings_from_config(cls, config, LOSS_NAMES, "unknown loss")
+        if settings.missed_rays not in MISSED_RAY_TARGETS:
+            raise ValueError(f"unknown missed_rays {settings.missed_rays!r}; known: {', '.join(MISSED_RAY_TARGETS)}")
         return settings
 
 
@@ -319,7 +334,8 @@ def fit(model, views: PosedViews | None, settings: FitSettings, samples: Occupan
         losses = {}
         if sampler is not None:
             losses = ray_losses(occupancy_field(model), sampler.sample(settings.rays), settings.losses, n_steps,
-                                settings.secant_steps, generator, colour=lambda p: colour_at(model, p))
+                                settings.secant_steps, generator, colour=lambda p: colour_at(model, p),
+                                missed_rays=settings.missed_rays)
         if settings.losses["points"]:
             points, labels = samples.sample(settings.query_points, rng)
             logits = model.decode(torch.from_numpy(points).to(device)[None], None)[0]
