@@ -136,23 +136,26 @@ def simplify_to_tolerance(mesh: MeshArrays, tolerance: float,
     must_stay_closed = is_closed(mesh.faces)
     for attempt in range(attempts):
         _check_cancel(should_cancel)
-        small = decimated(mesh, tolerance * RETRY_FACTOR ** attempt)
+        small = decimated(mesh, tolerance * RETRY_FACTOR ** attempt, repair=must_stay_closed)
         if not must_stay_closed or is_closed(small.faces):
             return small
     return mesh
 
 
-def decimated(mesh: MeshArrays, tolerance: float) -> MeshArrays:
+def decimated(mesh: MeshArrays, tolerance: float, repair: bool = True) -> MeshArrays:
     """One pass of fast-simplification's quadric decimation of mesh (V, 3) / (F, 3) to the
     tolerance (through its aggressiveness: its last iteration allows a quadric error of
-    tolerance^2); where that leaves the mesh open, pillows dropped, pinches split and holes of up
-    to SMALL_HOLE edges closed."""
+    tolerance^2); with repair, where that leaves the mesh open, pillows dropped, pinches split and
+    holes of up to SMALL_HOLE edges closed (for a mesh that was closed: an open one keeps its
+    holes)."""
     import fast_simplification
 
     aggressiveness = math.log(tolerance ** 2 / _QUADRIC_SCALE) / math.log(_LAST_ITERATION_BASE)
     verts, faces = fast_simplification.simplify(mesh.vertices, mesh.faces, target_count=4, agg=aggressiveness)
     small = MeshArrays(np.asarray(verts, np.float32), np.asarray(faces, np.int32))
-    return small if is_closed(small.faces) else with_small_holes_closed(split_pinches(drop_pillows(small)))
+    if not repair or is_closed(small.faces):
+        return small
+    return with_small_holes_closed(split_pinches(drop_pillows(small)))
 
 
 # Holes with at most this many edges are closed by with_small_holes_closed: what a dropped pillow

@@ -185,7 +185,7 @@ def without_far_sheet(vertices: np.ndarray, candidates: np.ndarray, points: np.n
     show two layers there (the two groups' means at least TWO_LAYERS of the thickness apart). A
     plate's two faces are then not pulled onto one plane between them, while the single layer of
     points of an open sheet, which the network wraps in a thin shell, stays whole for both of the
-    shell's faces. Done when a vertex searches, which after the first round is rare."""
+    shell's faces. Done when a site searches, which after the first round is rare."""
     valid = candidates < len(points)
     offsets = np.take(points, np.minimum(candidates, len(points) - 1), axis=0) - vertices.astype(np.float32)[:, None]
     behind = np.einsum("vci,vi->vc", offsets, facing.astype(np.float32))
@@ -247,7 +247,7 @@ def fit_local_surfaces(sites: np.ndarray, points: np.ndarray, candidates: np.nda
                          frame, spread, coefficients)
 
 
-# quadratic_heights: a fit whose weights add up to fewer points than this (sum / largest) keeps the
+# quadratic_fit: a fit whose weights add up to fewer points than this (sum / largest) keeps the
 # plane; the curvature terms are shrunk towards zero by this share of the total weight
 MIN_QUADRATIC_SUPPORT = 8.0
 QUADRATIC_RIDGE = 1e-3
@@ -286,7 +286,7 @@ def weighted_moments(u: np.ndarray, v: np.ndarray, h: np.ndarray, weights: np.nd
     """The normal equations of the weighted least-squares quadratic through heights h (V, C) over
     tangent coordinates u, v (V, C) with weights (V, C): Gram matrices (V, 6, 6) and right-hand
     sides (V, 6), float64, of the monomials' terms. Built from the 15 weighted moments
-    sum w u^a v^b (a + b <= 4) rather than a (V, C, 6) design matrix: a third of the time."""
+    sum w u^a v^b (a + b <= 4) rather than a (V, C, 6) design matrix: the whole fit in about half the time."""
     u_powers, v_powers = [np.ones_like(u), u], [np.ones_like(v), v]
     for _ in range(3):
         u_powers.append(u_powers[-1] * u)
