@@ -288,24 +288,34 @@ def test_point_cloud_meshes_are_decimated_by_default_and_a_budget_still_rules(tm
     assert 2500 < len(budget.faces) <= 5000
 
 
-def test_a_decimation_that_opens_a_closed_mesh_is_redone_at_a_smaller_tolerance(monkeypatch):
-    """fast-simplification can leave an edge with four faces where two sheets come close; the
-    retry is checked with a stand-in that opens the mesh (a hole too large to close) on its first
-    calls."""
+def sphere_and_damaging_decimation(monkeypatch, damage):
+    """A closed sphere mesh, and fast-simplification replaced by itself followed by
+    damage(vertices, faces, call number) -> faces; -> (mesh, the aggressiveness of each call)."""
     fast_simplification = pytest.importorskip("fast_simplification")
-    from backend.extraction.marching import is_closed, simplify_to_tolerance
-
     grid = mise(sphere, 32, 1)
     mesh = grid_to_mesh(grid.values, 0.0, grid.box_min, grid.spacing)
     real, calls = fast_simplification.simplify, []
 
-    def opens_at_first(points, faces, agg, **kwargs):
+    def damaged(points, faces, agg, **kwargs):
         calls.append(agg)
         verts, out = real(points, faces, agg=agg, **kwargs)
-        cap = verts[out].mean(axis=1)[:, 2] > 0.25          # the sphere's top cap: a wide hole
-        return (verts, out[~cap]) if len(calls) < 3 else (verts, out)
+        return verts, damage(verts, out, len(calls))
 
-    monkeypatch.setattr(fast_simplification, "simplify", opens_at_first)
+    monkeypatch.setattr(fast_simplification, "simplify", damaged)
+    return mesh, calls
+
+
+def test_a_decimation_that_opens_a_closed_mesh_is_redone_at_a_smaller_tolerance(monkeypatch):
+    """fast-simplification can leave an edge with four faces where two sheets come close; the
+    retry is checked with a stand-in that opens the mesh (a hole too large to close) on its first
+    calls."""
+    from backend.extraction.marching import is_closed, simplify_to_tolerance
+
+    def opens_at_first(verts, faces, call):
+        cap = verts[faces].mean(axis=1)[:, 2] > 0.25          # the sphere's top cap: a wide hole
+        return faces[~cap] if call < 3 else faces
+
+    mesh, calls = sphere_and_damaging_decimation(monkeypatch, opens_at_first)
     small = simplify_to_tolerance(mesh, 0.002)
     assert is_closed(small.faces) and len(small.faces) < len(mesh.faces) and len(calls) == 3
     assert calls[0] > calls[1] > calls[2]                   # each retry with a smaller tolerance
@@ -317,20 +327,13 @@ def test_the_small_holes_a_decimation_leaves_are_closed_without_a_retry(monkeypa
     """Where fast-simplification drops back-to-back faces it leaves holes of a few edges (seven of
     4 and 8 edges on a bunny's 30,000 points): each is closed by a fan around its rim's mean, wound
     like its neighbours, at the first attempt."""
-    fast_simplification = pytest.importorskip("fast_simplification")
     from backend.extraction.marching import is_closed, simplify_to_tolerance
 
-    grid = mise(sphere, 32, 1)
-    mesh = grid_to_mesh(grid.values, 0.0, grid.box_min, grid.spacing)
-    real, calls = fast_simplification.simplify, []
-
-    def leaves_two_holes(points, faces, agg, **kwargs):
-        calls.append(agg)
-        verts, out = real(points, faces, agg=agg, **kwargs)
+    def leaves_two_holes(verts, faces, call):
         top, bottom = np.argmax(verts[:, 2]), np.argmin(verts[:, 2])
-        return verts, out[~np.isin(out, [top, bottom]).any(axis=1)]   # the fans around two vertices
+        return faces[~np.isin(faces, [top, bottom]).any(axis=1)]   # the fans around two vertices
 
-    monkeypatch.setattr(fast_simplification, "simplify", leaves_two_holes)
+    mesh, calls = sphere_and_damaging_decimation(monkeypatch, leaves_two_holes)
     small = simplify_to_tolerance(mesh, 0.002)
     assert is_closed(small.faces) and len(calls) == 1
     surface = trimesh.Trimesh(small.vertices, small.faces)
