@@ -26,6 +26,7 @@ from .errors import Cancelled, InputError, OccnetError
 from .extraction import MeshArrays, grid_to_mesh, mise, simplify_mesh
 from .extraction.marching import cloud_tolerance, simplify_to_tolerance, taubin_smoothed
 from .extraction.refine import refine_to_points
+from .extraction.spacing import median_spacing
 from .extraction.support import SupportNet, SupportSettings
 from .foreground import object_mask
 from .inputs import normalisation, validate_image
@@ -224,6 +225,7 @@ class Reconstructor:
         mesh, evaluations = self._extract(evaluate, QUERY_BOX, device, options, timer, progress, should_cancel,
                                           seed_points=inputs[0], warnings=warnings, coarse=POINT_COARSE_RESOLUTION)
         keep = subsample_indices(canonical, MAX_REFINE_POINTS)
+        spacing = median_spacing(canonical[keep])
         if options.refine:
             if progress is not None:
                 progress("refine", 0.0)
@@ -231,11 +233,12 @@ class Reconstructor:
             with timer("refine"):
                 own_normals = cloud.normals[keep] if cloud.normals is not None else None
                 mesh = MeshArrays(refine_to_points(mesh.vertices, mesh.faces, canonical[keep], progress=on_round,
-                                                   should_cancel=should_cancel, normals=own_normals), mesh.faces)
+                                                   should_cancel=should_cancel, normals=own_normals,
+                                                   spacing=spacing), mesh.faces)
             with timer("smooth"):
                 mesh = taubin_smoothed(mesh)
         result = self._finish(model, code, device, mesh, options, timer, should_cancel, warnings,
-                              tolerance=cloud_tolerance(canonical[keep]))
+                              tolerance=cloud_tolerance(spacing))
         if cloud.colors is not None and options.colours:
             with timer("colours"):
                 result.colors = transfer_colours(result.vertices, canonical, cloud.colors)

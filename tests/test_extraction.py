@@ -252,18 +252,22 @@ def test_a_sparser_cloud_is_decimated_to_a_coarser_tolerance(monkeypatch):
     from scipy.spatial import cKDTree
 
     from backend.extraction import marching
+    from backend.extraction.spacing import median_spacing
 
     def sphere(count):
         p = np.random.default_rng(count).normal(size=(count, 3))
         return 0.5 * p / np.linalg.norm(p, axis=1, keepdims=True)
 
-    sparse, dense = marching.cloud_tolerance(sphere(300)), marching.cloud_tolerance(sphere(3000))
+    def tolerance(points):
+        return marching.cloud_tolerance(median_spacing(points))
+
+    sparse, dense = tolerance(sphere(300)), tolerance(sphere(3000))
     assert sparse / dense == pytest.approx(np.sqrt(10), rel=0.25)
-    assert marching.cloud_tolerance(sphere(200_000)) == marching.DEFAULT_TOLERANCE
+    assert tolerance(sphere(200_000)) == marching.DEFAULT_TOLERANCE
     monkeypatch.setattr(marching, "DEFAULT_TOLERANCE", 0.0)
     large = sphere(100_000)
     exact = marching.SPACING_TOLERANCE * np.median(cKDTree(large).query(large, k=2)[0][:, 1])
-    assert marching.cloud_tolerance(large) == pytest.approx(exact, rel=0.15)
+    assert tolerance(large) == pytest.approx(exact, rel=0.15)
 
 
 def test_point_cloud_meshes_are_decimated_by_default_and_a_budget_still_rules(tmp_path, monkeypatch):

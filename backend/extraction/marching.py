@@ -9,7 +9,6 @@ import numpy as np
 from skimage import measure
 
 from ..errors import Cancelled
-from .spacing import median_spacing
 
 # Value given to the one-cell border around the grid: far outside, so the surface always closes
 # inside the grid instead of running open at its edge.
@@ -78,15 +77,11 @@ _LAST_ITERATION_BASE = 102
 # 8% (300 points) and 12% (3000) for 0.0016 of Chamfer-L1 x10 at 300 points.
 SPACING_TOLERANCE = 0.25
 DEFAULT_TOLERANCE = 0.001
-# The spacing is measured on at most this many of the points.
-SPACING_SAMPLE = 20_000
-
-
-def cloud_tolerance(points: np.ndarray) -> float:
-    """The decimation tolerance for a mesh fitted to points (N, 3): SPACING_TOLERANCE times their
-    median distance to the nearest other point (measured on SPACING_SAMPLE of them), at least
+def cloud_tolerance(spacing: float) -> float:
+    """The decimation tolerance for a mesh fitted to points whose median distance to their nearest
+    neighbour is spacing (spacing.median_spacing): SPACING_TOLERANCE times it, at least
     DEFAULT_TOLERANCE."""
-    return max(DEFAULT_TOLERANCE, SPACING_TOLERANCE * median_spacing(points, SPACING_SAMPLE))
+    return max(DEFAULT_TOLERANCE, SPACING_TOLERANCE * spacing)
 
 
 # Taubin's low-pass filter on refined point-cloud meshes: steps that alternately shrink (by

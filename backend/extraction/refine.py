@@ -438,10 +438,11 @@ def refine_to_points(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray
                      settings: RefineSettings = RefineSettings(),
                      progress: Callable[[float], None] | None = None,
                      should_cancel: Callable[[], bool] | None = None,
-                     normals: np.ndarray | None = None) -> np.ndarray:
+                     normals: np.ndarray | None = None, spacing: float | None = None) -> np.ndarray:
     """Canonical vertices (V, 3) of a mesh with faces (F, 3) and input points (P, 3) -> refined
     vertices (V, 3) float32; faces are unchanged. normals (P, 3): the points' own normals, oriented
-    or not; the planes take their direction from them (docs/performance.md: they help).
+    or not; the planes take their direction from them (docs/performance.md: they help). spacing:
+    the points' median_spacing, measured here when not given.
     progress(fraction in [0, 1]) is called after every round; should_cancel() before every block
     of sites in every round, raising Cancelled."""
     import trimesh
@@ -461,7 +462,8 @@ def refine_to_points(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray
     outward = outward_normals(np.asarray(mesh.vertices), faces)
     vertex_thickness = local_thickness(np.asarray(mesh.vertices), outward, settings.sheet_reach, should_cancel) \
         if settings.sheet_reach is not None else None
-    site = fitting_sites(np.asarray(mesh.vertices), outward, settings.site_spacing * median_spacing(points))
+    spacing = median_spacing(points) if spacing is None else spacing
+    site = fitting_sites(np.asarray(mesh.vertices), outward, settings.site_spacing * spacing)
     count = int(site.max()) + 1
     facing = thickness = None
     if vertex_thickness is not None:
