@@ -102,7 +102,7 @@ class SiteMemory:
 @dataclass
 class LocalSurfaces:
     """Fitted local surfaces of S sites (fit_local_surfaces)."""
-    origin: np.ndarray        # (S, 3) float64 the plane's point, relative to the site
+    origin: np.ndarray        # (S, 3) float64 the plane's point (the points' weighted centroid)
     normal: np.ndarray        # (S, 3) float64 unit normal
     usable: np.ndarray        # (S,) bool fitted to settings.min_neighbours points or more
     frame: np.ndarray         # (S, 3, 3) float32 the height field's axes (quadratic_fit)
@@ -243,7 +243,7 @@ def fit_local_surfaces(sites: np.ndarray, points: np.ndarray, candidates: np.nda
     if curved.any():
         frame[curved], spread[curved], coefficients[curved] = quadratic_fit(offsets[curved], weights[curved],
                                                                             normal[curved])
-    return LocalSurfaces(centroid.astype(np.float64), normal, valid.sum(axis=1) >= settings.min_neighbours,
+    return LocalSurfaces(sites + centroid.astype(np.float64), normal, valid.sum(axis=1) >= settings.min_neighbours,
                          frame, spread, coefficients)
 
 
@@ -349,12 +349,12 @@ def plane_moves(vertices: np.ndarray, centre: np.ndarray, normal: np.ndarray, us
     return move
 
 
-def surface_targets(vertices: np.ndarray, surfaces: LocalSurfaces | SiteMemory, site: np.ndarray,
-                    origin: np.ndarray) -> np.ndarray:
+def surface_targets(vertices: np.ndarray, surfaces: LocalSurfaces | SiteMemory, site: np.ndarray) -> np.ndarray:
     """The point (V, 3) of each vertex's (V, 3) local surface above or below it: surfaces of the
-    sites, site (V,) each vertex's, origin (V, 3) its surface's plane point (absolute)."""
-    at = vertices - origin
-    height = quadratic_height(surfaces.frame[site], surfaces.spread[site], surfaces.coefficients[site], at)
+    sites, site (V,) each vertex's."""
+    origin = surfaces.origin[site]
+    height = quadratic_height(surfaces.frame[site], surfaces.spread[site], surfaces.coefficients[site],
+                              vertices - origin)
     return origin + height[:, None] * surfaces.normal[site]
 
 
@@ -364,8 +364,7 @@ def surface_projection(vertices: np.ndarray, tree: cKDTree, points: np.ndarray, 
     the refinement without its memory, far-sheet test or smoothing."""
     surfaces = fit_local_surfaces(vertices, points.astype(np.float32), search_neighbours(vertices, tree, settings)[0],
                                   settings, curved=np.ones(len(vertices), bool))
-    every = np.arange(len(vertices))
-    centre = surface_targets(vertices, surfaces, every, vertices + surfaces.origin)
+    centre = surface_targets(vertices, surfaces, np.arange(len(vertices)))
     return plane_moves(vertices, centre, surfaces.normal, surfaces.usable, settings)
 
 
@@ -413,8 +412,7 @@ def remembered_fits(sites: np.ndarray, tree: cKDTree, points: np.ndarray, memory
     if refit.any():
         curved = np.isinf(thickness[refit]) if thickness is not None else np.ones(int(refit.sum()), bool)
         fitted = fit_local_surfaces(sites[refit], points, memory.candidates[refit], settings, normals, curved)
-        memory.origin[refit] = sites[refit] + fitted.origin
-        for name in ("normal", "usable", "frame", "spread", "coefficients"):
+        for name in ("origin", "normal", "usable", "frame", "spread", "coefficients"):
             getattr(memory, name)[refit] = getattr(fitted, name)
         memory.fitted_at[refit] = sites[refit]
 
@@ -476,7 +474,7 @@ def refine_to_points(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray
         vertices_now = np.asarray(mesh.vertices)
         blockwise_fits(site_means(vertices_now, site, count), tree, points32, memory, settings, should_cancel,
                        normals, facing, thickness)
-        centre = surface_targets(vertices_now, memory, site, memory.origin[site])
+        centre = surface_targets(vertices_now, memory, site)
         mesh.vertices = vertices_now + plane_moves(vertices_now, centre, memory.normal[site], memory.usable[site],
                                                    settings)
         trimesh.smoothing.filter_taubin(mesh, iterations=settings.smoothing_steps, laplacian_operator=averaging)
