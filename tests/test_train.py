@@ -472,6 +472,23 @@ def test_layer_loss_compares_upsampled_layers_where_the_truth_is_known():
     assert layer_loss(torch.full((1, 2, 4, 4), 0.5), target) == 0.0
 
 
+def test_relative_layer_loss_ignores_where_a_layer_sits_but_not_its_relief():
+    from training.train import layer_loss, relative_layer_loss
+
+    target = torch.full((2, 2, 8, 8), float("nan"))
+    assert relative_layer_loss(torch.zeros(2, 2, 8, 8), target) == 0.0  # nothing known: no loss
+    target[:, :, 2:6, 2:6] = torch.linspace(-0.2, 0.2, 4)             # a slope across the object
+    moved = target.nan_to_num(0.0) + torch.tensor([0.3, -0.1]).view(1, 2, 1, 1)
+    assert relative_layer_loss(moved, target).item() == pytest.approx(0.0, abs=1e-6)
+    assert layer_loss(moved, target) > 0.15
+    flat = torch.zeros(2, 2, 8, 8, requires_grad=True)                # no relief, at any depth
+    assert relative_layer_loss(flat, target).item() == pytest.approx(2 / 15, abs=1e-5)  # about the median
+    assert relative_layer_loss(flat + 0.4, target).item() == pytest.approx(relative_layer_loss(flat, target).item())
+    relative_layer_loss(flat, target).backward()
+    assert flat.grad[:, :, 2:6, 2:6].abs().sum() > 0
+    assert flat.grad[:, :, :2].abs().sum() == 0                       # unknown pixels get no gradient
+
+
 def test_a_layer_head_is_added_to_a_trained_pixel_model_without_changing_its_weights(data_dir, tmp_path):
     from conftest import make_solid_pixel_checkpoint
 

