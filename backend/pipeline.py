@@ -19,7 +19,7 @@ import torch
 from . import __version__
 from .camera import VIEW_HALF_EXTENT, elevation_of_up
 from .checkpoint import load_checkpoint
-from .colours import transfer_colours
+from .colours import transfer_cells, transfer_colours
 from .defaults import default_checkpoint, installed_defaults
 from .device import resolve_device
 from .errors import Cancelled, InputError, OccnetError
@@ -241,7 +241,8 @@ class Reconstructor:
                               tolerance=cloud_tolerance(spacing))
         if cloud.colors is not None and options.colours:
             with timer("colours"):
-                result.colors = transfer_colours(result.vertices, canonical, cloud.colors)
+                result.colors = transfer_colours(result.vertices, canonical, cloud.colors,
+                                                  cells=transfer_cells(options.resolution))
         result.vertices = result.vertices.astype(np.float64) * scale + center
         result.stats.update(evaluations=evaluations, input_points=len(points), encoder_points=len(encoder_points),
                             center=center.tolist(), scale=scale, input_colours=cloud.colors is not None,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import trimesh
 
-from backend.colours import transfer_colours
+from backend.colours import transfer_cells, transfer_colours
 from backend.mesh_io import save_mesh
 from backend.pipeline import Reconstructor, ReconstructOptions
 from conftest import make_octahedron_checkpoint
@@ -49,6 +49,19 @@ def test_colours_are_weighted_by_distance_between_two_points():
     colours = np.array([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [0, 0, 1.0]])
     rgba = transfer_colours(np.array([[0.25, 0, 0]]), points, colours, k=2)
     assert np.allclose(rgba[0, :3], [0.75, 0.25, 0.0], atol=1e-6)  # weights 1/0.25 and 1/0.75
+
+
+def test_colour_detail_follows_the_mesh_grid():
+    """Stripes one point wide survive a fine averaging grid and blend on the grid of a coarse mesh."""
+    points = np.stack([np.arange(64) / 64.0, np.zeros(64), np.zeros(64)], axis=1)
+    colours = np.zeros((64, 3))
+    colours[::2, 0] = 1.0                                             # red, blue, red, blue, ...
+    colours[1::2, 2] = 1.0
+    vertex = points[20:21]
+    assert transfer_cells(8) == 32 and transfer_cells(512) == 1024    # 4 per grid cell, at most 1024
+    assert np.allclose(transfer_colours(vertex, points, colours, cells=transfer_cells(512))[0, :3], [1, 0, 0], atol=1e-3)
+    blended = transfer_colours(vertex, points, colours, cells=transfer_cells(8))[0, :3]
+    assert abs(blended[0] - 0.5) < 0.05 and abs(blended[2] - 0.5) < 0.05
 
 
 def test_pipeline_gives_coloured_points_a_coloured_mesh(octahedron):
