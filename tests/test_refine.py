@@ -35,6 +35,15 @@ def test_a_surface_several_cells_off_is_pulled_onto_noisy_points():
     assert radial_error(mesh.vertices, 0.34) > 0.035 and radial_error(refined, 0.34) < 0.004
 
 
+def test_a_vertex_of_no_face_stays_where_it_is_and_the_rest_are_refined():
+    mesh = sphere_mesh(0.30)
+    stray = np.array([[0.0, 0.0, 0.0]])
+    points = sphere_points(0.34, 3000, noise=0.005)
+    refined = refine_to_points(np.vstack([stray, mesh.vertices]), mesh.faces + 1, points)
+    assert np.array_equal(refined[0], stray[0])
+    assert radial_error(refined[1:], 0.34) < 0.004
+
+
 def test_on_a_curved_surface_the_quadratic_fits_land_closer_than_planes():
     """A plane through a small ball's nearby points lies inside the ball (their centroid does), so
     planes pull the surface in; the quadratic height field over the same points follows the bend."""

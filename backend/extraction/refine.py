@@ -448,6 +448,16 @@ def refine_to_points(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray
     points = np.asarray(points, dtype=np.float64)
     if len(vertices) == 0 or len(points) < settings.min_neighbours:
         return np.asarray(vertices, dtype=np.float32).copy()
+    faces = np.asarray(faces)
+    used = np.zeros(len(vertices), bool)
+    used[faces.ravel()] = True
+    if not used.all():  # a vertex of no face has no surface to move along: it stays where it is
+        refined = np.asarray(vertices, dtype=np.float32).copy()
+        if used.any():
+            renumbered = np.cumsum(used) - 1
+            refined[used] = refine_to_points(np.asarray(vertices)[used], renumbered[faces], points, settings,
+                                             progress, should_cancel, normals, spacing)
+        return refined
     mesh = trimesh.Trimesh(np.asarray(vertices, dtype=np.float64), faces, process=False)
     averaging = trimesh.smoothing.laplacian_calculation(mesh)  # built once, used every round
     tree = cKDTree(points)
