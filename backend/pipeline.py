@@ -32,8 +32,8 @@ from .foreground import object_mask
 from .inputs import normalisation, validate_image
 from .pointclouds import checked_cloud
 from .preprocess import image_to_model_input, subsample_indices, subsample_points
-from .viewer import (fill_the_mask, follow_the_outline, masked_logits, output_transform, photo_camera,
-                     picture_colours, viewer_input)
+from .viewer import (MirrorAveraged, fill_the_mask, follow_the_outline, masked_logits, output_transform,
+                     photo_camera, picture_colours, viewer_input)
 
 RESOLUTIONS = (32, 64, 128, 256, 512)
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -320,6 +320,7 @@ class Reconstructor:
                                                 f"too few to reconstruct from")
         size = int(config["input"]["image_size"])
         height, width = rgba.shape[:2]
+        model = MirrorAveraged(model)
         with timer("encode"), torch.inference_mode():
             camera_mat = photo_camera(height, width, options.focal_length)
             view = viewer_input(rgba, found, camera_mat, size)
@@ -458,14 +459,18 @@ def texture_colours(model, code, vertices: np.ndarray, device, batch_points: int
     return np.concatenate([rgb, np.ones((len(vertices), 1), np.float32)], axis=1)
 
 
+def cloned(code):
+    """A copy of a model's code (a tensor, dicts of them, nested, or None) outside inference mode."""
+    if isinstance(code, dict):
+        return {k: cloned(v) for k, v in code.items()}
+    return code.clone() if isinstance(code, torch.Tensor) else code
+
+
 def gradient_normals(model, code, vertices: np.ndarray, device, batch_points: int) -> np.ndarray:
     """Unit normals (V, 3) at canonical vertices (V, 3): minus the gradient of the occupancy logit,
     which points out of the shape."""
     out = np.zeros_like(vertices)
-    if isinstance(code, dict):
-        code = {k: v.clone() for k, v in code.items()}  # leave inference mode's tensors behind
-    else:
-        code = code.clone()
+    code = cloned(code)  # leave inference mode's tensors behind
     for start in range(0, len(vertices), batch_points):
         p = torch.from_numpy(vertices[start:start + batch_points]).to(device)[None].requires_grad_(True)
         with torch.enable_grad():

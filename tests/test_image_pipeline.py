@@ -52,6 +52,30 @@ def test_the_result_is_the_picture_seen_from_the_front_resting_on_the_ground(sol
     assert result.stats["elevation_deg"] == pytest.approx(0.0, abs=1e-3)
 
 
+def test_a_picture_and_its_mirror_image_give_mirrored_results(tmp_path):
+    """The network is asked about the picture and about its mirror image, the second answer
+    mirrored back (viewer.MirrorAveraged): even an untrained network, whose answers are lopsided
+    at random, returns mirrored meshes for mirrored pictures."""
+    from scipy.spatial import cKDTree
+
+    from backend.checkpoint import save_checkpoint
+    from backend.models import build_model, preset
+
+    torch.manual_seed(0)
+    config = preset("tiny_pixel_image")
+    save_checkpoint(tmp_path / "random.safetensors", build_model(config).eval(), config)
+    options = ReconstructOptions(checkpoint=str(tmp_path / "random.safetensors"), resolution=32)
+    picture = np.full((200, 200, 4), 255, np.uint8)
+    picture[..., 3] = 0
+    picture[50:150, 60:90] = picture[120:150, 60:140] = (50, 100, 200, 255)  # an L whose crop is
+    reconstructor = Reconstructor("cpu")                                   # the picture's middle
+    result = reconstructor.reconstruct_image(picture, options)
+    mirrored = reconstructor.reconstruct_image(np.ascontiguousarray(picture[:, ::-1]), options)
+    assert len(mirrored.faces) == len(result.faces)
+    distances, _ = cKDTree(result.vertices).query(mirrored.vertices * np.array([-1.0, 1.0, 1.0], np.float32))
+    assert distances.max() < 1e-5
+
+
 def ell_result_in_the_crop(checkpoint):
     """The solid model's result for the L picture at 64^3, seen through the crop camera: its faces
     (F, 3), its vertices' crop pixels (V, 2) in the crop's mask image, and that mask (M, M)."""
