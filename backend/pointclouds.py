@@ -623,3 +623,9 @@ def load_point_cloud(path) -> PointCloud:
         raise
     except Exception as exc:  # parsers of damaged files raise all kinds (zipfile, struct, laspy's, pye57's)
         raise InputError(f"{path}: cannot read points ({type(exc).__name__}: {exc})") from exc
+    except BaseException as exc:
+        # A Rust parser (lazrs) that panics on a damaged file raises pyo3's PanicException, a
+        # BaseException so that ordinary handlers leave it alone; here it only means a bad file.
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise InputError(f"{path}: cannot read points (the decoder failed: {exc})") from exc
