@@ -95,7 +95,7 @@ class MirrorAveraged:
     IoU 0.264 -> 0.271, Chamfer-L1 x10 0.613 -> 0.609, NC 0.650 -> 0.658, F-score 0.214 -> 0.222),
     and a picture and its mirror image give mirrored results. Everything else is the model's."""
 
-    MIRROR = (-1.0, 1.0, 1.0)   # the viewer frame's x runs along the picture's rows
+    MIRROR = (-1.0, 1.0, 1.0)   # the viewer frame's x is the picture's left to right
 
     def __init__(self, model):
         self.model = model
