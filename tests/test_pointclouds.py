@@ -199,22 +199,20 @@ def test_laz_without_a_decompressor_names_lazrs(tmp_path, monkeypatch):
 def test_a_parser_that_panics_on_a_damaged_file_is_an_input_error(tmp_path, monkeypatch):
     """lazrs (Rust) panics on some damaged LAZ files: pyo3 raises that as PanicException, a
     BaseException. It is the file's fault; a real interrupt still goes through."""
-    import backend.pointclouds as pointclouds
-
     panic = type("PanicException", (BaseException,), {})
     (tmp_path / "scan.laz").write_bytes(b"LASF" + b"\0" * 400)
 
     def panicking(path):
         raise panic("capacity overflow")
 
-    monkeypatch.setitem(pointclouds.READERS, ".laz", panicking)
+    monkeypatch.setitem(READERS, ".laz", panicking)
     with pytest.raises(InputError, match=r"scan\.laz: cannot read points .*capacity overflow"):
         load_point_cloud(tmp_path / "scan.laz")
 
     def interrupted(path):
         raise KeyboardInterrupt
 
-    monkeypatch.setitem(pointclouds.READERS, ".laz", interrupted)
+    monkeypatch.setitem(READERS, ".laz", interrupted)
     with pytest.raises(KeyboardInterrupt):
         load_point_cloud(tmp_path / "scan.laz")
 
