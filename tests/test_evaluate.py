@@ -175,3 +175,16 @@ def test_cli_writes_per_shape_and_per_class_csv(data_dir, tmp_path, monkeypatch,
 def test_cli_names_a_bad_checkpoint_in_one_line(data_dir, tmp_path, capsys):
     assert main([str(tmp_path / "missing.safetensors"), str(data_dir), "--device", "cpu"]) == 1
     assert capsys.readouterr().err.strip() == f"error: checkpoint {tmp_path / 'missing.safetensors'} does not exist"
+
+
+def test_cli_dataset_keeps_only_that_datasets_shapes(data_dir, tmp_path, capsys):
+    cfg = preset("tiny_points")
+    ckpt = tmp_path / "model.safetensors"
+    save_checkpoint(ckpt, build_model(cfg), cfg)
+    out = tmp_path / "eval.csv"
+    common = [str(ckpt), str(data_dir), "--resolution", "32", "--surface-points", "2000", "--device", "cpu"]
+
+    assert main(common + ["--dataset", "synthetic", "--out", str(out)]) == 0
+    assert len(list(csv.DictReader(open(out)))) == len(read_split(data_dir, "test"))
+    assert main(common + ["--dataset", "sweethome3d"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: no shapes from dataset 'sweethome3d' in split 'test' of {data_dir}"

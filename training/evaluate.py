@@ -229,6 +229,8 @@ def parse_args(argv=None):
     p.add_argument("--surface-points", type=int, default=100000, help="points sampled on the predicted mesh")
     p.add_argument("--fscore-threshold", type=float, default=0.01, help="F-score distance (1%% of the unit cube)")
     p.add_argument("--max-shapes", type=int, help="evaluate only the first K shapes of the split")
+    p.add_argument("--dataset", help="evaluate only the shapes of this dataset (the mesh folder training.prepare "
+                                     "read them from, which begins their ids)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--refine", action="store_true",
@@ -244,13 +246,16 @@ def evaluate_split(args) -> list[dict]:
     config, _ = read_header(args.checkpoint)
     kind, frame = config["input"]["kind"], config["input"].get("frame", "canonical")
     ids = read_split(Path(args.data_dir), args.split)
+    if args.dataset:
+        ids = [i for i in ids if i.startswith(f"{args.dataset}_")]
     if kind == "image":
         ids, bare = split_by_renders(args.data_dir, ids)
         if bare:
             print(f"left out {len(bare)} shapes without rendered views", file=sys.stderr)
     ids = ids[: args.max_shapes] if args.max_shapes else ids
     if not ids:
-        raise TrainingError(f"no shapes in split {args.split!r} of {args.data_dir}")
+        dataset = f" from dataset {args.dataset!r}" if args.dataset else ""
+        raise TrainingError(f"no shapes{dataset} in split {args.split!r} of {args.data_dir}")
     reconstructor = Reconstructor(args.device)
     options = ReconstructOptions(checkpoint=args.checkpoint, resolution=args.resolution, threshold=args.threshold,
                                  refine=args.refine)
