@@ -340,6 +340,22 @@ def test_render_stage_adds_views_consistent_with_cameras(tmp_path):
         assert np.array_equal(data["back"].astype(np.float64), back) and np.array_equal(data["depth"], front)
     assert (shape_dir / "images" / "000.png").stat().st_mtime_ns == images_mtime
 
+    # Each view's look, and its colours at surface points (the hidden side's too: a texture head's
+    # target). Renders made before looks were kept gain them by replaying the render seed: the
+    # same looks, colours and points, images untouched.
+    with np.load(shape_dir / "looks.npz") as data:
+        recorded = {key: data[key] for key in data.files}
+    drawn = json.loads(str(recorded["looks"]))
+    assert len(drawn) == views and all(look["lighting"] in ("STUDIO", "MATCAP", "FLAT") for look in drawn)
+    assert recorded["points"].shape == (prepare.LOOK_POINTS, 3)
+    assert np.abs(analytic_signed_distance(shape_dir, recorded["points"].astype(np.float64))).max() < 0.02
+    assert recorded["colours"].shape == (views, prepare.LOOK_POINTS, 3) and recorded["colours"].dtype == np.uint8
+    (shape_dir / "looks.npz").unlink()
+    run_prepare(mesh_dir, out_dir, "--views", str(views), "--image-size", str(size))
+    with np.load(shape_dir / "looks.npz") as data:
+        assert all(np.array_equal(data[key], value) for key, value in recorded.items())
+    assert (shape_dir / "images" / "000.png").stat().st_mtime_ns == images_mtime
+
 
 def test_an_open_sheet_is_told_from_a_solid_by_its_near_surface_samples(tmp_path):
     """training.dataset.near_inside_fraction, which training uses to leave out open sheets: about a

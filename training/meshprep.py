@@ -134,11 +134,11 @@ def sample_uniform(rng: np.random.Generator, count: int, half_extent: float) -> 
     return rng.uniform(-half_extent, half_extent, size=(count, 3))
 
 
-def sample_surface(
+def sample_triangles(
     rng: np.random.Generator, vertices: np.ndarray, faces: np.ndarray, count: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Area-weighted surface samples: points (count, 3) and their triangles' unit normals (count, 3)."""
-    areas, normals = triangle_areas_and_normals(vertices, faces)
+    """Area-weighted surface samples: points (count, 3) and the index (count,) of each one's triangle."""
+    areas, _ = triangle_areas_and_normals(vertices, faces)
     total = areas.sum()
     if not total > 0:
         raise MeshError("mesh has zero surface area (all triangles degenerate)")
@@ -148,8 +148,15 @@ def sample_surface(
     fold = u + v > 1
     u[fold], v[fold] = 1 - u[fold], 1 - v[fold]
     tri = vertices[faces[face_index]]
-    points = tri[:, 0] + u[:, None] * (tri[:, 1] - tri[:, 0]) + v[:, None] * (tri[:, 2] - tri[:, 0])
-    return points, normals[face_index]
+    return tri[:, 0] + u[:, None] * (tri[:, 1] - tri[:, 0]) + v[:, None] * (tri[:, 2] - tri[:, 0]), face_index
+
+
+def sample_surface(
+    rng: np.random.Generator, vertices: np.ndarray, faces: np.ndarray, count: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Area-weighted surface samples: points (count, 3) and their triangles' unit normals (count, 3)."""
+    points, face_index = sample_triangles(rng, vertices, faces, count)
+    return points, triangle_areas_and_normals(vertices, faces)[1][face_index]
 
 
 def perturb(rng: np.random.Generator, points: np.ndarray, sigmas: tuple[float, ...]) -> np.ndarray:

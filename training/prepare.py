@@ -5,10 +5,12 @@
 
 Per shape there are two stages, each resumable on its own:
   samples  shape.json, points.npz, pointcloud.npz   (the shape folder appears atomically)
-  renders  images/, cameras.npz, depth.npz          (depth.npz is moved in last: it marks done)
+  renders  images/, cameras.npz, looks.npz, depth.npz   (depth.npz is moved in last: it marks done)
 depth.npz holds per view the camera z of the first surface hit through each pixel ("depth") and of
-where the ray last leaves the shape ("back"); renders made before "back" existed gain it as a
-stage of its own. A run does, per shape, only the stages that are missing, so `--views 0` first and
+where the ray last leaves the shape ("back"); looks.npz each view's random look and surface points
+at which its albedo is known (training.looks). Renders made before "back" or the looks were kept
+gain them as stages of their own (the looks by replaying the render seed). A run does, per shape,
+only the stages that are missing, so `--views 0` first and
 `--views 12` later adds renders to already sampled shapes.
 
 Each shape is processed in a spawned worker process. Real meshes can crash native geometry code
@@ -38,6 +40,7 @@ from training import meshprep
 FORMAT_VERSION = 1
 PADDING = 0.1
 NEAR_SIGMAS = (0.01, 0.03)
+LOOK_POINTS = 4096  # surface points per shape at which looks.npz knows every view's albedo
 SPLIT_NAMES = ("train", "val", "test")
 # Folders without a classification file: one class for the whole folder.
 FOLDER_CLASSES = {"blocks": "block"}
@@ -205,7 +208,9 @@ def write_renders(shape: ShapeSource, out_dir: Path, views: int, image_size: int
     rng = np.random.default_rng(stable_seed(shape.id, "renders", str(views)))
     world_mats, camera_mats = render.random_cameras(rng, views, image_size)
     temp = fresh_temp_dir(out_dir, f"{shape.id}.render")
-    depth = render.renderer_for(image_size).render_views(vertices, faces, world_mats, camera_mats, rng, temp / "images")
+    renderer = render.renderer_for(image_size)
+    depth, drawn = renderer.render_views(vertices, faces, world_mats, camera_mats, rng, temp / "images")
+    write_looks(temp, drawn, renderer.polygons(), vertices, shape.id)
     back = render.back_depth(vertices, faces, world_mats, camera_mats, depth)
     np.savez(temp / "cameras.npz", world_mat=world_mats.astype(np.float32), camera_mat=camera_mats.astype(np.float32))
     np.savez(temp / "depth.npz", depth=depth.astype(np.float16), back=back.astype(np.float16))
@@ -213,7 +218,48 @@ def write_renders(shape: ShapeSource, out_dir: Path, views: int, image_size: int
     shutil.rmtree(shape_dir / "images", ignore_errors=True)
     os.rename(temp / "images", shape_dir / "images")
     os.replace(temp / "cameras.npz", shape_dir / "cameras.npz")
+    os.replace(temp / "looks.npz", shape_dir / "looks.npz")
     os.replace(temp / "depth.npz", shape_dir / "depth.npz")
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def write_looks(folder: Path, drawn: list, polygons: np.ndarray, vertices: np.ndarray, shape_id: str) -> None:
+    """folder/looks.npz: each view's look (training.looks, as JSON), LOOK_POINTS surface points
+    (N, 3) on the rendered triangles polygons (P, 3) of vertices (V, 3), and each view's colour
+    there (views, N, 3) uint8 sRGB: what the surface looks like in that view's look flat-lit, the
+    side the picture does not show included."""
+    from training import looks
+
+    vertices = np.asarray(vertices, np.float64)
+    points, polygon = meshprep.sample_triangles(np.random.default_rng(stable_seed(shape_id, "looks")),
+                                                vertices, polygons, LOOK_POINTS)
+    corners = vertices[polygons[polygon]]
+    colours = np.stack([looks.albedo(look, points, corners, polygon, len(polygons)) for look in drawn])
+    np.savez(folder / "looks.npz", looks=np.array(json.dumps([asdict(look) for look in drawn])),
+             points=points.astype(np.float32), colours=np.round(255 * colours).astype(np.uint8))
+
+
+def looks_done(shape_dir: Path) -> bool:
+    return (shape_dir / "looks.npz").is_file()
+
+
+def write_replayed_looks(shape: ShapeSource, out_dir: Path, views: int, image_size: int) -> None:
+    """looks.npz for renders made before looks were recorded: the render seed replayed through the
+    cameras and the looks draws the same looks again (training.looks.draw_look)."""
+    from training import looks, render
+
+    shape_dir = out_dir / shape.id
+    info = json.loads((shape_dir / "shape.json").read_text())
+    raw_vertices, faces = meshprep.load_mesh(shape.source)
+    vertices = meshprep.apply_normalisation(raw_vertices, np.array(info["center"]), info["scale"])
+    rng = np.random.default_rng(stable_seed(shape.id, "renders", str(views)))
+    render.random_cameras(rng, views, image_size)
+    renderer = render.renderer_for(image_size)
+    drawn = [looks.draw_look(rng, len(renderer.studio_lights), len(renderer.matcaps)) for _ in range(views)]
+    renderer.set_mesh(vertices, faces)
+    temp = fresh_temp_dir(out_dir, f"{shape.id}.looks")
+    write_looks(temp, drawn, renderer.polygons(), vertices, shape.id)
+    os.replace(temp / "looks.npz", shape_dir / "looks.npz")
     shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -248,9 +294,13 @@ def prepare_shape(task: dict) -> dict:
     if task["views"] > 0 and not renders_done(out_dir / shape.id, task["views"], task["image_size"]):
         write_renders(shape, out_dir, task["views"], task["image_size"])
         stages.append("renders")
-    elif task["views"] > 0 and not back_depth_done(out_dir / shape.id):
-        write_back_depth(shape, out_dir)
-        stages.append("back depth")
+    elif task["views"] > 0:
+        if not back_depth_done(out_dir / shape.id):
+            write_back_depth(shape, out_dir)
+            stages.append("back depth")
+        if not looks_done(out_dir / shape.id):
+            write_replayed_looks(shape, out_dir, task["views"], task["image_size"])
+            stages.append("looks")
     return {"id": shape.id, "stages": stages}
 
 
@@ -435,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         shape_dir = out_dir / shape.id
         need_samples = not samples_done(shape_dir)
         need_renders = args.views > 0 and (need_samples or not renders_done(shape_dir, args.views, args.image_size)
-                                           or not back_depth_done(shape_dir))
+                                           or not back_depth_done(shape_dir) or not looks_done(shape_dir))
         if need_samples or need_renders:
             tasks.append({"shape": asdict(shape), "out_dir": str(out_dir), "points": args.points,
                           "views": args.views, "image_size": args.image_size})
@@ -443,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(tasks)} to process with {args.workers} workers", file=sys.stderr, flush=True)
 
     started = time.monotonic()
-    stage_counts = {"samples": 0, "renders": 0, "back depth": 0}
+    stage_counts = {"samples": 0, "renders": 0, "back depth": 0, "looks": 0}
     with tqdm(total=len(tasks), unit="shape", file=sys.stderr) as progress:
         for task, ok, result in run_isolated(prepare_shape, tasks, args.workers, args.timeout):
             if ok:
@@ -461,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     write_meta(out_dir, args)
     elapsed = time.monotonic() - started
     print(f"done in {elapsed:.1f} s: sampled {stage_counts['samples']}, rendered {stage_counts['renders']}, "
-          f"back depth added {stage_counts['back depth']}, "
+          f"back depth added {stage_counts['back depth']}, looks replayed {stage_counts['looks']}, "
           f"failed {len(failures)}; split {counts}", file=sys.stderr)
     for failure in failures:
         print(f"  FAILED {failure['id']} ({failure['source']}): {failure['error']}", file=sys.stderr)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from backend.camera import BLENDER_FROM_OPENCV, fitting_distance, intrinsics, look_at, pixel_rays
+from training import looks
 
 FOCAL_MM = 50.0
 SENSOR_MM = 36.0
@@ -59,7 +60,7 @@ class BlenderRenderer:
     """One Blender scene (Workbench engine, transparent film) that renders shape after shape.
 
     Workbench: fast on CPU-only machines (software OpenGL) and still shaded like a real render;
-    each view gets a random look (_randomise_look) and its own lens.
+    each view gets a random look (training.looks) and its own lens.
     """
 
     def __init__(self, image_size: int):
@@ -140,60 +141,45 @@ class BlenderRenderer:
         self.bpy.ops.render.render(write_still=True)
         return Image.open(path)
 
-    def _randomise_look(self, rng: np.random.Generator) -> None:
-        """A random appearance per view, so that shaded renders and photos are in distribution:
-        studio light or matcap (glossy, metallic looks), flat colour or a colour pattern painted on
-        the surface, specular highlights, cavity and shadows, each switched at random."""
-        import colorsys
-
+    def apply_look(self, look: looks.Look) -> None:
+        """Show the current mesh in a look (training.looks.draw_look)."""
         shading = self.scene.display.shading
-        lighting = rng.choice(["STUDIO", "MATCAP", "FLAT"], p=[0.65, 0.3, 0.05])
-        lights = self.matcaps if lighting == "MATCAP" else self.studio_lights
-        if lighting != "FLAT" and not lights:
-            lighting = "STUDIO" if self.studio_lights else "FLAT"
-            lights = self.studio_lights
-        shading.light = str(lighting)
-        if lighting != "FLAT":
-            shading.studio_light = lights[rng.integers(len(lights))]
-        if lighting == "STUDIO":
-            shading.studiolight_rotate_z = float(rng.uniform(-np.pi, np.pi))
-        hue, saturation, value = rng.random(), rng.uniform(0.0, 0.8), rng.uniform(0.35, 0.95)
-        shading.single_color = colorsys.hsv_to_rgb(hue, saturation, value)
-        if rng.random() < 0.5 and lighting != "MATCAP":
-            self._paint_pattern(rng)
+        shading.light = look.lighting
+        if look.lighting != "FLAT":
+            lights = self.matcaps if look.lighting == "MATCAP" else self.studio_lights
+            shading.studio_light = lights[look.light]
+        if look.lighting == "STUDIO":
+            shading.studiolight_rotate_z = look.light_rotation
+        shading.single_color = look.colour
+        if look.pattern is not None:
+            self._paint(look.pattern)
             shading.color_type = "VERTEX"
         else:
             shading.color_type = "SINGLE"
-        shading.show_specular_highlight = bool(rng.random() < 0.6)
-        shading.show_cavity = bool(rng.random() < 0.4)
-        shading.show_shadows = bool(rng.random() < 0.3)
-        shading.shadow_intensity = float(rng.uniform(0.3, 0.8))
+        shading.show_specular_highlight = look.specular
+        shading.show_cavity = look.cavity
+        shading.show_shadows = look.shadows
+        shading.shadow_intensity = look.shadow_intensity
 
-    def _paint_pattern(self, rng: np.random.Generator) -> None:
-        """Face-corner colours from a random pattern in object space: two-colour stripes, blobs
-        or per-face patches (printed labels, wood, painted parts), so objects are not uniform."""
-        import colorsys
-
+    def polygons(self) -> np.ndarray:
+        """(P, 3) vertex indices of the shown mesh's triangles, in Blender's numbering (set_mesh's
+        validation may have dropped degenerate faces): the faces a Pattern's "faces" kind counts."""
         mesh = self.mesh_object.data
-        vertex_index = np.empty(len(mesh.loops), dtype=np.int32)
-        mesh.loops.foreach_get("vertex_index", vertex_index)
+        corners = np.empty(len(mesh.loops), dtype=np.int32)
+        mesh.loops.foreach_get("vertex_index", corners)
+        return corners.reshape(-1, 3)
+
+    def _paint(self, pattern: looks.Pattern) -> None:
+        """Face-corner colours of the pattern (printed labels, wood, painted parts)."""
+        mesh = self.mesh_object.data
+        polygons = self.polygons()
         positions = np.empty(3 * len(mesh.vertices), dtype=np.float32)
         mesh.vertices.foreach_get("co", positions)
-        points = positions.reshape(-1, 3)[vertex_index]
-        palette = np.array([colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.0, 0.9), rng.uniform(0.2, 1.0))
-                            for _ in range(2)])
-        kind = rng.integers(3)
-        if kind == 0:
-            direction = rng.normal(size=3)
-            weight = (np.sin(points @ (direction / np.linalg.norm(direction)) * rng.uniform(6, 40)) > 0).astype(float)
-        elif kind == 1:
-            centres = rng.uniform(-0.5, 0.5, size=(6, 3))
-            nearest = np.linalg.norm(points[:, None] - centres[None], axis=2).argmin(axis=1)
-            weight = (nearest % 2).astype(float)
-        else:
-            loop_face = np.repeat(np.arange(len(mesh.polygons)), 3)
-            weight = (np.random.default_rng(int(rng.integers(1 << 31))).random(len(mesh.polygons)) < 0.5)[loop_face]
-        colours = palette[0] * (1.0 - weight[:, None]) + palette[1] * weight[:, None]
+        points = positions.reshape(-1, 3)[polygons.ravel()]
+        corner_face = np.repeat(np.arange(len(polygons)), 3)
+        weight = looks.pattern_weights(pattern, points, corner_face, len(polygons))[:, None]
+        low, high = (np.asarray(c) for c in pattern.palette)
+        colours = low * (1.0 - weight) + high * weight
         rgba = np.concatenate([colours, np.ones((len(colours), 1))], axis=1).astype(np.float32)
         attribute = mesh.color_attributes.get("pattern") or mesh.color_attributes.new("pattern", "FLOAT_COLOR", "CORNER")
         attribute.data.foreach_set("color", rgba.ravel())
@@ -207,8 +193,9 @@ class BlenderRenderer:
         camera_mats: np.ndarray,
         rng: np.random.Generator,
         image_dir: Path,
-    ) -> np.ndarray:
-        """Render one RGBA PNG per camera into image_dir (000.png, ...) and return depth (V, S, S).
+    ) -> tuple[np.ndarray, list[looks.Look]]:
+        """Render one RGBA PNG per camera into image_dir (000.png, ...), each in a random look;
+        return depth (V, S, S) and the looks.
 
         Depth is camera z from ray casting the same triangles through each pixel centre where the
         render's alpha is non-zero; inf elsewhere (background, or anti-aliased rims the centre
@@ -223,8 +210,10 @@ class BlenderRenderer:
         image_dir.mkdir(parents=True, exist_ok=True)
         size = self.image_size
         depth = np.full((len(world_mats), size, size), np.inf, dtype=np.float32)
+        drawn = []
         for view, world_mat in enumerate(world_mats):
-            self._randomise_look(rng)
+            drawn.append(looks.draw_look(rng, len(self.studio_lights), len(self.matcaps)))
+            self.apply_look(drawn[-1])
             self.camera.data.lens = float(camera_mats[view][0, 0] / size * SENSOR_MM)
             self.camera.matrix_world = Matrix(np.linalg.inv(BLENDER_FROM_OPENCV @ world_mat).tolist())
             path = image_dir / f"{view:03d}.png"
@@ -232,7 +221,7 @@ class BlenderRenderer:
             self.bpy.ops.render.render(write_still=True)
             alpha = np.asarray(Image.open(path))[:, :, 3]
             depth[view] = ray_cast_depth(tree, world_mat, camera_mats[view], alpha > 0)
-        return depth
+        return depth, drawn
 
 
 class CyclesRenderer(BlenderRenderer):

@@ -15,6 +15,7 @@ attributions (four of the five catalogs are CC BY 3.0).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -53,12 +54,17 @@ def parse_properties(text: str) -> dict[str, str]:
     return entries
 
 
+def catalog_field(properties: dict[str, str], index: int, name: str, default: str = "") -> str:
+    """The value of `name#index`, the catalog's key for one model's field."""
+    return properties.get(f"{name}#{index}", default)
+
+
 def catalog_models(properties: dict[str, str], catalog_name: str) -> list[FurnitureModel]:
     """The models a catalog's properties list, in index order."""
     indices = sorted(int(key.split("#", 1)[1]) for key in properties if key.startswith("model#"))
     models = []
     for index in indices:
-        field = lambda name, default="": properties.get(f"{name}#{index}", default)  # noqa: E731
+        field = functools.partial(catalog_field, properties, index)
         rotation = tuple(float(v) for v in field("modelRotation", "1 0 0 0 1 0 0 0 1").split())
         if len(rotation) != 9:
             raise ValueError(f"{catalog_name}: modelRotation#{index} has {len(rotation)} numbers, not 9")
@@ -118,7 +124,7 @@ def unpack_catalog(catalog: Path, out_dir: Path) -> tuple[list[dict], list[dict]
                 if not (out_dir / f"{model.id}.glb").is_file():
                     convert_model(model, Path(temp_dir), out_dir)
                 records.append(record)
-            except Exception as exc:  # one broken model must not stop the catalog
+            except Exception as exc:  # noqa: BLE001  (one broken model must not stop the catalog)
                 failures.append({**record, "error": f"{type(exc).__name__}: {exc}"})
     return records, failures
 
