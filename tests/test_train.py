@@ -504,3 +504,46 @@ def test_a_layer_head_is_added_to_a_trained_pixel_model_without_changing_its_wei
     assert {key.split(".")[1] for key in new} == {"layer_head", "layer_context", "fc_prior"}
     for key in expected:
         assert torch.equal(trainer.module.state_dict()[key], expected[key]), key
+
+
+def test_a_texture_head_learns_the_looks_colours_while_the_shape_network_stays_frozen(tmp_path):
+    """train_only "texture" on real renders (training.prepare: Blender views with random looks and
+    their looks.npz): the head's colour error at validation surface points falls, and every other
+    weight and batch-norm statistic is bit for bit the checkpoint it started from."""
+    import trimesh
+
+    from conftest import make_solid_pixel_checkpoint
+    from training import prepare
+
+    meshes = tmp_path / "meshes"
+    meshes.mkdir()
+    for i, radii in enumerate([(0.5, 0.4, 0.3), (0.3, 0.5, 0.4), (0.45, 0.45, 0.2)]):
+        blob = trimesh.creation.icosphere(subdivisions=3)
+        blob.apply_scale(radii)
+        blob.export(meshes / f"blob{i}.obj")
+    data = tmp_path / "prepared"
+    assert prepare.main([str(meshes), str(data), "--views", "4", "--image-size", "64", "--points", "4000",
+                         "--workers", "1"]) == 0
+    ids = sorted(p.name for p in data.iterdir() if (p / "looks.npz").is_file())
+    assert len(ids) == 3
+    for split in ("train", "val"):   # few shapes: the hash split may leave one empty
+        (data / "split" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+
+    source = make_solid_pixel_checkpoint(tmp_path / "plain.safetensors")
+    model = preset("tiny_pixel_image")
+    model["decoder"]["texture"] = True
+    cfg = config("test_tiny_image.json", data, tmp_path / "texture", model=model, init_weights=str(source),
+                 train_only="texture", augmentation={"background": "random"}, colour_points=256,
+                 optimizer={"name": "adam", "lr": 0.01}, schedule={"epochs": 40, "decay": "constant"},
+                 val_every_epochs=1)
+    trainer = Trainer(cfg, resume=False, command="pytest")
+    result = trainer.run()
+
+    rows = log_rows(tmp_path / "texture")
+    errors = [float(r["val_colour_l1"]) for r in rows]
+    assert errors[-1] < 0.6 * errors[0], errors
+    assert result["best_val_colour_l1"] == pytest.approx(min(errors), abs=1e-5)
+    start, end = load_file(str(source)), final_weights(tmp_path / "texture")
+    assert {k for k in end if k not in start} == {k for k in end if k.startswith("decoder.colour_head.")}
+    for key, value in start.items():
+        assert torch.equal(end[key], value), key

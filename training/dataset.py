@@ -292,9 +292,13 @@ def random_background(size: int, rng: np.random.Generator) -> np.ndarray:
                      for k in range(3)], axis=-1).clip(0.0, 1.0)
 
 
-def jitter_colours(premultiplied: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """(S, S, 4) premultiplied RGBA with random per-channel gains and a brightness change."""
-    gains = rng.uniform(0.8, 1.2, 3) * rng.uniform(0.7, 1.3)
+def colour_gains(rng: np.random.Generator) -> np.ndarray:
+    """(3,) random per-channel gains with a brightness change: a picture's colour jitter."""
+    return rng.uniform(0.8, 1.2, 3) * rng.uniform(0.7, 1.3)
+
+
+def jitter_colours(premultiplied: np.ndarray, gains: np.ndarray) -> np.ndarray:
+    """(S, S, 4) premultiplied RGBA with its colour channels times gains (3,)."""
     out = premultiplied.copy()
     out[..., :3] = np.minimum(out[..., :3] * gains.astype(np.float32), out[..., 3:4])
     return out
@@ -359,9 +363,12 @@ class ShapeArrays:
     camera_mats: np.ndarray | None = None  # (V, 3, 3) per view, intrinsics in pixels
     depth_layers: np.ndarray | None = None  # (V, 2, H, W) float16 camera z of the first and the last
                                             # surface along each pixel's ray, inf where none
+    look_points: np.ndarray | None = None   # (N, 3) float32 surface points of looks.npz ...
+    look_colours: np.ndarray | None = None  # (V, N, 3) uint8 ... and each view's colour there (sRGB)
 
 
-def load_shape(shape_dir: Path, surface: bool, normals: bool, images: bool, layers: bool = False) -> ShapeArrays:
+def load_shape(shape_dir: Path, surface: bool, normals: bool, images: bool, layers: bool = False,
+               looks: bool = False) -> ShapeArrays:
     """Read one prepared shape folder (see docs/CONTRACTS.md)."""
     shape_dir = Path(shape_dir)
     info_path = shape_dir / "shape.json"
@@ -399,6 +406,13 @@ def load_shape(shape_dir: Path, surface: bool, normals: bool, images: bool, laye
                 raise FileNotFoundError(f"{depth_path} is missing or has no back depth; run training.prepare "
                                         "again over the same meshes (with views) to add it")
             arrays.depth_layers = np.stack([f["depth"], f["back"]], axis=1)
+    if looks:
+        looks_path = shape_dir / "looks.npz"
+        if not looks_path.is_file():
+            raise FileNotFoundError(f"{looks_path} is missing; run training.prepare again over the same meshes "
+                                    "(with the same views) to add the looks of its renders")
+        with np.load(looks_path) as f:
+            arrays.look_points, arrays.look_colours = f["points"], f["colours"]
     return arrays
 
 
@@ -422,10 +436,10 @@ class ShapeStore:
     fills it: call preload() before DataLoader workers fork to share one copy among them."""
 
     def __init__(self, data_dir, shape_ids: list[str], surface: bool = True, normals: bool = False,
-                 images: bool = False, layers: bool = False):
+                 images: bool = False, layers: bool = False, looks: bool = False):
         self.data_dir = Path(data_dir)
         self.shape_ids = list(shape_ids)
-        self.flags = dict(surface=surface, normals=normals, images=images, layers=layers)
+        self.flags = dict(surface=surface, normals=normals, images=images, layers=layers, looks=looks)
         self._cache: dict[str, ShapeArrays] = {}
 
     def __len__(self) -> int:
@@ -471,6 +485,8 @@ class SamplingConfig:
     uniform_in_mask: bool = False       # viewer models: uniform queries only where the mask law
                                         # leaves the answer to the network (inside the mask's cone)
     layers: bool = False                # viewer models: the depth layers seen through the crop
+    colour_points: int = 0              # viewer models: surface points with the view's colour there
+                                        # (looks.npz), the target of a texture head
     padding: float = DEFAULT_PADDING
 
     @property
@@ -524,9 +540,11 @@ class OccupancyDataset(torch.utils.data.Dataset):
                                s.image_size)
             aug, h = similarity_augmentation(seen.similarity), camera.VIEW_HALF_EXTENT
             if s.background == "white":
+                gains = np.ones(3)
                 inputs = over_background(seen.premultiplied, np.ones(3, np.float32))
             else:
-                inputs = over_background(jitter_colours(seen.premultiplied, rng), random_background(s.image_size, rng))
+                gains = colour_gains(rng)
+                inputs = over_background(jitter_colours(seen.premultiplied, gains), random_background(s.image_size, rng))
             inputs_t = torch.from_numpy(inputs)
             extra["up"] = torch.from_numpy(seen.up.astype(np.float32))
             extra["focal"] = torch.tensor(seen.crop.focal, dtype=torch.float32)
@@ -556,6 +574,12 @@ class OccupancyDataset(torch.utils.data.Dataset):
             p, o = sample_near_queries(shape.near_points, shape.near_occupancies, n_near, rng, aug)
             parts_p.append(p)
             parts_o.append(o)
+        if s.colour_points and s.frame == "viewer":
+            # Last, so that the draws above are those of a model without a texture head.
+            chosen = sample_indices(len(shape.look_points), s.colour_points, rng)
+            extra["colour_points"] = torch.from_numpy(aug.apply(shape.look_points[chosen]).astype(np.float32))
+            shown = shape.look_colours[view][chosen].astype(np.float64) / 255.0 * gains
+            extra["colours"] = torch.from_numpy(np.minimum(shown, 1.0).astype(np.float32))
         return {
             "inputs": inputs_t,
             "points": torch.from_numpy(np.concatenate(parts_p)),

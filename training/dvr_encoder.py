@@ -37,7 +37,7 @@ from backend.checkpoint import load_checkpoint, save_checkpoint
 from backend.models import build_model
 from backend.preprocess import over_background
 
-from .dataset import jitter_colours, random_background, viewer_view
+from .dataset import colour_gains, jitter_colours, random_background, viewer_view
 from .dvr import (Rays, budgeted_steps, csv_logger, optimisation_step, ray_losses, ray_steps_at, run_config,
                   settings_from_config)
 from .posed_images import PosedViews, camera_z_per_distance, image_pixels, load_prepared_views
@@ -113,7 +113,7 @@ def make_example(views: PosedViews, size: int, settings: EncoderSettings, rng: n
     seen_view = int(rng.integers(len(views)))
     rgba = np.concatenate([views.colours[seen_view], views.masks[seen_view][..., None].astype(np.float32)], axis=-1)
     seen = viewer_view(rgba, views.world_mats[seen_view], views.camera_mats[seen_view], size)
-    image = over_background(jitter_colours(seen.premultiplied, rng), random_background(size, rng))
+    image = over_background(jitter_colours(seen.premultiplied, colour_gains(rng)), random_background(size, rng))
     others = [v for v in range(len(views)) if v != seen_view]
     judges = rng.choice(others, size=min(settings.other_views, len(others)), replace=False)
     parts = [rays_in_viewer_frame(views, int(v), seen.similarity, settings.rays_per_view, settings.inside_fraction, rng)

@@ -62,6 +62,12 @@ DEFAULTS = {
     "layer_loss_weight": 1.0,         # image models with a layer head: weight of its depth loss (L1)
     "relative_layer_loss_weight": 0.0,  # weight of the same loss with each layer's median error removed
     "soft_iou_weight": 0.0,           # weight of (1 - soft IoU) per shape beside the summed cross-entropy
+    "colour_loss_weight": 1.0,        # viewer image models with a texture head: weight of the L1 loss on
+                                      # the colour of surface points in the view's look (looks.npz)
+    "colour_points": 512,             # ... at this many surface points per example
+    "train_only": None,               # "texture": train the texture head alone; the shape network stays
+                                      # as init_weights left it (frozen, batch norms too), so the head
+                                      # cannot cost shape quality, and checkpoints are chosen by colour
     "seed": 0,
     "batch_size": 16,                 # global batch (split over DDP processes)
     "query_points": 2048,             # query points per shape
@@ -90,10 +96,12 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 # Files of out_dir written through atomic_write.
 ATOMIC_OUTPUTS = ("state.safetensors", "model_last.safetensors", "model_best.safetensors", "log.csv")
 DECAYS = ("constant", "cosine", "step")
-# Layers that a prior adds to a pixel-aligned model, and the options that add them: init_weights
-# may start such a model from one trained without them (the new layers start from scratch or zero).
-PRIOR_LAYERS = ("decoder.fc_prior.", "encoder.layer_head.", "encoder.layer_context.")
-PRIOR_OPTIONS = ("prior_temperature", "prior", "layers", "layer_context")
+# Layers that a prior or a texture head adds to a pixel-aligned model, and the options that add
+# them: init_weights may start such a model from one trained without them (the new layers start
+# from scratch or zero).
+ADDABLE_LAYERS = ("decoder.fc_prior.", "encoder.layer_head.", "encoder.layer_context.", "decoder.colour_head.")
+ADDABLE_OPTIONS = ("prior_temperature", "prior", "layers", "layer_context", "texture")
+TRAIN_ONLY = (None, "texture")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,6 +142,10 @@ def check_choices(cfg: dict) -> None:
     decay = cfg["schedule"].get("decay", "constant")
     if decay not in DECAYS:
         raise TrainingError(f"unknown learning-rate decay {decay!r}; use one of {', '.join(DECAYS)}")
+    if cfg["train_only"] not in TRAIN_ONLY:
+        raise TrainingError(f"train_only {cfg['train_only']!r} is not one of {TRAIN_ONLY}")
+    if cfg["train_only"] == "texture" and not cfg["model"]["decoder"].get("texture"):
+        raise TrainingError("train_only 'texture' needs a decoder with texture: true")
 
 
 def load_config(path, overrides: dict | None = None) -> dict:
@@ -181,6 +193,7 @@ def sampling_config(cfg: dict, validation: bool = False) -> SamplingConfig:
         frame=model_in.get("frame", "canonical"),
         uniform_in_mask=bool(cfg["uniform_in_mask"]),
         layers=bool(cfg["model"]["encoder"].get("layers", False)),
+        colour_points=int(cfg["colour_points"]) if cfg["model"]["decoder"].get("texture") else 0,
     )
     if cfg["num_points_range"] and s.input_kind == "points":
         s.num_points = max(s.num_points, int(cfg["num_points_range"][1]))
@@ -400,7 +413,8 @@ class Trainer:
 
         data_dir = Path(cfg["data_dir"])
         flags = dict(surface=kind == "points", normals=False, images=kind == "image",
-                     layers=bool(cfg["model"]["encoder"].get("layers", False)))
+                     layers=bool(cfg["model"]["encoder"].get("layers", False)),
+                     looks=bool(cfg["model"]["decoder"].get("texture", False)))
         excluded = set(cfg["exclude_shapes"])
         train_ids = listed_shapes(data_dir, "train", excluded)
         val_ids = listed_shapes(data_dir, "val", excluded)
@@ -437,7 +451,7 @@ class Trainer:
         self.total_steps = int(sched["max_steps"]) if sched.get("max_steps") else self.epochs * self.steps_per_epoch
 
         self.progress = {"epoch": 0, "batch": 0, "step": 0, "best_val_iou": None, "best_epoch": None,
-                         "elapsed_s": 0.0, "last_val_iou": None}
+                         "elapsed_s": 0.0, "last_val_iou": None, "best_val_colour_l1": None}
         if resume:
             if self.state_path.is_file():
                 self.progress, scaler_state = load_train_state(self.state_path, self.module, self.optimizer)
@@ -455,6 +469,13 @@ class Trainer:
             self.load_initial_weights(cfg["init_weights"])
         elif cfg["init_encoder"] and not self.progress["step"]:
             self.load_initial_encoder(cfg["init_encoder"])
+        if self.dist.enabled and self.module.has_texture:
+            # colour_loss reaches the decoder past the DDP wrapper: its gradients would not be shared
+            raise TrainingError("a texture head trains in one process for now (not under torchrun)")
+        self.texture_only = cfg["train_only"] == "texture"
+        if self.texture_only:
+            for name, parameter in self.module.named_parameters():
+                parameter.requires_grad_(name.startswith("decoder.colour_head."))
 
         self.model = self.module
         if self.dist.enabled:
@@ -473,14 +494,14 @@ class Trainer:
         a silently partial load would look like training from scratch."""
         source, source_cfg, _ = load_checkpoint(path, self.device)
         def without_prior(section: dict) -> dict:
-            return {k: v for k, v in section.items() if k not in PRIOR_OPTIONS}
+            return {k: v for k, v in section.items() if k not in ADDABLE_OPTIONS}
 
         if any(without_prior(source_cfg.get(part, {})) != without_prior(self.cfg["model"].get(part, {}))
                for part in ("encoder", "decoder")):
             raise TrainingError(f"init_weights {path}: its encoder/decoder configuration differs from this run's model")
         missing, unexpected = self.module.load_state_dict(source.state_dict(), strict=False)
-        # Only a prior's layers may be new (pixel_aligned: the decoder's start at zero).
-        if unexpected or any(not key.startswith(PRIOR_LAYERS) for key in missing):
+        # Only a prior's or a texture head's layers may be new (pixel_aligned: the prior's start at zero).
+        if unexpected or any(not key.startswith(ADDABLE_LAYERS) for key in missing):
             raise TrainingError(f"init_weights {path}: weights do not fit this run's model "
                                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         self.log(f"initial weights from {path}" + (f" (new: {', '.join(sorted({k.rsplit('.', 2)[0] for k in missing}))})" if missing else ""))
@@ -555,7 +576,7 @@ class Trainer:
         mine = list(range(self.dist.rank, len(self.val_set), self.dist.world_size))
         batch = max(1, int(self.cfg["batch_size"]) // self.dist.world_size)
         batches = [mine[i:i + batch] for i in range(0, len(mine), batch)]
-        total, count = 0.0, 0
+        total, count, colour_error, colour_count = 0.0, 0, 0.0, 0
         for item in self.loader(self.val_set, batches):
             inputs = item["inputs"].to(self.device, memory_format=self.memory_format)
             points = item["points"].to(self.device)
@@ -570,9 +591,22 @@ class Trainer:
             for pred, gt in zip(predicted.cpu().numpy(), (item["occ"] > 0.5).numpy()):
                 total += occupancy_iou(pred, gt)
                 count += 1
-        self.module.train()
-        total, count = all_reduce_sum([total, count], self.dist, self.device)
+            if "colours" in item:
+                colours = self.module.decoder(item["colour_points"].to(self.device), c, with_colour=True)[1]
+                colour_error += float((colours.float() - item["colours"].to(self.device)).abs().mean(dim=(1, 2)).sum())
+                colour_count += len(colours)
+        self.set_train_mode()
+        total, count, colour_error, colour_count = all_reduce_sum([total, count, colour_error, colour_count],
+                                                                  self.dist, self.device)
+        self.progress["last_val_colour_l1"] = colour_error / colour_count if colour_count else None
         return total / max(count, 1)
+
+    def set_train_mode(self) -> None:
+        """Training mode, but for a frozen shape network (train_only "texture"): its batch norms
+        keep the statistics they were trained with."""
+        self.module.train()
+        if self.texture_only:
+            self.module.encoder.eval()
 
     # -- training ---------------------------------------------------------------------------------
     def train_step(self, item: dict, step: int) -> float:
@@ -586,6 +620,8 @@ class Trainer:
                            self.cfg["schedule"], self.steps_per_epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if self.texture_only:
+            return self.optimise(self.texture_loss(item, inputs))
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
             if "up" in item:
                 logits, code = self.model(points, inputs, focal=item["focal"].to(self.device), with_code=True,
@@ -603,6 +639,24 @@ class Trainer:
             if self.cfg["relative_layer_loss_weight"]:
                 loss = loss + float(self.cfg["relative_layer_loss_weight"]) * relative_layer_loss(
                     code["layers"].float(), item["layers"].to(self.device))
+        if "colours" in item:
+            loss = loss + self.colour_loss(item, code)
+        return self.optimise(loss)
+
+    def colour_loss(self, item: dict, code: dict) -> torch.Tensor:
+        """The texture head's weighted L1 error at the example's colour points."""
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            colours = self.module.decoder(item["colour_points"].to(self.device), code, with_colour=True)[1]
+        return float(self.cfg["colour_loss_weight"]) * (colours.float() - item["colours"].to(self.device)).abs().mean()
+
+    def texture_loss(self, item: dict, inputs: torch.Tensor) -> torch.Tensor:
+        """train_only "texture": the frozen shape network's code, then the texture head's loss alone."""
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            code = self.module.encode(inputs, item["focal"].to(self.device), item["mask"])
+        return self.colour_loss(item, code)
+
+    def optimise(self, loss: torch.Tensor) -> float:
+        """One optimiser step on loss; returns its value."""
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -629,7 +683,7 @@ class Trainer:
                  f"{self.steps_per_epoch} steps/epoch, batch {cfg['batch_size']}, device {self.device}, "
                  f"{sum(t.numel() for t in self.module.parameters()) / 1e6:.2f}M params, out {self.out}")
         stop_reason = None
-        self.module.train()
+        self.set_train_mode()
         while p["epoch"] < self.epochs and stop_reason is None:
             epoch = p["epoch"]
             self.sampler.set_epoch(epoch, p["batch"])
@@ -678,14 +732,21 @@ class Trainer:
             p["epoch"], p["batch"] = epoch + 1, 0
             p["last_val_iou"] = val_iou
             p["elapsed_s"] = elapsed_before + (time.monotonic() - session_start)
-            improved = val_iou is not None and (p["best_val_iou"] is None or val_iou > p["best_val_iou"])
+            colour_l1 = p.get("last_val_colour_l1")
+            if self.texture_only:
+                improved = colour_l1 is not None and (p.get("best_val_colour_l1") is None or colour_l1 < p["best_val_colour_l1"])
+            else:
+                improved = val_iou is not None and (p["best_val_iou"] is None or val_iou > p["best_val_iou"])
             if improved:
-                p["best_val_iou"], p["best_epoch"] = val_iou, epoch
+                p["best_val_iou"], p["best_val_colour_l1"], p["best_epoch"] = val_iou, colour_l1, epoch
                 self.save_model("model_best.safetensors", val_iou)
             self.save_model("model_last.safetensors", val_iou)
             lr = self.optimizer.param_groups[0]["lr"]
             row = {"epoch": epoch, "step": p["step"], "train_loss": round(float(np.mean(losses)), 5) if losses else "",
-                   "val_iou": round(val_iou, 5) if val_iou is not None else "", "lr": lr,
+                   "val_iou": round(val_iou, 5) if val_iou is not None else "",
+                   **({"val_colour_l1": round(colour_l1, 5) if colour_l1 is not None else ""}
+                      if self.module.has_texture else {}),
+                   "lr": lr,
                    "epoch_seconds": round(epoch_seconds, 2),
                    "sec_per_step": round(epoch_seconds / steps_here, 4) if steps_here else "",
                    "elapsed_s": round(p["elapsed_s"], 1)}

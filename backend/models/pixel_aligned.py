@@ -36,6 +36,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+# Width of the texture head's one hidden layer.
+TEXTURE_HIDDEN = 64
 # Where the layer head starts: the surface a little in front of the centre, 0.3 units deep.
 INITIAL_FRONT, INITIAL_THICKNESS = -0.15, 0.3
 
@@ -97,7 +99,8 @@ class EfficientNetPixelEncoder(nn.Module):
                     if tap.shape[-2:] != size else lateral(tap) for lateral, tap in zip(self.lateral, taps))
         pooled = taps[-1].mean(dim=(2, 3))
         features = self.fuse(fused)
-        out = {"features": features, "global": self.global_code(pooled), "up": F.normalize(self.up_head(pooled), dim=1)}
+        out = {"features": features, "global": self.global_code(pooled), "up": F.normalize(self.up_head(pooled), dim=1),
+               "picture": images}
         if self.layers:
             seen = features if self.layer_context is None else features + self.layer_context(pooled)[:, :, None, None]
             raw = self.layer_head(seen)
@@ -136,11 +139,15 @@ class PixelAlignedDecoder(nn.Module):
     """Occupancy logits (B, M) of viewer points p (B, M, 3) given the encoder's output and each
     image's crop focal length c["focal"] (B,); with the silhouette prior also c["thickness"]
     (B, 1, R, R), the half-thickness map of silhouette_half_thickness; with the layers prior
-    the encoder's c["layers"]."""
+    the encoder's c["layers"].
+
+    texture: a texture head besides, for the colour of surface the picture does not show: a small
+    network on the trunk's last features and the picture's colour at the point's pixel (what is in
+    front of it), so that the hidden side starts from the visible one and learns how it differs."""
 
     def __init__(self, c_dim: int = 64, g_dim: int = 128, hidden: int = 128, n_blocks: int = 3,
                  frequencies: int = 4, image_size: int = 128, prior_temperature: float | None = None,
-                 prior: str = "silhouette"):
+                 prior: str = "silhouette", texture: bool = False):
         super().__init__()
         if prior not in PRIORS:
             raise ValueError(f"prior {prior!r} is not one of {PRIORS}")
@@ -156,6 +163,10 @@ class PixelAlignedDecoder(nn.Module):
             nn.init.zeros_(self.fc_prior.bias)
         self.blocks = nn.ModuleList(ResnetBlockFC(hidden) for _ in range(n_blocks))
         self.fc_out = nn.Linear(hidden, 1)
+        self.texture = texture
+        if texture:
+            self.colour_head = nn.Sequential(nn.Linear(hidden + 3, TEXTURE_HIDDEN), nn.ReLU(),
+                                             nn.Linear(TEXTURE_HIDDEN, 3))
 
     @property
     def needs_mask(self) -> bool:
@@ -173,7 +184,8 @@ class PixelAlignedDecoder(nn.Module):
                                     align_corners=False)[..., 0].unbind(1)
         return back - front, torch.minimum(p[..., 2] - front, back - p[..., 2])
 
-    def forward(self, p: torch.Tensor, c: dict) -> torch.Tensor:
+    def forward(self, p: torch.Tensor, c: dict, with_colour: bool = False):
+        """Logits (B, M); with_colour: (logits, RGB (B, M, 3) in [0, 1]) from the texture head."""
         grid = viewer_to_grid(p, self.image_size, c["focal"])[:, :, None]            # (B, M, 1, 2)
         sampled = F.grid_sample(c["features"], grid, mode="bilinear", padding_mode="border",
                                 align_corners=False)[..., 0].transpose(1, 2)         # (B, M, C)
@@ -184,7 +196,14 @@ class PixelAlignedDecoder(nn.Module):
             net = net + self.fc_prior(torch.stack([extent, inside_prior], dim=-1))
         for block in self.blocks:
             net = block(net)
-        logits = self.fc_out(torch.relu(net))[..., 0]
+        hidden = torch.relu(net)
+        logits = self.fc_out(hidden)[..., 0]
         if self.prior_temperature is not None:
             logits = logits + inside_prior / self.prior_temperature
-        return logits
+        if not with_colour:
+            return logits
+        if not self.texture:
+            raise ValueError("this decoder has no texture head (decoder option texture: false)")
+        shown = F.grid_sample(c["picture"].to(hidden), grid, mode="bilinear", padding_mode="border",
+                              align_corners=False)[..., 0].transpose(1, 2)           # (B, M, 3)
+        return logits, torch.sigmoid(self.colour_head(torch.cat([hidden, shown], dim=-1)))
