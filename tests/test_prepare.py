@@ -370,3 +370,17 @@ def test_an_open_sheet_is_told_from_a_solid_by_its_near_surface_samples(tmp_path
     run_prepare(folder, tmp_path / "out", "--views", "0")
     assert 0.4 < near_inside_fraction(tmp_path / "out" / "toys_ball") < 0.6
     assert near_inside_fraction(tmp_path / "out" / "toys_sheet") < 0.05
+
+
+def test_only_prepared_adds_stages_to_the_shapes_there_and_no_new_ones(tmp_path):
+    folder = tmp_path / "toys"
+    folder.mkdir()
+    trimesh.creation.icosphere(subdivisions=2, radius=0.4).export(folder / "ball.obj")
+    out_dir = tmp_path / "out"
+    run_prepare(folder, out_dir, "--views", "0")
+    trimesh.creation.box(extents=(0.5, 0.4, 0.3)).export(folder / "box.obj")
+
+    run_prepare(folder, out_dir, "--views", "1", "--image-size", "32", "--only-prepared")
+
+    assert (out_dir / "toys_ball" / "looks.npz").is_file() and (out_dir / "toys_ball" / "depth.npz").is_file()
+    assert not (out_dir / "toys_box").exists()

@@ -1,7 +1,7 @@
 """Turn folders of meshes into the prepared training data of docs/CONTRACTS.md.
 
     python -m training.prepare MESH_DIR [MESH_DIR ...] OUT_DIR [--views N] [--workers K]
-        [--limit N] [--max-shapes-per-dir N] [--image-size S] [--points N]
+        [--limit N] [--max-shapes-per-dir N] [--image-size S] [--points N] [--only-prepared]
 
 Per shape there are two stages, each resumable on its own:
   samples  shape.json, points.npz, pointcloud.npz   (the shape folder appears atomically)
@@ -459,6 +459,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-shapes-per-dir", type=int, default=None,
                         help="at most N shapes from each MESH_DIR (first N by path)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per shape before it is failed")
+    parser.add_argument("--only-prepared", action="store_true",
+                        help="only shapes OUT_DIR already holds: add the stages they lack, never new shapes")
     args = parser.parse_args(argv)
     if len(args.paths) < 2:
         parser.error("need at least one MESH_DIR and an OUT_DIR")
@@ -479,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     sources, failures = find_sources(mesh_dirs, args.max_shapes_per_dir)
     if args.limit is not None:
         sources = sources[: args.limit]
+    if args.only_prepared:
+        sources = [shape for shape in sources if samples_done(out_dir / shape.id)]
 
     tasks = []
     for shape in sources:
