@@ -33,7 +33,7 @@ from .inputs import normalisation, validate_image
 from .pointclouds import checked_cloud
 from .preprocess import image_to_model_input, subsample_indices, subsample_points
 from .viewer import (MirrorAveraged, fill_the_mask, follow_the_outline, masked_logits, output_transform,
-                     photo_camera, picture_colours, viewer_input)
+                     photo_camera, picture_colours, viewer_input, visible_vertices)
 
 RESOLUTIONS = (32, 64, 128, 256, 512)
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -342,9 +342,17 @@ class Reconstructor:
         mesh, evaluations = self._extract(evaluate, VIEWER_BOX, device, options, timer, progress, should_cancel,
                                           warnings=warnings, settle=fit_the_mask)
         result = self._finish(model, code, device, mesh, options, timer, should_cancel, warnings)
-        if options.colours and result.colors is None:
+        if options.colours:
+            # What the picture shows takes the picture's colour; what it hides, the texture head's
+            # (a model without one: the picture's colour on the same ray).
             with timer("colours"):
-                result.colors = picture_colours(rgba, found.mask, camera_mat, view.crop, result.vertices)
+                shown = visible_vertices(result.vertices, result.faces, view.crop.focal) if result.colors is not None \
+                    else np.ones(len(result.vertices), bool)
+                if result.colors is None:
+                    result.colors = np.empty((len(result.vertices), 4), np.float32)
+                if shown.any():
+                    result.colors[shown] = picture_colours(rgba, found.mask, camera_mat, view.crop,
+                                                           result.vertices[shown])
         up = code["up"][0].double().cpu().numpy()
         transform = output_transform(up, result.vertices.astype(np.float64))
         result.vertices = (result.vertices.astype(np.float64) @ transform[:3, :3].T + transform[:3, 3]).astype(np.float32)

@@ -87,6 +87,14 @@ def masked_logits(decode, points: torch.Tensor, mask: torch.Tensor, focal: float
     return logits
 
 
+# visible_vertices: a depth buffer of this many cells across the crop, how far behind a cell's
+# nearest surface a vertex still counts as seen (the depth a surface spans within one cell at a
+# slant), and how many points on the triangles fill the buffer (a few per cell of any surface).
+VISIBILITY_CELLS = 64
+VISIBILITY_TOLERANCE = 0.06
+OCCLUDER_SAMPLES = 200_000
+
+
 class MirrorAveraged:
     """A viewer-centred image model asked twice, about the picture and about its mirror image (left
     and right swapped), the second answer mirrored back: its logits, colours and up direction are
@@ -236,6 +244,39 @@ def fill_the_mask(values: np.ndarray, box_min: float, spacing: float, mask: np.n
         raised = doubtful[where].T & (plane >= maxima[where].T - band)
         plane[raised] = target
     return float(doubtful.sum() / max(int(seen.sum()), 1))
+
+
+def visible_vertices(vertices: np.ndarray, faces: np.ndarray, focal: float, cells: int = VISIBILITY_CELLS,
+                     tolerance: float = VISIBILITY_TOLERANCE) -> np.ndarray:
+    """(V,) bool: which vertices (V, 3) of a mesh with faces (F, 3), in the viewer frame, the crop
+    camera of focal length `focal` sees: those within `tolerance` (viewer units) of the nearest
+    surface in their cell of a cells x cells depth buffer over the crop. The buffer holds the
+    vertices and OCCLUDER_SAMPLES points spread over the triangles by area, so that the large flat
+    triangles of a decimated mesh hide what lies behind them too."""
+    vertices = np.asarray(vertices, np.float64)
+    occluders = [vertices]
+    if len(faces):
+        corners = vertices[faces]
+        areas = 0.5 * np.linalg.norm(np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]), axis=1)
+        if areas.sum() > 0:
+            rng = np.random.default_rng(0)
+            chosen = rng.choice(len(faces), size=OCCLUDER_SAMPLES, p=areas / areas.sum())
+            u, v = rng.random((2, OCCLUDER_SAMPLES))
+            fold = u + v > 1
+            u[fold], v[fold] = 1 - u[fold], 1 - v[fold]
+            tri = corners[chosen]
+            occluders.append(tri[:, 0] + u[:, None] * (tri[:, 1] - tri[:, 0]) + v[:, None] * (tri[:, 2] - tri[:, 0]))
+
+    def cells_of(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        uv, depth = camera.project_viewer(points, cells, focal)
+        col, row = np.clip(np.floor(uv + 0.5).astype(np.int64), 0, cells - 1).T
+        return row * cells + col, depth
+
+    nearest = np.full(cells * cells, np.inf)
+    cell, depth = cells_of(np.concatenate(occluders))
+    np.minimum.at(nearest, cell, depth)
+    cell, depth = cells_of(vertices)
+    return depth <= nearest[cell] + tolerance
 
 
 def picture_colours(rgba: np.ndarray, mask: np.ndarray, camera_mat: np.ndarray, crop: camera.CropCamera,

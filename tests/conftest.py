@@ -46,21 +46,25 @@ def make_octahedron_checkpoint(path, kind="points", radius=0.4):
     return _Path(path)
 
 
-def make_solid_pixel_checkpoint(path):
+def make_solid_pixel_checkpoint(path, texture_rgb=None):
     """Save a tiny viewer-centred image checkpoint (the registry's tiny_pixel_image) that calls
     every point inside and sees a level camera (up = -y): whatever the picture, the result is its
-    mask extruded through the viewer box, so placement and outline can be checked exactly."""
+    mask extruded through the viewer box, so placement and outline can be checked exactly.
+    texture_rgb (3 values, each 0 or 1): a texture head besides, saying that colour everywhere."""
     import torch
 
     from backend.checkpoint import save_checkpoint
     from backend.models import build_model, preset
 
     config = preset("tiny_pixel_image")
+    config["decoder"]["texture"] = texture_rgb is not None
     model = build_model(config)
     with torch.no_grad():
         for parameter in model.decoder.parameters():
             parameter.zero_()
         model.decoder.fc_out.bias.fill_(10.0)
+        if texture_rgb is not None:
+            model.decoder.colour_head[-1].bias.copy_(20.0 * torch.tensor(texture_rgb, dtype=torch.float32) - 10.0)
         last = model.encoder.up_head[-1]
         last.weight.zero_()
         last.bias.copy_(torch.tensor([0.0, -1.0, 0.0]))

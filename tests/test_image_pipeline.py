@@ -138,6 +138,25 @@ def test_the_result_takes_the_pictures_colours_without_its_background(solid_pixe
     assert Reconstructor("cpu").reconstruct_image(picture, options).colors is None
 
 
+def test_a_texture_head_colours_what_the_picture_hides_and_the_picture_what_it_shows(tmp_path):
+    """The solid model's result is the mask extruded through the viewer box: its front, towards the
+    camera (Blender's -y after placement), takes the picture's red, its back the head's green."""
+    from conftest import make_solid_pixel_checkpoint
+
+    checkpoint = make_solid_pixel_checkpoint(tmp_path / "green.safetensors", texture_rgb=(0, 1, 0))
+    picture, mask = ell_picture()
+    picture[mask, :3] = [220, 30, 30]
+    result = Reconstructor("cpu").reconstruct_image(picture, ReconstructOptions(checkpoint=str(checkpoint),
+                                                                                resolution=64))
+    v, rgb = result.vertices, result.colors[:, :3]
+    depth = v[:, 1] - v[:, 1].min()
+    front, back = depth < 0.02 * depth.max(), depth > 0.95 * depth.max()
+    assert front.sum() > 100 and back.sum() > 100
+    assert np.allclose(rgb[front], [220 / 255, 30 / 255, 30 / 255], atol=0.02)
+    # (a few vertices of the back's outline share a depth-buffer cell with nothing in front)
+    assert np.mean(np.abs(rgb[back] - [0.0, 1.0, 0.0]).max(axis=1) < 0.01) > 0.99
+
+
 def test_a_picture_without_transparency_uses_the_estimated_mask_and_says_so(solid_pixel_checkpoint):
     picture, _ = ell_picture(alpha=False)
     result = Reconstructor("cpu").reconstruct_image(
@@ -327,3 +346,21 @@ def test_a_network_that_outputs_nan_is_reported_as_broken_not_as_empty(solid_pix
     with pytest.raises(OccnetError, match="not a number") as error:
         Reconstructor("cpu").reconstruct_image(picture, ReconstructOptions(checkpoint=solid_pixel_checkpoint, resolution=32))
     assert error.value.code == "bad_model"
+
+
+def test_visible_vertices_are_those_facing_the_crop_camera_on_a_ball():
+    import trimesh
+
+    from backend import camera
+    from backend.viewer import visible_vertices
+
+    ball = trimesh.creation.icosphere(subdivisions=4, radius=0.4)
+    vertices = np.asarray(ball.vertices)
+    focal = 1.4
+    eye = np.array([0.0, 0.0, -camera.object_depth(focal)])
+    facing = np.einsum("ij,ij->i", vertices / 0.4, eye - vertices) / np.linalg.norm(eye - vertices, axis=1)
+
+    seen = visible_vertices(vertices, np.asarray(ball.faces), focal)
+
+    clear = np.abs(facing) > 0.2    # away from the grazing rim, where a cell holds both sides
+    assert (seen[clear] == (facing[clear] > 0)).mean() > 0.99
