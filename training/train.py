@@ -732,7 +732,7 @@ class Trainer:
             p["epoch"], p["batch"] = epoch + 1, 0
             p["last_val_iou"] = val_iou
             p["elapsed_s"] = elapsed_before + (time.monotonic() - session_start)
-            colour_l1 = p.get("last_val_colour_l1")
+            colour_l1 = p.get("last_val_colour_l1") if val_iou is not None else None
             if self.texture_only:
                 improved = colour_l1 is not None and (p.get("best_val_colour_l1") is None or colour_l1 < p["best_val_colour_l1"])
             else:
