@@ -493,10 +493,10 @@ class Trainer:
         """Start from a model checkpoint's weights; its architecture must be this run's, because
         a silently partial load would look like training from scratch."""
         source, source_cfg, _ = load_checkpoint(path, self.device)
-        def without_prior(section: dict) -> dict:
+        def without_addable(section: dict) -> dict:
             return {k: v for k, v in section.items() if k not in ADDABLE_OPTIONS}
 
-        if any(without_prior(source_cfg.get(part, {})) != without_prior(self.cfg["model"].get(part, {}))
+        if any(without_addable(source_cfg.get(part, {})) != without_addable(self.cfg["model"].get(part, {}))
                for part in ("encoder", "decoder")):
             raise TrainingError(f"init_weights {path}: its encoder/decoder configuration differs from this run's model")
         missing, unexpected = self.module.load_state_dict(source.state_dict(), strict=False)
@@ -592,7 +592,8 @@ class Trainer:
                 total += occupancy_iou(pred, gt)
                 count += 1
             if "colours" in item:
-                colours = self.module.decoder(item["colour_points"].to(self.device), c, with_colour=True)[1]
+                with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                    colours = self.module.decoder(item["colour_points"].to(self.device), c, with_colour=True)[1]
                 colour_error += float((colours.float() - item["colours"].to(self.device)).abs().mean(dim=(1, 2)).sum())
                 colour_count += len(colours)
         self.set_train_mode()
