@@ -343,16 +343,14 @@ class Reconstructor:
                                           warnings=warnings, settle=fit_the_mask)
         result = self._finish(model, code, device, mesh, options, timer, should_cancel, warnings)
         if options.colours:
-            # What the picture shows takes the picture's colour; what it hides, the texture head's
-            # (a model without one: the picture's colour on the same ray).
             with timer("colours"):
-                shown = visible_vertices(result.vertices, result.faces, view.crop.focal) if result.colors is not None \
-                    else np.ones(len(result.vertices), bool)
-                if result.colors is None:
-                    result.colors = np.empty((len(result.vertices), 4), np.float32)
-                if shown.any():
-                    result.colors[shown] = picture_colours(rgba, found.mask, camera_mat, view.crop,
-                                                           result.vertices[shown])
+                if result.colors is None:   # no texture head: every vertex the picture's colour on its ray
+                    result.colors = picture_colours(rgba, found.mask, camera_mat, view.crop, result.vertices)
+                else:                       # the picture's colour where it shows the surface, the head's elsewhere
+                    shown = visible_vertices(result.vertices, result.faces, view.crop.focal)
+                    if shown.any():
+                        result.colors[shown] = picture_colours(rgba, found.mask, camera_mat, view.crop,
+                                                               result.vertices[shown])
         up = code["up"][0].double().cpu().numpy()
         transform = output_transform(up, result.vertices.astype(np.float64))
         result.vertices = (result.vertices.astype(np.float64) @ transform[:3, :3].T + transform[:3, 3]).astype(np.float32)

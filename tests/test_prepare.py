@@ -384,3 +384,17 @@ def test_only_prepared_adds_stages_to_the_shapes_there_and_no_new_ones(tmp_path)
 
     assert (out_dir / "toys_ball" / "looks.npz").is_file() and (out_dir / "toys_ball" / "depth.npz").is_file()
     assert not (out_dir / "toys_box").exists()
+
+
+def test_workers_render_when_the_calling_process_has_imported_bpy(tmp_path):
+    """bpy puts Blender's script folders on sys.path, which spawned workers inherit; the pool
+    starts them without those, or their own `import bpy` fails."""
+    pytest.importorskip("bpy")
+    import bpy  # noqa: F401
+
+    folder = tmp_path / "toys"
+    folder.mkdir()
+    trimesh.creation.icosphere(subdivisions=2, radius=0.4).export(folder / "ball.obj")
+    run_prepare(folder, tmp_path / "out", "--views", "1", "--image-size", "32")
+    assert (tmp_path / "out" / "toys_ball" / "depth.npz").is_file()
+    assert json.loads((tmp_path / "out" / "failures.json").read_text()) == []

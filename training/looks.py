@@ -91,6 +91,12 @@ def pattern_weights(pattern: Pattern, points: np.ndarray, faces: np.ndarray, fac
     return (np.random.default_rng(pattern.face_seed).random(face_count) < 0.5)[faces].astype(float)
 
 
+def painted(pattern: Pattern, weight: np.ndarray) -> np.ndarray:
+    """(N, 3) linear RGB of the pattern's palette blended by weight (N,) (0: first, 1: second)."""
+    low, high = (np.asarray(c, dtype=np.float64) for c in pattern.palette)
+    return low * (1.0 - weight[:, None]) + high * weight[:, None]
+
+
 def srgb(linear: np.ndarray) -> np.ndarray:
     """Linear RGB (..., 3) -> sRGB, the encoding of the renders' Standard view transform."""
     linear = np.clip(linear, 0.0, 1.0)
@@ -115,8 +121,6 @@ def albedo(look: Look, points: np.ndarray, corners: np.ndarray, faces: np.ndarra
     if look.pattern is None:
         linear = np.broadcast_to(np.asarray(look.colour, dtype=np.float64), (len(points), 3))
     else:
-        painted = pattern_weights(look.pattern, corners.reshape(-1, 3), np.repeat(faces, 3), face_count)
-        weight = (barycentric(points, corners) * painted.reshape(-1, 3)).sum(axis=1, keepdims=True)
-        low, high = (np.asarray(c, dtype=np.float64) for c in look.pattern.palette)
-        linear = low * (1.0 - weight) + high * weight
+        at_corners = pattern_weights(look.pattern, corners.reshape(-1, 3), np.repeat(faces, 3), face_count)
+        linear = painted(look.pattern, (barycentric(points, corners) * at_corners.reshape(-1, 3)).sum(axis=1))
     return srgb(linear)

@@ -168,6 +168,14 @@ def fresh_temp_dir(out_dir: Path, name: str) -> Path:
     return temp
 
 
+def prepared_mesh(shape: ShapeSource, out_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Vertices (V, 3) and faces (F, 3) of an already sampled shape, normalised as its shape.json
+    records (the later stages must see the mesh exactly as the samples did)."""
+    info = json.loads((out_dir / shape.id / "shape.json").read_text())
+    raw_vertices, faces = meshprep.load_mesh(shape.source)
+    return meshprep.apply_normalisation(raw_vertices, np.array(info["center"]), info["scale"]), faces
+
+
 def write_samples(shape: ShapeSource, out_dir: Path, points_per_shape: int) -> None:
     """Sample one shape into a temp folder and rename it to OUT_DIR/<id> in one step."""
     vertices, faces, center, scale = normalised_mesh(shape.source)
@@ -202,9 +210,7 @@ def write_renders(shape: ShapeSource, out_dir: Path, views: int, image_size: int
     from training import render
 
     shape_dir = out_dir / shape.id
-    info = json.loads((shape_dir / "shape.json").read_text())
-    raw_vertices, faces = meshprep.load_mesh(shape.source)
-    vertices = meshprep.apply_normalisation(raw_vertices, np.array(info["center"]), info["scale"])
+    vertices, faces = prepared_mesh(shape, out_dir)
     rng = np.random.default_rng(stable_seed(shape.id, "renders", str(views)))
     world_mats, camera_mats = render.random_cameras(rng, views, image_size)
     temp = fresh_temp_dir(out_dir, f"{shape.id}.render")
@@ -249,9 +255,7 @@ def write_replayed_looks(shape: ShapeSource, out_dir: Path, views: int, image_si
     from training import looks, render
 
     shape_dir = out_dir / shape.id
-    info = json.loads((shape_dir / "shape.json").read_text())
-    raw_vertices, faces = meshprep.load_mesh(shape.source)
-    vertices = meshprep.apply_normalisation(raw_vertices, np.array(info["center"]), info["scale"])
+    vertices, faces = prepared_mesh(shape, out_dir)
     rng = np.random.default_rng(stable_seed(shape.id, "renders", str(views)))
     render.random_cameras(rng, views, image_size)
     renderer = render.renderer_for(image_size)
@@ -270,9 +274,7 @@ def write_back_depth(shape: ShapeSource, out_dir: Path) -> None:
     from training import render
 
     shape_dir = out_dir / shape.id
-    info = json.loads((shape_dir / "shape.json").read_text())
-    raw_vertices, faces = meshprep.load_mesh(shape.source)
-    vertices = meshprep.apply_normalisation(raw_vertices, np.array(info["center"]), info["scale"])
+    vertices, faces = prepared_mesh(shape, out_dir)
     with np.load(shape_dir / "cameras.npz") as cameras, np.load(shape_dir / "depth.npz") as stored:
         world_mats, camera_mats = cameras["world_mat"].astype(np.float64), cameras["camera_mat"].astype(np.float64)
         front = stored["depth"]
@@ -331,11 +333,28 @@ def describe_exit(exitcode: int | None) -> str:
     return f"worker process died (exit code {exitcode})"
 
 
+def without_blender_script_paths(paths: list[str]) -> list[str]:
+    """paths without the folders an imported bpy module put on sys.path (Blender's scripts and the
+    user's): a spawned worker starts from its parent's sys.path, and with Blender's scripts/modules
+    on it the worker's own `import bpy` finds the scripts' pure-Python bpy package instead of the
+    module and fails (No module named '_bpy')."""
+    bpy = sys.modules.get("bpy")
+    if bpy is None:
+        return list(paths)
+    roots = [Path(p).resolve() for p in bpy.utils.script_paths()] + [Path(bpy.utils.resource_path("USER")).resolve()]
+    return [p for p in paths if not any(Path(p).resolve().is_relative_to(root) for root in roots)]
+
+
 class _Worker:
     def __init__(self, context, function):
         self.connection, child_end = context.Pipe()
         self.process = context.Process(target=_worker_loop, args=(child_end, function), daemon=True)
-        self.process.start()
+        inherited = sys.path[:]
+        sys.path[:] = without_blender_script_paths(inherited)   # what the spawned child starts from
+        try:
+            self.process.start()
+        finally:
+            sys.path[:] = inherited
         child_end.close()
         self.task = None
         self.started = 0.0

@@ -177,9 +177,7 @@ class BlenderRenderer:
         mesh.vertices.foreach_get("co", positions)
         points = positions.reshape(-1, 3)[polygons.ravel()]
         corner_face = np.repeat(np.arange(len(polygons)), 3)
-        weight = looks.pattern_weights(pattern, points, corner_face, len(polygons))[:, None]
-        low, high = (np.asarray(c) for c in pattern.palette)
-        colours = low * (1.0 - weight) + high * weight
+        colours = looks.painted(pattern, looks.pattern_weights(pattern, points, corner_face, len(polygons)))
         rgba = np.concatenate([colours, np.ones((len(colours), 1))], axis=1).astype(np.float32)
         attribute = mesh.color_attributes.get("pattern") or mesh.color_attributes.new("pattern", "FLOAT_COLOR", "CORNER")
         attribute.data.foreach_set("color", rgba.ravel())
