@@ -93,6 +93,8 @@ def masked_logits(decode, points: torch.Tensor, mask: torch.Tensor, focal: float
 VISIBILITY_CELLS = 64
 VISIBILITY_TOLERANCE = 0.06
 OCCLUDER_SAMPLES = 200_000
+# matched_to_picture: the most a picture's light may brighten a texture head's colour channel.
+MAX_LIGHT_GAIN = 4.0
 
 
 class MirrorAveraged:
@@ -277,6 +279,17 @@ def visible_vertices(vertices: np.ndarray, faces: np.ndarray, focal: float, cell
     np.minimum.at(nearest, cell, depth)
     cell, depth = cells_of(vertices)
     return depth <= nearest[cell] + tolerance
+
+
+def matched_to_picture(head: np.ndarray, picture: np.ndarray) -> np.ndarray:
+    """(3,) per-channel gains that bring a texture head's colours (N, 3) closest, in least
+    squares, to the picture's (N, 3) at the same N surface points the picture shows: the head
+    guesses a surface's own colour, the picture shows it lit, and the gains carry that light over
+    to what the picture hides. At most MAX_LIGHT_GAIN, so that a channel the head leaves nearly
+    dark is not blown up; 1 for one it leaves black."""
+    energy = (head * head).sum(axis=0)
+    gains = np.where(energy > 0.0, (head * picture).sum(axis=0) / np.maximum(energy, 1e-30), 1.0)
+    return np.minimum(gains, MAX_LIGHT_GAIN)
 
 
 def picture_colours(rgba: np.ndarray, mask: np.ndarray, camera_mat: np.ndarray, crop: camera.CropCamera,

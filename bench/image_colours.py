@@ -8,7 +8,9 @@ the image path gives them, split into the points the picture shows and those it 
 Methods, per point (all through the mirror averaging the pipeline uses):
   picture   the picture's colour at the point's pixel (the image path without a texture head)
   head      the texture head's colour (a checkpoint with one)
-  both      the pipeline's choice: the picture where it shows the point, the head where it hides it
+  both      the picture where it shows the point, the head where it hides it
+  lit       the pipeline's choice: as both, the head's colours times the per-channel gains that make
+            them agree with the picture where it shows the surface (backend.viewer.matched_to_picture)
 A point is shown when its viewer depth is within 0.02 of the render's own front depth at its pixel.
 Pictures on white, as validation sees them. Prints one JSON line per shape, then mean L1 (in [0, 1]
 sRGB) and PSNR (dB, from the mean squared error over all points) per method and visibility.
@@ -55,7 +57,7 @@ def main(argv=None) -> int:
 
     from backend import camera
     from backend.checkpoint import load_checkpoint
-    from backend.viewer import MirrorAveraged
+    from backend.viewer import MirrorAveraged, matched_to_picture
     from training.dataset import OccupancyDataset, SamplingConfig, ShapeStore, read_split, split_by_renders
 
     model, config, _ = load_checkpoint(args.checkpoint, "cpu")
@@ -72,7 +74,7 @@ def main(argv=None) -> int:
                                                       view=args.view, background="white", query_points=1,
                                                       colour_points=4096), deterministic=True)
     averaged = MirrorAveraged(model)
-    methods = ("picture", "head", "both") if model.has_texture else ("picture",)
+    methods = ("picture", "head", "both", "lit") if model.has_texture else ("picture",)
     sums = {(m, part): [0.0, 0.0, 0] for m in methods for part in ("shown", "hidden", "all")}
     for index in range(len(ids)):
         item = examples[index]
@@ -88,6 +90,8 @@ def main(argv=None) -> int:
                 code = averaged.encode(item["inputs"][None], item["focal"][None], item["mask"][None])
                 colours["head"] = averaged.decode_colour(item["colour_points"][None], code)[0].numpy()
             colours["both"] = np.where(shown[:, None], colours["picture"], colours["head"])
+            gains = matched_to_picture(colours["head"][shown], colours["picture"][shown]) if shown.any() else 1.0
+            colours["lit"] = np.where(shown[:, None], colours["picture"], np.clip(colours["head"] * gains, 0.0, 1.0))
         row_out = {"shape": ids[index], "shown_fraction": round(float(shown.mean()), 3)}
         for method, predicted in colours.items():
             error = np.abs(predicted - truth)

@@ -140,10 +140,12 @@ def test_the_result_takes_the_pictures_colours_without_its_background(solid_pixe
 
 def test_a_texture_head_colours_what_the_picture_hides_and_the_picture_what_it_shows(tmp_path):
     """The solid model's result is the mask extruded through the viewer box: its front, towards the
-    camera (Blender's -y after placement), takes the picture's red, its back the head's green."""
+    camera (Blender's -y after placement), takes the picture's red; its back the head's colour
+    (yellow) lit as the picture lights the front: per channel, the gain that turns the head's
+    colour on the front into the picture's (red 220/255 from 1, green 30/255 from 1, blue none)."""
     from conftest import make_solid_pixel_checkpoint
 
-    checkpoint = make_solid_pixel_checkpoint(tmp_path / "green.safetensors", texture_rgb=(0, 1, 0))
+    checkpoint = make_solid_pixel_checkpoint(tmp_path / "yellow.safetensors", texture_rgb=(1, 1, 0))
     picture, mask = ell_picture()
     picture[mask, :3] = [220, 30, 30]
     result = Reconstructor("cpu").reconstruct_image(picture, ReconstructOptions(checkpoint=str(checkpoint),
@@ -154,7 +156,16 @@ def test_a_texture_head_colours_what_the_picture_hides_and_the_picture_what_it_s
     assert front.sum() > 100 and back.sum() > 100
     assert np.allclose(rgb[front], [220 / 255, 30 / 255, 30 / 255], atol=0.02)
     # (a few vertices of the back's outline share a depth-buffer cell with nothing in front)
-    assert np.mean(np.abs(rgb[back] - [0.0, 1.0, 0.0]).max(axis=1) < 0.01) > 0.99
+    assert np.mean(np.abs(rgb[back] - [220 / 255, 30 / 255, 0.0]).max(axis=1) < 0.01) > 0.99
+
+
+def test_matched_to_picture_carries_the_pictures_light_over_to_the_head():
+    from backend.viewer import matched_to_picture
+
+    head = np.array([[0.2, 0.4, 0.0], [0.4, 0.2, 0.0]])
+    picture = head * [2.0, 0.5, 1.0] + [0.0, 0.0, 0.3]
+    np.testing.assert_allclose(matched_to_picture(head, picture), [2.0, 0.5, 1.0])  # black blue: left as is
+    np.testing.assert_allclose(matched_to_picture(head, 10 * head), [4.0, 4.0, 1.0])  # at most 4x brighter
 
 
 def test_a_picture_without_transparency_uses_the_estimated_mask_and_says_so(solid_pixel_checkpoint):
