@@ -32,8 +32,8 @@ from .foreground import object_mask
 from .inputs import normalisation, validate_image
 from .pointclouds import checked_cloud
 from .preprocess import image_to_model_input, subsample_indices, subsample_points
-from .viewer import (MirrorAveraged, fill_the_mask, follow_the_outline, masked_logits, matched_to_picture,
-                     output_transform, photo_camera, picture_colours, viewer_input, visible_vertices)
+from .viewer import (MirrorAveraged, fill_the_mask, follow_the_outline, masked_logits, output_transform,
+                     photo_camera, picture_colours, picture_where_shown, viewer_input, visible_vertices)
 
 RESOLUTIONS = (32, 64, 128, 256, 512)
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -350,9 +350,7 @@ class Reconstructor:
                     shown = visible_vertices(result.vertices, result.faces, view.crop.focal)
                     if shown.any():
                         seen = picture_colours(rgba, found.mask, camera_mat, view.crop, result.vertices[shown])
-                        gains = matched_to_picture(result.colors[shown, :3], seen[:, :3])
-                        result.colors[:, :3] = np.clip(result.colors[:, :3] * gains, 0.0, 1.0)
-                        result.colors[shown] = seen
+                        result.colors[:, :3] = picture_where_shown(result.colors[:, :3], seen[:, :3], shown)
         up = code["up"][0].double().cpu().numpy()
         transform = output_transform(up, result.vertices.astype(np.float64))
         result.vertices = (result.vertices.astype(np.float64) @ transform[:3, :3].T + transform[:3, 3]).astype(np.float32)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from . import camera
 from .foreground import Mask
+from .sampling import sample_triangles
 from .preprocess import over_background, premultiply, resample
 
 # 35 mm film's diagonal in millimetres: a "35 mm equivalent" focal length is relative to it.
@@ -258,16 +259,10 @@ def visible_vertices(vertices: np.ndarray, faces: np.ndarray, focal: float, cell
     vertices = np.asarray(vertices, np.float64)
     occluders = [vertices]
     if len(faces):
-        corners = vertices[faces]
-        areas = 0.5 * np.linalg.norm(np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]), axis=1)
-        if areas.sum() > 0:
-            rng = np.random.default_rng(0)
-            chosen = rng.choice(len(faces), size=OCCLUDER_SAMPLES, p=areas / areas.sum())
-            u, v = rng.random((2, OCCLUDER_SAMPLES))
-            fold = u + v > 1
-            u[fold], v[fold] = 1 - u[fold], 1 - v[fold]
-            tri = corners[chosen]
-            occluders.append(tri[:, 0] + u[:, None] * (tri[:, 1] - tri[:, 0]) + v[:, None] * (tri[:, 2] - tri[:, 0]))
+        try:
+            occluders.append(sample_triangles(np.random.default_rng(0), vertices, faces, OCCLUDER_SAMPLES)[0])
+        except ValueError:   # only degenerate triangles: the vertices are all there is
+            pass
 
     def cells_of(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         uv, depth = camera.project_viewer(points, cells, focal)
@@ -290,6 +285,14 @@ def matched_to_picture(head: np.ndarray, picture: np.ndarray) -> np.ndarray:
     energy = (head * head).sum(axis=0)
     gains = np.where(energy > 0.0, (head * picture).sum(axis=0) / np.maximum(energy, 1e-30), 1.0)
     return np.minimum(gains, MAX_LIGHT_GAIN)
+
+
+def picture_where_shown(head: np.ndarray, picture: np.ndarray, shown: np.ndarray) -> np.ndarray:
+    """(N, 3) colours of N surface points: the picture's (S, 3) at the S points it shows (shown
+    (N,) bool), the texture head's (N, 3) lit like the picture (matched_to_picture) elsewhere."""
+    out = np.clip(head * matched_to_picture(head[shown], picture), 0.0, 1.0)
+    out[shown] = picture
+    return out
 
 
 def picture_colours(rgba: np.ndarray, mask: np.ndarray, camera_mat: np.ndarray, crop: camera.CropCamera,

@@ -10,7 +10,7 @@ Methods, per point (all through the mirror averaging the pipeline uses):
   head      the texture head's colour (a checkpoint with one)
   both      the picture where it shows the point, the head where it hides it
   lit       the pipeline's choice: as both, the head's colours times the per-channel gains that make
-            them agree with the picture where it shows the surface (backend.viewer.matched_to_picture)
+            them agree with the picture where it shows the surface (backend.viewer.picture_where_shown)
 A point is shown when its viewer depth is within 0.02 of the render's own front depth at its pixel.
 Pictures on white, as validation sees them. Prints one JSON line per shape, then mean L1 (in [0, 1]
 sRGB) and PSNR (dB, from the mean squared error over all points) per method and visibility.
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
 
     from backend import camera
     from backend.checkpoint import load_checkpoint
-    from backend.viewer import MirrorAveraged, matched_to_picture
+    from backend.viewer import MirrorAveraged, picture_where_shown
     from training.dataset import OccupancyDataset, SamplingConfig, ShapeStore, read_split, split_by_renders
 
     model, config, _ = load_checkpoint(args.checkpoint, "cpu")
@@ -90,8 +90,8 @@ def main(argv=None) -> int:
                 code = averaged.encode(item["inputs"][None], item["focal"][None], item["mask"][None])
                 colours["head"] = averaged.decode_colour(item["colour_points"][None], code)[0].numpy()
             colours["both"] = np.where(shown[:, None], colours["picture"], colours["head"])
-            gains = matched_to_picture(colours["head"][shown], colours["picture"][shown]) if shown.any() else 1.0
-            colours["lit"] = np.where(shown[:, None], colours["picture"], np.clip(colours["head"] * gains, 0.0, 1.0))
+            colours["lit"] = picture_where_shown(colours["head"], colours["picture"][shown], shown) if shown.any() \
+                else colours["head"]
         row_out = {"shape": ids[index], "shown_fraction": round(float(shown.mean()), 3)}
         for method, predicted in colours.items():
             error = np.abs(predicted - truth)

@@ -168,6 +168,15 @@ def test_matched_to_picture_carries_the_pictures_light_over_to_the_head():
     np.testing.assert_allclose(matched_to_picture(head, 10 * head), [4.0, 4.0, 1.0])  # at most 4x brighter
 
 
+def test_picture_where_shown_and_the_lit_head_elsewhere():
+    from backend.viewer import picture_where_shown
+
+    head = np.array([[0.2, 0.4, 0.1], [0.4, 0.2, 0.1], [0.3, 0.3, 0.3]])
+    shown = np.array([True, True, False])
+    picture = head[shown] * [2.0, 0.5, 1.0]
+    np.testing.assert_allclose(picture_where_shown(head, picture, shown), [*picture, [0.6, 0.15, 0.3]])
+
+
 def test_a_picture_without_transparency_uses_the_estimated_mask_and_says_so(solid_pixel_checkpoint):
     picture, _ = ell_picture(alpha=False)
     result = Reconstructor("cpu").reconstruct_image(

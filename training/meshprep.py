@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from backend.sampling import sample_triangles
+
 MESH_SUFFIXES = (".obj", ".off", ".ply", ".stl", ".glb")
 # Formats whose specification says +y is up (glTF); the others here are read as z-up, like CAPOD.
 Y_UP_SUFFIXES = (".glb", ".gltf")
@@ -134,28 +136,14 @@ def sample_uniform(rng: np.random.Generator, count: int, half_extent: float) -> 
     return rng.uniform(-half_extent, half_extent, size=(count, 3))
 
 
-def sample_triangles(
-    rng: np.random.Generator, vertices: np.ndarray, faces: np.ndarray, count: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Area-weighted surface samples: points (count, 3) and the index (count,) of each one's triangle."""
-    areas, _ = triangle_areas_and_normals(vertices, faces)
-    total = areas.sum()
-    if not total > 0:
-        raise MeshError("mesh has zero surface area (all triangles degenerate)")
-    face_index = rng.choice(len(faces), size=count, p=areas / total)
-    # Uniform barycentric coordinates: fold the unit square onto the triangle.
-    u, v = rng.random(count), rng.random(count)
-    fold = u + v > 1
-    u[fold], v[fold] = 1 - u[fold], 1 - v[fold]
-    tri = vertices[faces[face_index]]
-    return tri[:, 0] + u[:, None] * (tri[:, 1] - tri[:, 0]) + v[:, None] * (tri[:, 2] - tri[:, 0]), face_index
-
-
 def sample_surface(
     rng: np.random.Generator, vertices: np.ndarray, faces: np.ndarray, count: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Area-weighted surface samples: points (count, 3) and their triangles' unit normals (count, 3)."""
-    points, face_index = sample_triangles(rng, vertices, faces, count)
+    try:
+        points, face_index = sample_triangles(rng, vertices, faces, count)
+    except ValueError as exc:
+        raise MeshError(str(exc)) from None
     return points, triangle_areas_and_normals(vertices, faces)[1][face_index]
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from backend.sampling import sample_triangles
 from training import meshprep
 
 FORMAT_VERSION = 1
@@ -237,8 +238,8 @@ def write_looks(folder: Path, drawn: list, polygons: np.ndarray, vertices: np.nd
     from training import looks
 
     vertices = np.asarray(vertices, np.float64)
-    points, polygon = meshprep.sample_triangles(np.random.default_rng(stable_seed(shape_id, "looks")),
-                                                vertices, polygons, LOOK_POINTS)
+    points, polygon = sample_triangles(np.random.default_rng(stable_seed(shape_id, "looks")), vertices, polygons,
+                                       LOOK_POINTS)
     corners = vertices[polygons[polygon]]
     colours = np.stack([looks.albedo(look, points, corners, polygon, len(polygons)) for look in drawn])
     np.savez(folder / "looks.npz", looks=np.array(json.dumps([asdict(look) for look in drawn])),
