@@ -426,6 +426,23 @@ def test_a_silhouette_prior_is_added_to_a_trained_pixel_model_without_changing_i
                 resume=False, command="pytest")
 
 
+def test_a_shape_only_run_starts_from_a_file_with_a_texture_head_and_leaves_the_head_out(data_dir, tmp_path,
+                                                                                         capsys):
+    """The shipped warm start carries a texture head; image_layers.json trains shape only from it."""
+    from conftest import make_solid_pixel_checkpoint
+
+    source = make_solid_pixel_checkpoint(tmp_path / "textured.safetensors", texture_rgb=(1, 0, 0))
+    cfg = config("test_tiny_image.json", data_dir, tmp_path / "shape", model=preset("tiny_pixel_image"),
+                 init_weights=str(source))
+    trainer = Trainer(cfg, resume=False, command="pytest")
+    expected = load_file(str(source))
+    state = trainer.module.state_dict()
+    assert set(expected) - set(state) == {k for k in expected if k.startswith("decoder.colour_head.")} != set()
+    for key, value in state.items():
+        assert torch.equal(value, expected[key]), key
+    assert "left out, this run's model has none: decoder.colour_head" in capsys.readouterr().out
+
+
 def test_viewer_queries_can_be_drawn_inside_the_masks_cone_only():
     """Outside the mask's cone the mask law decides at inference: uniform_in_mask spends every
     uniform query where the network has to guess, and each keeps its true occupancy."""

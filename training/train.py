@@ -500,11 +500,16 @@ class Trainer:
                for part in ("encoder", "decoder")):
             raise TrainingError(f"init_weights {path}: its encoder/decoder configuration differs from this run's model")
         missing, unexpected = self.module.load_state_dict(source.state_dict(), strict=False)
-        # Only a prior's or a texture head's layers may be new (pixel_aligned: the prior's start at zero).
-        if unexpected or any(not key.startswith(ADDABLE_LAYERS) for key in missing):
+        # Only a prior's or a texture head's layers may be new (pixel_aligned: the prior's start at
+        # zero) or left behind (a shape-only run from a file with a texture head).
+        if any(not key.startswith(ADDABLE_LAYERS) for key in missing + unexpected):
             raise TrainingError(f"init_weights {path}: weights do not fit this run's model "
                                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        self.log(f"initial weights from {path}" + (f" (new: {', '.join(sorted({k.rsplit('.', 2)[0] for k in missing}))})" if missing else ""))
+
+        def layer_names(keys) -> str:
+            return ", ".join(sorted({key.rsplit(".", 2)[0] for key in keys}))
+        self.log(f"initial weights from {path}" + (f" (new: {layer_names(missing)})" if missing else "")
+                 + (f" (left out, this run's model has none: {layer_names(unexpected)})" if unexpected else ""))
 
     # -- small utilities -----------------------------------------------------------------------
     def load_initial_encoder(self, name: str) -> None:
