@@ -96,6 +96,42 @@ def test_masks_of_other_views_teach_the_depth_no_picture_shows(views, tmp_path):
     assert before < 0.2 < 0.3 < after, (before, after)
 
 
+def test_views_that_do_not_show_the_object_are_never_the_input_and_such_shapes_are_left_out(views, tmp_path,
+                                                                                            capsys):
+    """A flat sign seen edge-on renders an empty mask (the prepared data has such views): it may
+    judge other pictures (its rays are free space) but is never a picture; a shape no view shows is
+    left out, said once, and the run goes on."""
+    emptied = PosedViews(views.world_mats, views.camera_mats, views.masks.copy(), views.colours.copy(),
+                         views.depths.copy())
+    emptied.masks[1:] = False
+    for index in range(20):
+        example = dvr_encoder.make_example(emptied, 32, dvr_encoder.EncoderSettings(other_views=2),
+                                           np.random.default_rng(index))
+        assert example.mask.any()                      # view 0, the one that shows the object
+    nothing = PosedViews(views.world_mats, views.camera_mats, np.zeros_like(views.masks), views.colours,
+                         views.depths)
+    write_prepared(tmp_path / "shown", views)
+    write_prepared(tmp_path / "empty", nothing)
+    settings = dvr_encoder.EncoderSettings.from_config({"losses": {"mask": 1.0}, "shapes_per_step": 1,
+                                                        "rays_per_view": 16, "ray_steps": [[0, 8]], "steps": 6})
+    rows = dvr_encoder.train(tiny_model(), [tmp_path / "empty", tmp_path / "shown"], settings)
+    assert len(rows) == 6
+    assert capsys.readouterr().out.count("left out empty: no view shows the object") == 1
+    with pytest.raises(ValueError, match="no shape has a view that shows its object"):
+        dvr_encoder.train(tiny_model(), [tmp_path / "empty"], settings)
+
+
+def test_the_weights_are_written_during_the_run_not_only_at_its_end(views, tmp_path):
+    write_prepared(tmp_path / "shape", views)
+    ticks = iter(range(1000))
+    written = []
+    settings = dvr_encoder.EncoderSettings.from_config({"losses": {"mask": 1.0}, "shapes_per_step": 1,
+                                                        "rays_per_view": 16, "ray_steps": [[0, 8]], "steps": 7})
+    dvr_encoder.train(tiny_model(), [tmp_path / "shape"], settings, clock=lambda: float(next(ticks)),
+                      checkpoint=lambda rows: written.append(len(rows)), checkpoint_seconds=4.0)
+    assert written and written == sorted(written) and written[-1] < 7
+
+
 def test_command_line_writes_a_checkpoint_that_the_image_pipeline_loads(views, tmp_path):
     data_dir = tmp_path / "prepared"
     write_prepared(data_dir / "shape_a", views)

@@ -43,6 +43,11 @@ from .dvr import (Rays, budgeted_steps, csv_logger, optimisation_step, ray_losse
 from .posed_images import PosedViews, camera_z_per_distance, image_pixels, load_prepared_views
 
 IMAGE_LOSSES = ("mask", "depth", "normal")
+# A view whose mask holds fewer pixels is never a model input (a flat sign seen edge-on renders
+# empty); it still judges other pictures' predictions (its rays are free space).
+MIN_INPUT_PIXELS = 16
+# The weights are written at least this often, so that a run that dies keeps what it learnt.
+CHECKPOINT_SECONDS = 600.0
 
 
 @dataclass
@@ -108,9 +113,17 @@ class Example:
     rays: Rays              # in the picture's viewer frame
 
 
+class NoViewShowsTheObject(ValueError):
+    """Every view of a shape has (nearly) no object in its mask: nothing to give the model."""
+
+
 def make_example(views: PosedViews, size: int, settings: EncoderSettings, rng: np.random.Generator) -> Example:
-    """A random view of views as the model's input, and rays of settings.other_views others."""
-    seen_view = int(rng.integers(len(views)))
+    """A random view of views that shows the object (MIN_INPUT_PIXELS or more in its mask) as the
+    model's input, and rays of settings.other_views others (any: an empty mask is free space)."""
+    showing = np.flatnonzero(views.masks.reshape(len(views), -1).sum(axis=1) >= MIN_INPUT_PIXELS)
+    if len(showing) == 0:
+        raise NoViewShowsTheObject("no view shows the object")
+    seen_view = int(rng.choice(showing))
     rgba = np.concatenate([views.colours[seen_view], views.masks[seen_view][..., None].astype(np.float32)], axis=-1)
     seen = viewer_view(rgba, views.world_mats[seen_view], views.camera_mats[seen_view], size)
     image = over_background(jitter_colours(seen.premultiplied, colour_gains(rng)), random_background(size, rng))
@@ -156,9 +169,11 @@ def freeze_batch_norm(model: torch.nn.Module) -> None:
 
 
 def train(model, shape_dirs: list[Path], settings: EncoderSettings, device="cpu", log=None,
-          clock=time.monotonic) -> list[dict]:
+          clock=time.monotonic, checkpoint=None, checkpoint_seconds: float = CHECKPOINT_SECONDS) -> list[dict]:
     """Train a viewer-centred image model from other views of its pictures' objects until
-    settings.steps or settings.seconds; log(row) after every step. -> the rows."""
+    settings.steps or settings.seconds; log(row) after every step; checkpoint(rows) every
+    checkpoint_seconds (by clock). Shapes that no view shows are left out, each said once. -> the
+    rows."""
     if model.frame != "viewer":
         raise ValueError("single-view DVR trains a viewer-centred image model (input frame 'viewer')")
     if settings.losses["depth"] and shape_dirs and load_prepared_views(shape_dirs[0]).depths is None:
@@ -170,9 +185,19 @@ def train(model, shape_dirs: list[Path], settings: EncoderSettings, device="cpu"
     freeze_batch_norm(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
     rows, start = [], clock()
+    last_checkpoint = start
+    usable = list(shape_dirs)
     for step in budgeted_steps(settings, optimizer, clock, start):
-        picked = rng.choice(len(shape_dirs), size=min(settings.shapes_per_step, len(shape_dirs)), replace=False)
-        examples = [make_example(load_prepared_views(shape_dirs[i]), size, settings, rng) for i in picked]
+        examples = []
+        while len(examples) < min(settings.shapes_per_step, len(shape_dirs)):
+            if not usable:
+                raise ValueError("no shape has a view that shows its object")
+            shape_dir = usable[int(rng.integers(len(usable)))]
+            try:
+                examples.append(make_example(load_prepared_views(shape_dir), size, settings, rng))
+            except NoViewShowsTheObject:
+                usable.remove(shape_dir)
+                print(f"left out {shape_dir.name}: no view shows the object", flush=True)
         n_steps = ray_steps_at(step, settings.ray_steps)
         losses = example_losses(model, examples, settings, n_steps, generator, device)
         total = optimisation_step(optimizer, losses, settings.losses)
@@ -181,6 +206,12 @@ def train(model, shape_dirs: list[Path], settings: EncoderSettings, device="cpu"
         rows.append(row)
         if log is not None:
             log(row)
+        if checkpoint is not None and clock() - last_checkpoint >= checkpoint_seconds:
+            model.eval()
+            checkpoint(rows)
+            model.train()
+            freeze_batch_norm(model)
+            last_checkpoint = clock()
     model.eval()
     return rows
 
@@ -224,12 +255,17 @@ def main(argv=None) -> int:
         from .train import imagenet_state
 
         model.encoder.load_imagenet(imagenet_state(config["init_encoder"]))
+
+    def write_checkpoint(rows: list[dict]) -> None:
+        save_checkpoint(out / "model_last.safetensors", model, config["model"],
+                        {"dvr_encoder": {"data_dir": str(data_dir), "shapes": len(shape_dirs),
+                                         "settings": settings.__dict__, "steps": len(rows),
+                                         "seconds": rows[-1]["seconds"] if rows else 0.0}})
+
     with open(out / "log.csv", "w", newline="") as log_file:
-        rows = train(model, shape_dirs, settings, args.device, csv_logger(log_file, print_every=20))
-    save_checkpoint(out / "model_last.safetensors", model.cpu(), config["model"],
-                    {"dvr_encoder": {"data_dir": str(data_dir), "shapes": len(shape_dirs),
-                                     "settings": settings.__dict__, "steps": len(rows),
-                                     "seconds": rows[-1]["seconds"] if rows else 0.0}})
+        rows = train(model, shape_dirs, settings, args.device, csv_logger(log_file, print_every=20),
+                     checkpoint=write_checkpoint)
+    write_checkpoint(rows)
     print(json.dumps({"steps": len(rows), "out": str(out / "model_last.safetensors")}))
     return 0
 
