@@ -207,10 +207,7 @@ def train(model, shape_dirs: list[Path], settings: EncoderSettings, device="cpu"
         if log is not None:
             log(row)
         if checkpoint is not None and clock() - last_checkpoint >= checkpoint_seconds:
-            model.eval()
             checkpoint(rows)
-            model.train()
-            freeze_batch_norm(model)
             last_checkpoint = clock()
     model.eval()
     return rows
