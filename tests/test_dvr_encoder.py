@@ -132,6 +132,21 @@ def test_the_weights_are_written_during_the_run_not_only_at_its_end(views, tmp_p
     assert written and written == sorted(written) and written[-1] < 7
 
 
+def test_the_cameras_teach_the_up_direction_so_results_are_placed_upright(views, tmp_path):
+    """The up head learns from each picture's camera (the DVR rows have no other signal for it)."""
+    write_prepared(tmp_path / "shape", views)
+    model = tiny_model()
+    settings = dvr_encoder.EncoderSettings.from_config(
+        {"losses": {"mask": 1.0}, "shapes_per_step": 4, "rays_per_view": 16, "ray_steps": [[0, 8]], "lr": 3e-3,
+         "steps": 60})
+    rows = dvr_encoder.train(model, [tmp_path / "shape"], settings)
+    first, last = np.mean([r["up"] for r in rows[:10]]), np.mean([r["up"] for r in rows[-10:]])
+    assert last < 0.3 * first, (first, last)
+    settings.up_loss_weight = 0.0
+    unweighted = dvr_encoder.train(tiny_model(), [tmp_path / "shape"], settings)
+    assert np.mean([r["up"] for r in unweighted[-10:]]) > 0.5 * np.mean([r["up"] for r in unweighted[:10]])
+
+
 def test_command_line_writes_a_checkpoint_that_the_image_pipeline_loads(views, tmp_path):
     data_dir = tmp_path / "prepared"
     write_prepared(data_dir / "shape_a", views)

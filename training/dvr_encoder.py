@@ -15,7 +15,8 @@ Config (JSON, see training/configs/dvr_encoder_*.json): "data_dir" (training.pre
 "split", "exclude_shapes", "model" (a viewer-centred image model), "init_weights" (a checkpoint of
 the same model to start from, optional), "init_encoder" ("efficientnet_lite0_imagenet",
 optional), "losses" ("mask", "depth", "normal"; training.dvr), "shapes_per_step", "other_views",
-"rays_per_view", "inside_fraction", "ray_steps", "secant_steps", "lr", "steps", "seconds", "seed".
+"rays_per_view", "inside_fraction", "ray_steps", "secant_steps", "lr", "steps", "seconds", "seed",
+"up_loss_weight" (the up direction each picture's camera gives, so results are placed upright).
 Writes OUT/model_last.safetensors (backend.checkpoint; training.evaluate scores it in 3D like any
 image model) and OUT/log.csv.
 """
@@ -41,6 +42,7 @@ from .dataset import colour_gains, jitter_colours, random_background, viewer_vie
 from .dvr import (Rays, budgeted_steps, csv_logger, optimisation_step, ray_losses, ray_steps_at, run_config,
                   settings_from_config)
 from .posed_images import PosedViews, camera_z_per_distance, image_pixels, load_prepared_views
+from .train import up_loss
 
 IMAGE_LOSSES = ("mask", "depth", "normal")
 # A view whose mask holds fewer pixels is never a model input (a flat sign seen edge-on renders
@@ -64,6 +66,7 @@ class EncoderSettings:
     steps: int = 1000
     seconds: float | None = None
     seed: int = 0
+    up_loss_weight: float = 0.1   # the up direction from the picture's camera, as training.train teaches it
 
     @classmethod
     def from_config(cls, config: dict) -> "EncoderSettings":
@@ -111,6 +114,7 @@ class Example:
     focal: float
     mask: torch.Tensor      # (S, S) bool, the crop's mask
     rays: Rays              # in the picture's viewer frame
+    up: torch.Tensor        # (3,) the world's up direction in the picture's viewer frame (from its camera)
 
 
 class NoViewShowsTheObject(ValueError):
@@ -133,17 +137,18 @@ def make_example(views: PosedViews, size: int, settings: EncoderSettings, rng: n
              for v in judges]
     rays = Rays(*(torch.cat([getattr(p, name) for p in parts]) if getattr(parts[0], name) is not None else None
                   for name in ("origins", "directions", "masks", "colours", "depths")))
-    return Example(torch.from_numpy(image), seen.crop.focal, torch.from_numpy(seen.premultiplied[..., 3] >= 0.5), rays)
+    return Example(torch.from_numpy(image), seen.crop.focal, torch.from_numpy(seen.premultiplied[..., 3] >= 0.5), rays,
+                   torch.from_numpy(seen.up.astype(np.float32)))
 
 
 def example_losses(model, examples: list[Example], settings: EncoderSettings, n_steps: int,
                    generator: torch.Generator, device) -> dict[str, torch.Tensor]:
     """The image losses of a batch of examples, each example's averaged over its rays, then over
-    the examples; the encoder sees the whole batch at once."""
+    the examples, and "up", the up direction's error; the encoder sees the whole batch at once."""
     images = torch.stack([e.image for e in examples]).to(device)
     focal = torch.tensor([e.focal for e in examples], dtype=torch.float32, device=device)
     code = model.encode(images, focal, torch.stack([e.mask for e in examples]))
-    totals: dict[str, torch.Tensor] = {}
+    totals: dict[str, torch.Tensor] = {"up": up_loss(code["up"], torch.stack([e.up for e in examples]).to(device))}
     for index, example in enumerate(examples):
         own = {key: value[index:index + 1] for key, value in code.items()}
         rays = Rays(*(None if value is None else value.to(device) for value in
@@ -200,7 +205,7 @@ def train(model, shape_dirs: list[Path], settings: EncoderSettings, device="cpu"
                 print(f"left out {shape_dir.name}: no view shows the object", flush=True)
         n_steps = ray_steps_at(step, settings.ray_steps)
         losses = example_losses(model, examples, settings, n_steps, generator, device)
-        total = optimisation_step(optimizer, losses, settings.losses)
+        total = optimisation_step(optimizer, losses, {**settings.losses, "up": settings.up_loss_weight})
         row = {"step": step, "seconds": round(clock() - start, 3), "ray_steps": n_steps, "loss": total.item(),
                **{name: value.item() for name, value in losses.items()}}
         rows.append(row)
