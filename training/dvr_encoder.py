@@ -42,7 +42,7 @@ from .dataset import colour_gains, jitter_colours, random_background, viewer_vie
 from .dvr import (Rays, budgeted_steps, csv_logger, optimisation_step, ray_losses, ray_steps_at, run_config,
                   settings_from_config)
 from .posed_images import PosedViews, camera_z_per_distance, image_pixels, load_prepared_views
-from .train import up_loss
+from .train import imagenet_state, up_loss
 
 IMAGE_LOSSES = ("mask", "depth", "normal")
 # A view whose mask holds fewer pixels is never a model input (a flat sign seen edge-on renders
@@ -193,16 +193,18 @@ def train(model, shape_dirs: list[Path], settings: EncoderSettings, device="cpu"
     last_checkpoint = start
     usable = list(shape_dirs)
     for step in budgeted_steps(settings, optimizer, clock, start):
-        examples = []
-        while len(examples) < min(settings.shapes_per_step, len(shape_dirs)):
-            if not usable:
-                raise ValueError("no shape has a view that shows its object")
-            shape_dir = usable[int(rng.integers(len(usable)))]
+        examples, unusable = [], []
+        for index in rng.permutation(len(usable)):   # distinct shapes, as many as a step takes
             try:
-                examples.append(make_example(load_prepared_views(shape_dir), size, settings, rng))
+                examples.append(make_example(load_prepared_views(usable[index]), size, settings, rng))
             except NoViewShowsTheObject:
-                usable.remove(shape_dir)
-                print(f"left out {shape_dir.name}: no view shows the object", flush=True)
+                unusable.append(usable[index])
+                print(f"left out {usable[index].name}: no view shows the object", flush=True)
+            if len(examples) == settings.shapes_per_step:
+                break
+        usable = [shape_dir for shape_dir in usable if shape_dir not in unusable]
+        if not examples:
+            raise ValueError("no shape has a view that shows its object")
         n_steps = ray_steps_at(step, settings.ray_steps)
         losses = example_losses(model, examples, settings, n_steps, generator, device)
         total = optimisation_step(optimizer, losses, {**settings.losses, "up": settings.up_loss_weight})
@@ -254,8 +256,6 @@ def main(argv=None) -> int:
             return 1
         model.load_state_dict(source.state_dict())
     elif config.get("init_encoder"):
-        from .train import imagenet_state
-
         model.encoder.load_imagenet(imagenet_state(config["init_encoder"]))
 
     def write_checkpoint(rows: list[dict]) -> None:
