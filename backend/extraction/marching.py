@@ -24,13 +24,19 @@ class MeshArrays:
 def grid_to_mesh(values: np.ndarray, level: float, box_min: float, spacing: float) -> MeshArrays:
     """values (R+1,)^3 with inside > level -> watertight mesh in the grid's coordinates, where grid
     index i maps to box_min + i * spacing. An empty mesh when nothing is inside."""
-    padded = np.pad(values.astype(np.float32, copy=False), 1, mode="constant", constant_values=OUTSIDE)
-    if not (padded > level).any():
+    inside = values > level
+    if not inside.any():
         return MeshArrays(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32))
+    # The surface lies within one grid point of the inside: marching cubes needs only that box (on
+    # a chair at 256^3 a third of the time of the whole grid).
+    low = [max(int(np.flatnonzero(inside.any(axis=others))[0]) - 1, 0) for others in ((1, 2), (0, 2), (0, 1))]
+    high = [int(np.flatnonzero(inside.any(axis=others))[-1]) + 2 for others in ((1, 2), (0, 2), (0, 1))]
+    crop = values[low[0]:high[0], low[1]:high[1], low[2]:high[2]]
+    padded = np.pad(crop.astype(np.float32, copy=False), 1, mode="constant", constant_values=OUTSIDE)
     verts, faces, _, _ = measure.marching_cubes(padded, level=level, allow_degenerate=False)
     # Inside is the larger value; scikit-image then winds faces clockwise seen from outside.
     faces = faces[:, ::-1]
-    verts = (verts - 1.0) * spacing + box_min
+    verts = (verts - 1.0 + np.array(low, np.float32)) * spacing + box_min
     return MeshArrays(verts.astype(np.float32), np.ascontiguousarray(faces, dtype=np.int32))
 
 

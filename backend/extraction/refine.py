@@ -384,8 +384,13 @@ def fitting_sites(vertices: np.ndarray, facing: np.ndarray, edge: float) -> np.n
         return np.arange(len(vertices))
     axis = np.abs(facing).argmax(axis=1)
     way = 2 * axis + (facing[np.arange(len(facing)), axis] < 0.0)
-    keys = np.column_stack([np.floor(vertices / edge).astype(np.int64), way])
-    return np.unique(keys, axis=0, return_inverse=True)[1].ravel()
+    cells = np.floor(vertices / edge).astype(np.int64)
+    cells -= cells.min(axis=0)
+    extent = cells.max(axis=0) + 1
+    # One integer per (cell, way), ordered as the rows (x, y, z, way) would be: np.unique over
+    # integers is several times faster than over rows and numbers the sites alike.
+    keys = ((cells[:, 0] * extent[1] + cells[:, 1]) * extent[2] + cells[:, 2]) * 6 + way
+    return np.unique(keys, return_inverse=True)[1].ravel()
 
 
 def site_means(values: np.ndarray, site: np.ndarray, sites: int) -> np.ndarray:
