@@ -318,10 +318,14 @@ def test_the_mesh_says_where_it_is_thin_and_the_far_faces_points_are_left_out():
     normals = outward_normals(vertices, faces)
     top = (vertices[:, 2] > 0.014) & (np.abs(vertices[:, :2]) < [0.45, 0.3]).all(axis=1)
     np.testing.assert_allclose(normals[top], np.tile([0.0, 0.0, 1.0], (top.sum(), 1)), atol=1e-9)   # outward
-    thickness = local_thickness(vertices, normals, reach=0.06)
+    thickness = local_thickness(vertices, normals, vertices, normals, reach=0.06)
     np.testing.assert_allclose(thickness[top], 0.03, atol=1e-6)
+    # against fewer samples of the surface (every fourth vertex), the same
+    np.testing.assert_allclose(local_thickness(vertices, normals, vertices[::4], normals[::4], reach=0.06)[top], 0.03,
+                               atol=1e-6)
     ball = trimesh.creation.icosphere(4, radius=0.3)
-    assert np.isinf(local_thickness(np.asarray(ball.vertices), np.asarray(ball.vertex_normals), reach=0.06)).all()
+    sphere, sphere_normals = np.asarray(ball.vertices), np.asarray(ball.vertex_normals)
+    assert np.isinf(local_thickness(sphere, sphere_normals, sphere, sphere_normals, reach=0.06)).all()
 
     rng = np.random.default_rng(0)
     lateral = rng.uniform(-0.03, 0.03, size=(24, 2))
