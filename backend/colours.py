@@ -5,16 +5,22 @@ of millions of points is first averaged per cell of a fine grid (transfer_cells)
 tree stays small (memory bounded by the grid, not the scan) while the colour detail stays finer
 than the mesh's own: DETAIL_PER_GRID_CELL cells per cell of the grid the mesh was extracted on."""
 
+from typing import Callable
+
 import numpy as np
 from scipy.spatial import cKDTree
 
-from .preprocess import cell_keys, grid_cells
+from .errors import Cancelled
+from .preprocess import cell_keys, grid_bounds, grid_cells
 
 NEIGHBOURS = 8
 # 4 colour cells per extraction cell: 3 million points of a textured bunny at 128^3 keep 0.26 dB
 # less colour PSNR at their vertices than with 8 (1024 cells), in 1.1 s less (docs/performance.md).
 DETAIL_PER_GRID_CELL = 4
 MAX_TRANSFER_CELLS = 1024
+# cell_means sums the points this many at a time (about a tenth of a second each on 2 cores), so a
+# cancel lands between chunks.
+CHUNK_POINTS = 500_000
 # Distances below this fraction of the cloud's extent count as this much (a vertex on a point
 # would otherwise get an infinite weight).
 MIN_DISTANCE = 1e-6
@@ -25,24 +31,39 @@ def transfer_cells(resolution: int) -> int:
     return min(MAX_TRANSFER_CELLS, DETAIL_PER_GRID_CELL * resolution)
 
 
-def cell_means(points: np.ndarray, colors: np.ndarray, cells: int) -> tuple[np.ndarray, np.ndarray]:
+def cell_means(points: np.ndarray, colors: np.ndarray, cells: int,
+               should_cancel: Callable[[], bool] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(M, 3) mean positions and (M, 3) mean colours of the points (N, 3) and colours (N, 3) in
-    each occupied cell of a cells^3 grid over the points' bounding box (M <= N)."""
-    keys = cell_keys(grid_cells(points, cells), cells)
-    _, group, counts = np.unique(keys, return_inverse=True, return_counts=True)
-
-    def mean(values: np.ndarray) -> np.ndarray:
-        return np.stack([np.bincount(group, values[:, axis], len(counts)) for axis in range(3)], axis=1) \
-            / counts[:, None]
-    return mean(points.astype(np.float64)), mean(colors.astype(np.float64))
+    each occupied cell of a cells^3 grid over the points' bounding box (M <= N). Summed over
+    CHUNK_POINTS points at a time, checking should_cancel() before each (raising Cancelled): at
+    millions of points one pass takes over a second."""
+    bounds = grid_bounds(points)
+    keys, counts, sums = [], [], []
+    for start in range(0, len(points), CHUNK_POINTS):
+        if should_cancel is not None and should_cancel():
+            raise Cancelled()
+        chunk = slice(start, start + CHUNK_POINTS)
+        unique, group, count = np.unique(cell_keys(grid_cells(points[chunk], cells, bounds), cells),
+                                         return_inverse=True, return_counts=True)
+        keys.append(unique)
+        counts.append(count)
+        sums.append(np.stack([np.bincount(group, values[chunk, column], len(unique))
+                              for values in (points, colors) for column in range(3)], axis=1))
+    unique, group = np.unique(np.concatenate(keys), return_inverse=True)
+    count = np.bincount(group, np.concatenate(counts), len(unique))
+    summed = np.concatenate(sums)
+    means = np.stack([np.bincount(group, summed[:, column], len(unique)) for column in range(6)], axis=1) / count[:, None]
+    return means[:, :3], means[:, 3:]
 
 
 def transfer_colours(vertices: np.ndarray, points: np.ndarray, colors: np.ndarray,
-                     k: int = NEIGHBOURS, cells: int = MAX_TRANSFER_CELLS) -> np.ndarray:
+                     k: int = NEIGHBOURS, cells: int = MAX_TRANSFER_CELLS,
+                     should_cancel: Callable[[], bool] | None = None) -> np.ndarray:
     """(V, 4) float32 RGBA in [0, 1] (alpha 1) for mesh vertices (V, 3) from points (N, 3) with
     colours (N, 3) in [0, 1], all in the same coordinates: the weighted mean of the k nearest
-    (cell-averaged) points' colours, weights 1 / distance."""
-    centres, means = cell_means(points, colors, cells)
+    (cell-averaged) points' colours, weights 1 / distance. should_cancel() is checked while the
+    points are averaged (cell_means), raising Cancelled."""
+    centres, means = cell_means(points, colors, cells, should_cancel)
     k = min(k, len(centres))
     distances, index = cKDTree(centres).query(vertices, k=k, workers=-1)
     distances, index = distances.reshape(len(vertices), k), index.reshape(len(vertices), k)

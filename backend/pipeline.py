@@ -242,7 +242,7 @@ class Reconstructor:
         if cloud.colors is not None and options.colours:
             with timer("colours"):
                 result.colors = transfer_colours(result.vertices, canonical, cloud.colors,
-                                                  cells=transfer_cells(options.resolution))
+                                                  cells=transfer_cells(options.resolution), should_cancel=should_cancel)
         result.vertices = result.vertices.astype(np.float64) * scale + center
         result.stats.update(evaluations=evaluations, input_points=len(points), encoder_points=len(encoder_points),
                             center=center.tolist(), scale=scale, input_colours=cloud.colors is not None,

@@ -64,6 +64,27 @@ def test_colour_detail_follows_the_mesh_grid():
     assert abs(blended[0] - 0.5) < 0.05 and abs(blended[2] - 0.5) < 0.05
 
 
+def test_a_large_cloud_is_averaged_in_chunks_alike_and_a_cancel_lands_between_them(monkeypatch):
+    """cell_means sums CHUNK_POINTS points at a time: the cell means equal those of one pass, and
+    should_cancel is asked before every chunk, so a cancel stops the colour transfer mid-way."""
+    from backend import colours
+    from backend.errors import Cancelled
+
+    points = sphere_points(10_000)
+    rgb = np.random.default_rng(1).uniform(size=(10_000, 3))
+    whole = colours.cell_means(points, rgb, 64)
+    monkeypatch.setattr(colours, "CHUNK_POINTS", 1_000)
+    asked = []
+    chunked = colours.cell_means(points, rgb, 64, should_cancel=lambda: asked.append(1) and False)
+    assert len(asked) == 10 and len(whole[0]) < 10_000
+    np.testing.assert_allclose(chunked[0], whole[0], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(chunked[1], whole[1], rtol=0, atol=1e-12)
+    asked.clear()
+    with pytest.raises(Cancelled):
+        colours.transfer_colours(points[:5], points, rgb, should_cancel=lambda: len(asked) >= 3 or asked.append(1))
+    assert len(asked) == 3
+
+
 def test_pipeline_gives_coloured_points_a_coloured_mesh(octahedron):
     points = sphere_points(4000)
     colours = (colour_by_side(points) * 255).astype(np.uint8)  # 0..255 is scaled to [0, 1]
