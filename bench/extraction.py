@@ -221,7 +221,7 @@ def decimation_rows(reconstructor, path: Path, seed: int, tolerances: list[float
 
 def refinement_rows(reconstructor, path: Path, seed: int, resolution: int) -> list[dict]:
     """Rows (settings, refine seconds wall and CPU, metrics) for one mesh: the grid's unrefined
-    mesh refined with fresh searches and fits every round (refit_distance 0, the planes of the
+    mesh refined with fresh searches and fits every round (refit_spacing 0, the planes of the
     refinement as first written, to float rounding), with the defaults, and with the defaults and
     the points' normals, on the same points."""
     from backend.extraction.refine import RefineSettings, refine_to_points
@@ -241,7 +241,7 @@ def refinement_rows(reconstructor, path: Path, seed: int, resolution: int) -> li
     center, scale = np.asarray(raw.stats["center"]), raw.stats["scale"]
     canonical, points = (raw.vertices - center) / scale, (noisy - center) / scale
     rows = []
-    variants = (("every_round", RefineSettings(refit_distance=0.0), None), ("default", RefineSettings(), None),
+    variants = (("every_round", RefineSettings(refit_spacing=0.0), None), ("default", RefineSettings(), None),
                 ("both_sheets", RefineSettings(sheet_reach=None), None),
                 ("true_normals", RefineSettings(), normals), ("normals_10deg_either_side", RefineSettings(), turned))
     for name, settings, given in variants:

@@ -228,14 +228,14 @@ def reference_refinement(vertices, faces, points, settings):
 
 def test_remembered_neighbours_and_planes_give_the_reference_result():
     """Kept candidates (searched again only beyond their slack) and closed-form normals, every
-    vertex its own site: with refit_distance 0 the reference result to float rounding; the
+    vertex its own site: with refit_spacing 0 the reference result to float rounding; the
     default, which keeps planes of vertices that barely moved, within a small fraction of a grid
     cell of it."""
     mesh = sphere_mesh(0.30)
     points = sphere_points(0.34, 3000, noise=0.005)
     planes = RefineSettings(curved_neighbours=None, site_spacing=0.0)
     reference = reference_refinement(mesh.vertices, mesh.faces, points, planes)
-    exact = refine_to_points(mesh.vertices, mesh.faces, points, replace(planes, refit_distance=0.0))
+    exact = refine_to_points(mesh.vertices, mesh.faces, points, replace(planes, refit_spacing=0.0))
     assert np.abs(exact - reference).max() < 1e-5
     default = refine_to_points(mesh.vertices, mesh.faces, points, planes)
     assert np.abs(default - reference).mean() < 1e-4 and np.abs(default - reference).max() < 0.005

@@ -21,10 +21,10 @@ site, a cube about one point spacing wide holding the vertices that face the sam
 (fitting_sites), fitted at their mean and evaluated at each vertex (its quadratic height field
 above the vertex, not only its plane). After the first rounds most sites move by a fraction of the
 spacing of the points. Each site remembers its last surface and keeps it while it has moved less
-than `refit_distance` since (0: refit every round); it remembers SPARE_NEIGHBOURS more nearest
+than `refit_spacing` times the points' spacing since (0: refit every round); it remembers SPARE_NEIGHBOURS more nearest
 points than a fit uses, and searches the tree again only when it has moved so far that its nearest
 points may have changed (search_neighbours says why that is exact). The plane normal is the
-covariance's smallest eigenvector in closed form. With site_spacing 0 and refit_distance 0 the
+covariance's smallest eigenvector in closed form. With site_spacing 0 and refit_spacing 0 the
 planes are those of a fresh search and a LAPACK eigensolver at every vertex every round, to float
 rounding.
 """
@@ -48,7 +48,8 @@ class RefineSettings:
     weight_rank: int = 4         # Gaussian weight width = distance to this nearest neighbour
     min_neighbours: int = 6      # fewer points within radius: the vertex keeps the network's position
     smoothing_steps: int = 3     # Taubin steps per round
-    refit_distance: float = 0.0005  # a vertex that moved less since its last plane fit keeps that plane
+    refit_spacing: float = 0.5    # a site that moved less than this many times the points' median
+                                  # spacing since its last fit keeps that fit (0: refit every round)
     sheet_reach: float | None = 0.06  # faces closer than this make a thin part, whose far face's points
                                       # a vertex leaves out (without_far_sheet); None: all count
     curved_neighbours: int | None = 32  # where the mesh is bulky (no far face within sheet_reach), a
@@ -404,14 +405,14 @@ def site_means(values: np.ndarray, site: np.ndarray, sites: int) -> np.ndarray:
 
 
 def remembered_fits(sites: np.ndarray, tree: cKDTree, points: np.ndarray, memory: SiteMemory,
-                    settings: RefineSettings, normals: np.ndarray | None = None,
+                    settings: RefineSettings, refit_distance: float, normals: np.ndarray | None = None,
                     facing: np.ndarray | None = None, thickness: np.ndarray | None = None) -> None:
     """One round's local surfaces of sites (S, 3) among points (P, 3) float32 (normals (P, 3)
     float32 or None; the sites' outward normals facing (S, 3) and thickness (S,), or None:
-    without_far_sheet), into memory. Sites that moved settings.refit_distance or more since their
+    without_far_sheet), into memory. Sites that moved refit_distance or more since their
     last fit get a fresh fit (searching the tree again only when they moved beyond their slack);
     the others keep theirs."""
-    refit = np.linalg.norm(sites - memory.fitted_at, axis=1) >= settings.refit_distance
+    refit = np.linalg.norm(sites - memory.fitted_at, axis=1) >= refit_distance
     search = refit & (np.linalg.norm(sites - memory.searched_at, axis=1) >= memory.slack)
     if search.any():
         candidates, memory.slack[search] = search_neighbours(sites[search], tree, settings)
@@ -430,7 +431,7 @@ def remembered_fits(sites: np.ndarray, tree: cKDTree, points: np.ndarray, memory
 
 
 def blockwise_fits(sites: np.ndarray, tree: cKDTree, points: np.ndarray, memory: SiteMemory,
-                   settings: RefineSettings, should_cancel: Callable[[], bool] | None = None,
+                   settings: RefineSettings, refit_distance: float, should_cancel: Callable[[], bool] | None = None,
                    normals: np.ndarray | None = None, facing: np.ndarray | None = None,
                    thickness: np.ndarray | None = None) -> None:
     """remembered_fits over blocks of PROJECTION_BLOCK sites, checking should_cancel before each. A
@@ -440,7 +441,7 @@ def blockwise_fits(sites: np.ndarray, tree: cKDTree, points: np.ndarray, memory:
     for start in range(0, len(sites), PROJECTION_BLOCK):
         check_cancel(should_cancel)
         block = slice(start, start + PROJECTION_BLOCK)
-        remembered_fits(sites[block], tree, points, memory.rows(block), settings, normals,
+        remembered_fits(sites[block], tree, points, memory.rows(block), settings, refit_distance, normals,
                         *((facing[block], thickness[block]) if facing is not None else ()))
 
 
@@ -495,8 +496,8 @@ def refine_to_points(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray
     memory = SiteMemory.empty(count, min(fitted_count(settings), len(points)) + SPARE_NEIGHBOURS)
     for done in range(settings.rounds):
         vertices_now = np.asarray(mesh.vertices)
-        blockwise_fits(site_means(vertices_now, site, count), tree, points32, memory, settings, should_cancel,
-                       normals, facing, thickness)
+        blockwise_fits(site_means(vertices_now, site, count), tree, points32, memory, settings,
+                       settings.refit_spacing * spacing, should_cancel, normals, facing, thickness)
         centre = surface_targets(vertices_now, memory, site)
         mesh.vertices = vertices_now + plane_moves(vertices_now, centre, memory.normal[site], memory.usable[site],
                                                    settings)
