@@ -164,6 +164,12 @@ def main(argv=None) -> int:
     if not args.meshes.is_dir():
         print(f"skipped: benchmark meshes not found at {args.meshes} (the shared data folder is absent)")
         return 0
+    try:
+        import open3d  # noqa: F401
+    except ImportError as exc:  # without the baseline every "shape won" would be a win over an empty mesh
+        print(f"error: screened Poisson, the baseline, needs Open3D ({exc}): pip install -e '.[bench]' "
+              "(on Debian also apt-get install libusb-1.0-0)", file=sys.stderr)
+        return 2
     paths = sorted(p for p in args.meshes.iterdir() if p.suffix.lower() in (".obj", ".off", ".ply", ".stl", ".glb"))
     paths = paths[: args.limit] if args.limit else paths
     tasks = [{"path": str(p), "name": p.stem, "seed": i, "protocols": args.protocol, "checkpoint": args.checkpoint,
