@@ -259,6 +259,7 @@ class Server:
             if torch is not None:
                 info.setdefault("torch_threads", torch.get_num_threads())
             info.setdefault("omp_wait_policy", os.environ.get("OMP_WAIT_POLICY"))
+            info.setdefault("omp_spin_count", os.environ.get("GOMP_SPINCOUNT"))
         except BaseException as exc:
             self.send_error(req_id, wire.E_INTERNAL, f"the backend cannot start its models: {exc}")
             return
@@ -506,8 +507,13 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     # OpenMP threads that spin while waiting for work burn the CPU that Blender and every other
     # process need; on a busy machine that made requests 3-10x slower (see bench/blender.py).
+    # Threads that never spin pay a wake-up at every parallel region instead; a spin of about
+    # 0.3 ms (libgomp's default is ten times longer) keeps the threads warm within a request and
+    # costs nothing on a busy machine (docs/performance.md section 4: warm 128^3 0.64 / 0.57 ->
+    # 0.57 / 0.52 s idle, 1.08 / 1.16 s busy either way; 3 ms: 4.5 / 2.8 s busy).
     # Must be set before torch (libgomp) loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("GOMP_SPINCOUNT", "30000")
     if args.threads > 0:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[var] = str(args.threads)
