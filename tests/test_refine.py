@@ -247,9 +247,9 @@ def count_searches_and_fits(monkeypatch, settings, points=3000):
     from backend.extraction import refine
 
     searched, fitted = [], []
-    search, fit = refine.search_neighbours, refine.fit_local_surfaces
+    search, fit = refine.search_neighbours, refine.fits_on_two_threads
     monkeypatch.setattr(refine, "search_neighbours", lambda v, *a: searched.append(len(v)) or search(v, *a))
-    monkeypatch.setattr(refine, "fit_local_surfaces", lambda v, *a: fitted.append(len(v)) or fit(v, *a))
+    monkeypatch.setattr(refine, "fits_on_two_threads", lambda v, *a: fitted.append(len(v)) or fit(v, *a))
     mesh = sphere_mesh(0.30)
     refined = refine_to_points(mesh.vertices, mesh.faces, sphere_points(0.34, points, noise=0.005), settings)
     monkeypatch.undo()
@@ -338,3 +338,21 @@ def test_the_mesh_says_where_it_is_thin_and_the_far_faces_points_are_left_out():
     one_layer = np.concatenate([lateral, rng.normal(0.0, 0.003, (24, 1))], axis=1).astype(np.float32)
     kept = without_far_sheet(vertex, np.arange(24)[None], one_layer, up, np.array([0.03]))
     assert kept.tolist() == [list(range(24))]
+
+
+def test_fits_on_two_threads_equal_one_threads(monkeypatch):
+    """The sites' local surfaces fitted in two halves at once are those of one call over all."""
+    from scipy.spatial import cKDTree
+
+    from backend.extraction import refine
+
+    settings = RefineSettings()
+    points = sphere_points(0.34, 3000, noise=0.005)
+    sites = np.asarray(sphere_mesh(0.30).vertices)
+    candidates, _ = refine.search_neighbours(sites, cKDTree(points), settings)
+    curved = np.arange(len(sites)) % 3 > 0
+    whole = refine.fit_local_surfaces(sites, points.astype(np.float32), candidates, settings, None, curved)
+    monkeypatch.setattr(refine, "MIN_SITES_PER_THREAD", 100)
+    halves = refine.fits_on_two_threads(sites, points.astype(np.float32), candidates, settings, None, curved)
+    for name in ("origin", "normal", "usable", "frame", "spread", "coefficients"):
+        np.testing.assert_array_equal(getattr(halves, name), getattr(whole, name))
