@@ -106,13 +106,22 @@ def corners_of_cells(cells: torch.Tensor) -> torch.Tensor:
 
 
 def parent_cells(fine_cells: torch.Tensor) -> torch.Tensor:
-    """Cells (2n,)^3 of a level -> their parents (n,)^3 on the level above: any child holds."""
-    n = fine_cells.shape[0] // 2
+    """Cells (2a, 2b, 2c) of a level -> their parents (a, b, c) on the level above: any child holds."""
+    a, b, c = (size // 2 for size in fine_cells.shape)
     # Or-ing the halves of each axis in turn: ten times faster than .any() over the split axes.
-    x = fine_cells.view(torch.uint8).reshape(n, 2, n, 2, n, 2)
+    x = fine_cells.view(torch.uint8).reshape(a, 2, b, 2, c, 2)
     x = x[:, 0] | x[:, 1]
     x = x[:, :, 0] | x[:, :, 1]
     return (x[..., 0] | x[..., 1]).bool()
+
+
+def window_of(cells: torch.Tensor) -> tuple[slice, slice, slice] | None:
+    """The smallest box (slices per axis) of a bool grid holding all its True entries; None if none."""
+    where = cells.nonzero()
+    if not len(where):
+        return None
+    low, high = where.min(dim=0).values.tolist(), where.max(dim=0).values.tolist()
+    return tuple(slice(lo, hi + 1) for lo, hi in zip(low, high))
 
 
 def upsample(grid: torch.Tensor) -> torch.Tensor:
@@ -167,21 +176,32 @@ def mise(evaluate: Evaluate, resolution0: int = 32, upsampling_steps: int = 2, l
         refined = torch.zeros_like(known)
         refined_cells = cells.clone()
         n *= 2
-        while True:
-            new_points = corners_of_cells(cells) & ~refined
-            refined |= new_points
-            todo = (new_points & ~known).nonzero()
+        # Each round works in the box around the cells it refines: after the first, they are a few
+        # cells where the surface ran on (at 256^3 two rounds of 156 and 1 cells after 26,000).
+        window = window_of(cells)
+        while window is not None:
+            points = tuple(slice(2 * axis.start, 2 * axis.stop + 1) for axis in window)
+            new_points = corners_of_cells(cells[window]) & ~refined[points]
+            refined[points] |= new_points
+            todo = (new_points & ~known[points]).nonzero()
             if len(todo):
+                todo += torch.tensor([axis.start for axis in points], device=device)
                 values[todo[:, 0], todo[:, 1], todo[:, 2]] = run(step, todo, n)
                 known[todo[:, 0], todo[:, 1], todo[:, 2]] = True
                 evaluations += todo.shape[0]
             # A surface cell that reaches a point we did not refine runs on into a coarse cell whose
-            # corners all agreed: refine that cell too, until the surface is closed inside refined cells.
-            frontier = active_cells(values, level, None) & cell_any(~refined)
-            cells = parent_cells(frontier) & ~refined_cells
-            if not cells.any():
-                break
-            refined_cells |= cells
+            # corners all agreed: refine that cell too, until the surface is closed inside refined
+            # cells. Only cells with a corner among the new points can have changed: those within
+            # one cell of the box, which is widened to whole parents.
+            fine = tuple(slice(max(2 * axis.start - 2, 0), min(2 * axis.stop + 2, n)) for axis in window)
+            fine_points = tuple(slice(axis.start, axis.stop + 1) for axis in fine)
+            frontier = active_cells(values[fine_points], level, None) & cell_any(~refined[fine_points])
+            parents = tuple(slice(axis.start // 2, axis.stop // 2) for axis in fine)
+            cells = torch.zeros_like(refined_cells)
+            cells[parents] = parent_cells(frontier) & ~refined_cells[parents]
+            window = window_of(cells)
+            if window is not None:
+                refined_cells |= cells
 
     if progress is not None:
         progress(1.0)
