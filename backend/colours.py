@@ -11,15 +11,15 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from .errors import Cancelled
-from .preprocess import cell_keys, grid_bounds, grid_cells
+from .preprocess import cell_keys, grid_cells
 
 NEIGHBOURS = 8
 # 4 colour cells per extraction cell: 3 million points of a textured bunny at 128^3 keep 0.26 dB
 # less colour PSNR at their vertices than with 8 (1024 cells), in 1.1 s less (docs/performance.md).
 DETAIL_PER_GRID_CELL = 4
 MAX_TRANSFER_CELLS = 1024
-# cell_means sums the points this many at a time (about a tenth of a second each on 2 cores), so a
-# cancel lands between chunks.
+# cell_means averages about this many points at a time (a tenth of a second on 2 cores), so a
+# cancel lands between them.
 CHUNK_POINTS = 500_000
 # Distances below this fraction of the cloud's extent count as this much (a vertex on a point
 # would otherwise get an infinite weight).
@@ -34,26 +34,31 @@ def transfer_cells(resolution: int) -> int:
 def cell_means(points: np.ndarray, colors: np.ndarray, cells: int,
                should_cancel: Callable[[], bool] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(M, 3) mean positions and (M, 3) mean colours of the points (N, 3) and colours (N, 3) in
-    each occupied cell of a cells^3 grid over the points' bounding box (M <= N). Summed over
-    CHUNK_POINTS points at a time, checking should_cancel() before each (raising Cancelled): at
-    millions of points one pass takes over a second."""
-    bounds = grid_bounds(points)
-    keys, counts, sums = [], [], []
-    for start in range(0, len(points), CHUNK_POINTS):
+    each occupied cell of a cells^3 grid over the points' bounding box (M <= N), in the order of
+    the cells' keys. The points are averaged in slabs of whole layers of cells, about CHUNK_POINTS
+    at a time, checking should_cancel() before each (raising Cancelled): at millions of points one
+    pass takes over a second. A slab's cells are its own and follow the previous slab's, and a
+    stable sort keeps each cell's points in their order, so the means are those of one pass, bit
+    for bit."""
+    keys = cell_keys(grid_cells(points, cells), cells)
+    slabs = int(min(cells, -(-len(points) // CHUNK_POINTS)))
+    layer = keys // (cells * cells)
+    slab = (layer * slabs // cells).astype(np.uint16)
+    order = np.argsort(slab, kind="stable")               # a radix sort: 16-bit keys
+    ends = np.searchsorted(slab[order], np.arange(1, slabs + 1))
+    centres, means = [], []
+    for start, end in zip(np.concatenate([[0], ends[:-1]]), ends):
         if should_cancel is not None and should_cancel():
             raise Cancelled()
-        chunk = slice(start, start + CHUNK_POINTS)
-        unique, group, count = np.unique(cell_keys(grid_cells(points[chunk], cells, bounds), cells),
-                                         return_inverse=True, return_counts=True)
-        keys.append(unique)
-        counts.append(count)
-        sums.append(np.stack([np.bincount(group, values[chunk, column], len(unique))
-                              for values in (points, colors) for column in range(3)], axis=1))
-    unique, group = np.unique(np.concatenate(keys), return_inverse=True)
-    count = np.bincount(group, np.concatenate(counts), len(unique))
-    summed = np.concatenate(sums)
-    means = np.stack([np.bincount(group, summed[:, column], len(unique)) for column in range(6)], axis=1) / count[:, None]
-    return means[:, :3], means[:, 3:]
+        rows = order[start:end]
+        if not len(rows):
+            continue
+        _, group, count = np.unique(keys[rows], return_inverse=True, return_counts=True)
+        for values, out in ((points, centres), (colors, means)):
+            chosen = values[rows].astype(np.float64)
+            out.append(np.stack([np.bincount(group, chosen[:, axis], len(count)) for axis in range(3)], axis=1)
+                       / count[:, None])
+    return np.concatenate(centres), np.concatenate(means)
 
 
 def transfer_colours(vertices: np.ndarray, points: np.ndarray, colors: np.ndarray,

@@ -48,17 +48,11 @@ def image_to_model_input(rgba: np.ndarray, size: int, background=(1.0, 1.0, 1.0)
 COVERAGE_CELLS = 256
 
 
-def grid_cells(points: np.ndarray, cells: int, bounds: tuple[np.ndarray, float] | None = None) -> np.ndarray:
-    """(N, 3) int64 cell coordinates of the points (N, 3) in a cells^3 grid over their bounding box,
-    or over bounds (its low corner (3,) and longest edge) when given (a part of a larger cloud)."""
-    lo, extent = bounds if bounds is not None else grid_bounds(points)
+def grid_cells(points: np.ndarray, cells: int) -> np.ndarray:
+    """(N, 3) int64 cell coordinates of the points (N, 3) in a cells^3 grid over their bounding box."""
+    lo = points.min(axis=0)
+    extent = max(float(np.ptp(points, axis=0).max()), 1e-30)
     return np.minimum(((points - lo) * (cells / extent)).astype(np.int64), cells - 1)
-
-
-def grid_bounds(points: np.ndarray) -> tuple[np.ndarray, float]:
-    """The low corner (3,) and longest edge of the bounding box of points (N, 3), as grid_cells
-    spans its grid."""
-    return points.min(axis=0), max(float(np.ptp(points, axis=0).max()), 1e-30)
 
 
 def cell_keys(coordinates: np.ndarray, cells: int) -> np.ndarray:

@@ -65,8 +65,9 @@ def test_colour_detail_follows_the_mesh_grid():
 
 
 def test_a_large_cloud_is_averaged_in_chunks_alike_and_a_cancel_lands_between_them(monkeypatch):
-    """cell_means sums CHUNK_POINTS points at a time: the cell means equal those of one pass, and
-    should_cancel is asked before every chunk, so a cancel stops the colour transfer mid-way."""
+    """cell_means averages slabs of about CHUNK_POINTS points: the cell means equal those of one
+    pass, and should_cancel is asked before every slab, so a cancel stops the colour transfer
+    mid-way."""
     from backend import colours
     from backend.errors import Cancelled
 
@@ -77,8 +78,8 @@ def test_a_large_cloud_is_averaged_in_chunks_alike_and_a_cancel_lands_between_th
     asked = []
     chunked = colours.cell_means(points, rgb, 64, should_cancel=lambda: asked.append(1) and False)
     assert len(asked) == 10 and len(whole[0]) < 10_000
-    np.testing.assert_allclose(chunked[0], whole[0], rtol=0, atol=1e-12)
-    np.testing.assert_allclose(chunked[1], whole[1], rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(chunked[0], whole[0])
+    np.testing.assert_array_equal(chunked[1], whole[1])
     asked.clear()
     with pytest.raises(Cancelled):
         colours.transfer_colours(points[:5], points, rgb, should_cancel=lambda: len(asked) >= 3 or asked.append(1))
