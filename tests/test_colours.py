@@ -64,7 +64,7 @@ def test_colour_detail_follows_the_mesh_grid():
     assert abs(blended[0] - 0.5) < 0.05 and abs(blended[2] - 0.5) < 0.05
 
 
-def test_a_large_cloud_is_averaged_in_chunks_alike_and_a_cancel_lands_between_them(monkeypatch):
+def test_a_large_cloud_is_averaged_in_slabs_alike_and_a_cancel_lands_between_them(monkeypatch):
     """cell_means averages slabs of about CHUNK_POINTS points: the cell means equal those of one
     pass, and should_cancel is asked before every slab, so a cancel stops the colour transfer
     mid-way."""
@@ -76,10 +76,10 @@ def test_a_large_cloud_is_averaged_in_chunks_alike_and_a_cancel_lands_between_th
     whole = colours.cell_means(points, rgb, 64)
     monkeypatch.setattr(colours, "CHUNK_POINTS", 1_000)
     asked = []
-    chunked = colours.cell_means(points, rgb, 64, should_cancel=lambda: asked.append(1) and False)
+    slabs = colours.cell_means(points, rgb, 64, should_cancel=lambda: asked.append(1) and False)
     assert len(asked) == 10 and len(whole[0]) < 10_000
-    np.testing.assert_array_equal(chunked[0], whole[0])
-    np.testing.assert_array_equal(chunked[1], whole[1])
+    np.testing.assert_array_equal(slabs[0], whole[0])
+    np.testing.assert_array_equal(slabs[1], whole[1])
     asked.clear()
     with pytest.raises(Cancelled):
         colours.transfer_colours(points[:5], points, rgb, should_cancel=lambda: len(asked) >= 3 or asked.append(1))

@@ -340,7 +340,7 @@ def test_the_mesh_says_where_it_is_thin_and_the_far_faces_points_are_left_out():
     assert kept.tolist() == [list(range(24))]
 
 
-def test_fits_on_two_threads_equal_one_threads(monkeypatch):
+def test_fits_on_two_threads_equal_those_on_one(monkeypatch):
     """The sites' local surfaces fitted in two halves at once are those of one call over all."""
     from scipy.spatial import cKDTree
 

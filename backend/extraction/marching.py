@@ -29,9 +29,9 @@ def grid_to_mesh(values: np.ndarray, level: float, box_min: float, spacing: floa
         return MeshArrays(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32))
     # The surface lies within one grid point of the inside: marching cubes needs only that box (on
     # a chair at 256^3 a third of the time of the whole grid).
-    low = [max(int(np.flatnonzero(inside.any(axis=others))[0]) - 1, 0) for others in ((1, 2), (0, 2), (0, 1))]
-    high = [int(np.flatnonzero(inside.any(axis=others))[-1]) + 2 for others in ((1, 2), (0, 2), (0, 1))]
-    crop = values[low[0]:high[0], low[1]:high[1], low[2]:high[2]]
+    occupied = [np.flatnonzero(inside.any(axis=others)) for others in ((1, 2), (0, 2), (0, 1))]
+    low = [max(int(layers[0]) - 1, 0) for layers in occupied]
+    crop = values[tuple(slice(start, int(layers[-1]) + 2) for start, layers in zip(low, occupied))]
     padded = np.pad(crop.astype(np.float32, copy=False), 1, mode="constant", constant_values=OUTSIDE)
     verts, faces, _, _ = measure.marching_cubes(padded, level=level, allow_degenerate=False)
     # Inside is the larger value; scikit-image then winds faces clockwise seen from outside.

@@ -21,9 +21,9 @@ site, a cube about one point spacing wide holding the vertices that face the sam
 (fitting_sites), fitted at their mean and evaluated at each vertex (its quadratic height field
 above the vertex, not only its plane). After the first rounds most sites move by a fraction of the
 spacing of the points. Each site remembers its last surface and keeps it while it has moved less
-than `refit_spacing` times the points' spacing since (0: refit every round); it remembers SPARE_NEIGHBOURS more nearest
-points than a fit uses, and searches the tree again only when it has moved so far that its nearest
-points may have changed (search_neighbours says why that is exact). The plane normal is the
+than `refit_spacing` times the points' spacing since (0: refit every round); it remembers
+SPARE_NEIGHBOURS more nearest points than a fit uses, and searches the tree again only when it has
+moved so far that its nearest points may have changed (search_neighbours says why that is exact). The plane normal is the
 covariance's smallest eigenvector in closed form. With site_spacing 0 and refit_spacing 0 the
 planes are those of a fresh search and a LAPACK eigensolver at every vertex every round, to float
 rounding.
@@ -164,7 +164,8 @@ def local_thickness(probed: np.ndarray, facing: np.ndarray, surface: np.ndarray,
     """(V,) how thin a mesh is at its vertices probed (V, 3) with unit outward normals facing
     (V, 3), against samples of its surface (M, 3) with unit outward normals (M, 3) (the vertices
     themselves, or fewer: the refinement passes its fitting sites' means, a dozen times fewer at
-    256^3, with the same outcome on validation): probes step inwards along `facing` up to
+    256^3; on validation every mean within 0.0005 at 3000 points, normal consistency 0.002 lower
+    at 300: docs/performance.md section 4): probes step inwards along `facing` up to
     `reach`; where the sample nearest a probe faces the other way (normals more than 120 degrees
     apart), the far face is that sample's depth behind the vertex. inf where no probe meets one
     (bulky parts). should_cancel() is checked before each block of PROJECTION_BLOCK vertices."""
