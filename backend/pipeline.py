@@ -238,8 +238,10 @@ class Reconstructor:
             with timer("smooth"):
                 mesh = taubin_smoothed(mesh)
         result = self._finish(model, code, device, mesh, options, timer, should_cancel, warnings,
-                              tolerance=cloud_tolerance(spacing))
+                              tolerance=cloud_tolerance(spacing), progress=progress)
         if cloud.colors is not None and options.colours:
+            if progress is not None:
+                progress("colours", 0.0)
             with timer("colours"):
                 result.colors = transfer_colours(result.vertices, canonical, cloud.colors,
                                                   cells=transfer_cells(options.resolution), should_cancel=should_cancel)
@@ -278,7 +280,7 @@ class Reconstructor:
         warnings = []
         mesh, evaluations = self._extract(lambda p: model.decode(p[None], code)[0], QUERY_BOX, device, options,
                                           timer, progress, should_cancel, warnings=warnings)
-        result = self._finish(model, code, device, mesh, options, timer, should_cancel, warnings)
+        result = self._finish(model, code, device, mesh, options, timer, should_cancel, warnings, progress=progress)
         result.stats.update(evaluations=evaluations, image_size=list(rgba.shape[:2]))
         return result
 
@@ -299,7 +301,7 @@ class Reconstructor:
         warnings = []
         mesh, evaluations = self._extract(lambda p: model.decode(p[None], None)[0], QUERY_BOX, device, options,
                                           timer, progress, should_cancel, warnings=warnings)
-        result = self._finish(model, None, device, mesh, options, timer, should_cancel, warnings)
+        result = self._finish(model, None, device, mesh, options, timer, should_cancel, warnings, progress=progress)
         result.stats.update(evaluations=evaluations)
         return result
 
@@ -341,7 +343,7 @@ class Reconstructor:
         warnings, filled = [], []
         mesh, evaluations = self._extract(evaluate, VIEWER_BOX, device, options, timer, progress, should_cancel,
                                           warnings=warnings, settle=fit_the_mask)
-        result = self._finish(model, code, device, mesh, options, timer, should_cancel, warnings)
+        result = self._finish(model, code, device, mesh, options, timer, should_cancel, warnings, progress=progress)
         if options.colours:
             with timer("colours"):
                 if result.colors is None:   # no texture head: every vertex the picture's colour on its ray
@@ -421,9 +423,12 @@ class Reconstructor:
         return mesh, grid.evaluations
 
     def _finish(self, model, code, device, mesh: MeshArrays, options, timer, should_cancel,
-                warnings: list, tolerance: float | None = None) -> ReconstructionResult:
+                warnings: list, tolerance: float | None = None,
+                progress: Progress | None = None) -> ReconstructionResult:
         """The result of a grid mesh: decimated, with normals and texture colours as asked; its stats
         carry the warnings (a list the caller may still extend)."""
+        if progress is not None and (options.max_faces is not None or tolerance is not None):
+            progress("decimate", 0.0)
         if options.max_faces is not None:
             with timer("decimate"):
                 mesh = simplify_mesh(mesh, options.max_faces, should_cancel=should_cancel)

@@ -12,7 +12,7 @@
   at 128^3, until the result is decoded in the add-on's client.
 * warm_<R>: the same request again on the warm backend, median of --repeat, per resolution.
 * cancel_<stage>: a warm request at the largest resolution, cancelled when the backend first reports
-  that stage (extract, marching_cubes, refine): seconds from the cancel frame to the client seeing
+  that stage (extract, marching_cubes, refine, decimate): seconds from the cancel frame to the client seeing
   the request end as cancelled.
 
 The default model is backend/weights/pointcloud_local.safetensors. When it is missing (the
@@ -219,7 +219,7 @@ def bench_reconstruct(checkpoint, points, resolutions, repeat, skip_cold, device
         cl.stop()
 
 
-CANCEL_STAGES = ("extract", "marching_cubes", "refine")
+CANCEL_STAGES = ("extract", "marching_cubes", "refine", "decimate")
 
 
 def bench_cancel(cl, checkpoint, points, resolution, device, stage):

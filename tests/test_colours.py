@@ -89,8 +89,11 @@ def test_a_large_cloud_is_averaged_in_slabs_alike_and_a_cancel_lands_between_the
 def test_pipeline_gives_coloured_points_a_coloured_mesh(octahedron):
     points = sphere_points(4000)
     colours = (colour_by_side(points) * 255).astype(np.uint8)  # 0..255 is scaled to [0, 1]
+    stages = []
     result = Reconstructor("cpu").reconstruct_points(points, ReconstructOptions(checkpoint=octahedron, resolution=32),
+                                                     progress=lambda stage, fraction: stages.append(stage),
                                                      colors=colours)
+    assert stages[-1] == "colours"           # reported, so the add-on shows it and a cancel can land in it
     assert result.colors.shape == (len(result.vertices), 4) and result.colors.dtype == np.float32
     left = result.vertices[:, 0] < -1.0
     right = result.vertices[:, 0] > 1.0
