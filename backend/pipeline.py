@@ -427,14 +427,13 @@ class Reconstructor:
                 progress: Progress | None = None) -> ReconstructionResult:
         """The result of a grid mesh: decimated, with normals and texture colours as asked; its stats
         carry the warnings (a list the caller may still extend)."""
-        if progress is not None and (options.max_faces is not None or tolerance is not None):
-            progress("decimate", 0.0)
-        if options.max_faces is not None:
-            with timer("decimate"):
-                mesh = simplify_mesh(mesh, options.max_faces, should_cancel=should_cancel)
-        elif tolerance is not None:  # as many faces as the detail needs
-            with timer("decimate"):
-                mesh = simplify_to_tolerance(mesh, tolerance, should_cancel=should_cancel)
+        if options.max_faces is not None or tolerance is not None:
+            if progress is not None:
+                progress("decimate", 0.0)
+            with timer("decimate"):  # to a face budget, or to as many faces as the detail needs
+                mesh = simplify_mesh(mesh, options.max_faces, should_cancel=should_cancel) \
+                    if options.max_faces is not None else \
+                    simplify_to_tolerance(mesh, tolerance, should_cancel=should_cancel)
         normals = None
         if options.normals:
             with timer("normals"):
