@@ -89,6 +89,24 @@ def test_near_points_straddle_the_surface(prepared):
     assert 0.3 < occupied.mean() < 0.7
 
 
+def test_near_sigmas_set_how_far_the_near_points_stray_and_are_recorded(tmp_path):
+    """--near-sigmas 0.003: every near-surface sample within a few sigma of the sphere (the default
+    0.01 and 0.03 stray ten times as far), labelled by the side it fell on; meta.json says so."""
+    mesh_dir = tmp_path / "toys"
+    mesh_dir.mkdir()
+    sphere = trimesh.creation.icosphere(subdivisions=4, radius=SPHERE_RADIUS)
+    sphere.apply_translation([3.0, -1.0, 0.5])  # where analytic_signed_distance expects it
+    sphere.export(mesh_dir / "sphere.obj")
+    run_prepare(mesh_dir, tmp_path / "out", "--views", "0", "--near-sigmas", "0.003")
+    shape_dir = tmp_path / "out" / "toys_sphere"
+    with np.load(shape_dir / "points.npz") as data:
+        distance = analytic_signed_distance(shape_dir, data["near_points"].astype(np.float64))
+    # sphere radius 0.5 in canonical units: the facets sit within 0.001 of it
+    assert np.abs(distance).max() < 6 * 0.003 + 0.002
+    assert 0.0012 < np.median(np.abs(distance)) < 0.003  # 0.67 sigma along the normal
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["near_sigmas"] == [0.003]
+
+
 def test_surface_points_normals_and_shape_json(prepared):
     _, out_dir = prepared
     for shape_id, watertight in (("toys_sphere", True), ("toys_open_sphere", False)):

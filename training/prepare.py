@@ -1,7 +1,8 @@
 """Turn folders of meshes into the prepared training data of docs/CONTRACTS.md.
 
     python -m training.prepare MESH_DIR [MESH_DIR ...] OUT_DIR [--views N] [--workers K]
-        [--limit N] [--max-shapes-per-dir N] [--image-size S] [--points N] [--only-prepared]
+        [--limit N] [--max-shapes-per-dir N] [--image-size S] [--points N] [--near-sigmas S ...]
+        [--only-prepared]
 
 Per shape there are two stages, each resumable on its own:
   samples  shape.json, points.npz, pointcloud.npz   (the shape folder appears atomically)
@@ -177,11 +178,12 @@ def prepared_mesh(shape: ShapeSource, out_dir: Path) -> tuple[np.ndarray, np.nda
     return meshprep.apply_normalisation(raw_vertices, np.array(info["center"]), info["scale"]), faces
 
 
-def write_samples(shape: ShapeSource, out_dir: Path, points_per_shape: int) -> None:
+def write_samples(shape: ShapeSource, out_dir: Path, points_per_shape: int,
+                  near_sigmas: tuple[float, ...] = NEAR_SIGMAS) -> None:
     """Sample one shape into a temp folder and rename it to OUT_DIR/<id> in one step."""
     vertices, faces, center, scale = normalised_mesh(shape.source)
     rng = np.random.default_rng(stable_seed(shape.id, "samples"))
-    samples = meshprep.shape_samples(vertices, faces, rng, points_per_shape, PADDING, NEAR_SIGMAS)
+    samples = meshprep.shape_samples(vertices, faces, rng, points_per_shape, PADDING, near_sigmas)
     temp = fresh_temp_dir(out_dir, shape.id)
     info = {
         "id": shape.id,
@@ -292,7 +294,7 @@ def prepare_shape(task: dict) -> dict:
     out_dir = Path(task["out_dir"])
     stages = []
     if not samples_done(out_dir / shape.id):
-        write_samples(shape, out_dir, task["points"])
+        write_samples(shape, out_dir, task["points"], tuple(task["near_sigmas"]))
         stages.append("samples")
     if task["views"] > 0 and not renders_done(out_dir / shape.id, task["views"], task["image_size"]):
         write_renders(shape, out_dir, task["views"], task["image_size"])
@@ -452,7 +454,7 @@ def write_meta(out_dir: Path, args: argparse.Namespace) -> None:
         "format": FORMAT_VERSION,
         "points_per_shape": args.points,
         "padding": PADDING,
-        "near_sigmas": list(NEAR_SIGMAS),
+        "near_sigmas": list(args.near_sigmas),
         "views": views,
         "image_size": image_size,
         "inside": "generalised winding number > 0.5",
@@ -474,6 +476,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--views", type=int, default=24, help="renders per shape; 0 skips rendering")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--points", type=int, default=100_000, help="points per sample set")
+    parser.add_argument("--near-sigmas", type=float, nargs="+", default=list(NEAR_SIGMAS),
+                        help="noise of the near-surface samples (canonical units), each for an equal share")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     parser.add_argument("--limit", type=int, default=None, help="at most N shapes in total")
     parser.add_argument("--max-shapes-per-dir", type=int, default=None,
@@ -489,6 +493,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"not a folder: {mesh_dir}")
     if args.views < 0 or args.image_size < 8 or args.points < 8:
         parser.error("--views must be >= 0, --image-size and --points >= 8")
+    if not all(0.0 < sigma < 0.5 for sigma in args.near_sigmas):
+        parser.error("--near-sigmas must lie between 0 and 0.5")
     return args
 
 
@@ -512,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
                                            or not back_depth_done(shape_dir) or not looks_done(shape_dir))
         if need_samples or need_renders:
             tasks.append({"shape": asdict(shape), "out_dir": str(out_dir), "points": args.points,
-                          "views": args.views, "image_size": args.image_size})
+                          "near_sigmas": args.near_sigmas, "views": args.views, "image_size": args.image_size})
     print(f"{len(sources)} shapes found, {len(sources) - len(tasks)} already complete, "
           f"{len(tasks)} to process with {args.workers} workers", file=sys.stderr, flush=True)
 
