@@ -91,7 +91,8 @@ def test_near_points_straddle_the_surface(prepared):
 
 def test_near_sigmas_set_how_far_the_near_points_stray_and_are_recorded(tmp_path):
     """--near-sigmas 0.003: every near-surface sample within a few sigma of the sphere (the default
-    0.01 and 0.03 stray ten times as far), labelled by the side it fell on; meta.json says so."""
+    0.01 and 0.03 stray ten times as far), labelled by the side it fell on; meta.json says so, and
+    a later run into the same folder with other sigmas is refused before it writes anything."""
     mesh_dir = tmp_path / "toys"
     mesh_dir.mkdir()
     sphere = trimesh.creation.icosphere(subdivisions=4, radius=SPHERE_RADIUS)
@@ -101,10 +102,19 @@ def test_near_sigmas_set_how_far_the_near_points_stray_and_are_recorded(tmp_path
     shape_dir = tmp_path / "out" / "toys_sphere"
     with np.load(shape_dir / "points.npz") as data:
         distance = analytic_signed_distance(shape_dir, data["near_points"].astype(np.float64))
+        occupied = np.unpackbits(data["near_occupancies"])[:POINTS].astype(bool)
     # sphere radius 0.5 in canonical units: the facets sit within 0.001 of it
     assert np.abs(distance).max() < 6 * 0.003 + 0.002
     assert 0.0012 < np.median(np.abs(distance)) < 0.003  # 0.67 sigma along the normal
-    assert json.loads((tmp_path / "out" / "meta.json").read_text())["near_sigmas"] == [0.003]
+    clear = np.abs(distance) > 0.002
+    assert np.mean(occupied[clear] == (distance[clear] < 0)) > 0.98
+    meta = tmp_path / "out" / "meta.json"
+    assert json.loads(meta.read_text())["near_sigmas"] == [0.003]
+
+    before = meta.read_text()
+    (mesh_dir / "second.obj").write_bytes((mesh_dir / "sphere.obj").read_bytes())
+    assert prepare.main([str(mesh_dir), str(tmp_path / "out"), "--views", "0", "--points", str(POINTS)]) == 2
+    assert meta.read_text() == before and not (tmp_path / "out" / "toys_second").exists()
 
 
 def test_surface_points_normals_and_shape_json(prepared):

@@ -442,6 +442,15 @@ def write_splits(out_dir: Path) -> dict[str, int]:
     return counts
 
 
+def sampled_near_sigmas(out_dir: Path) -> list[float] | None:
+    """The near-surface noise the samples in out_dir were drawn with (its meta.json), or None when
+    the folder holds no samples yet."""
+    meta_path = out_dir / "meta.json"
+    if not meta_path.is_file() or not any(samples_done(shape) for shape in out_dir.iterdir() if shape.is_dir()):
+        return None
+    return [float(sigma) for sigma in json.loads(meta_path.read_text()).get("near_sigmas", NEAR_SIGMAS)]
+
+
 def write_meta(out_dir: Path, args: argparse.Namespace) -> None:
     meta_path = out_dir / "meta.json"
     previous = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
@@ -503,6 +512,12 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     mesh_dirs, out_dir = args.paths[:-1], args.paths[-1]
+    drawn_with = sampled_near_sigmas(out_dir)
+    if drawn_with is not None and drawn_with != args.near_sigmas:
+        # one folder, one recipe: meta.json could not say which shapes were drawn with which noise
+        print(f"error: {out_dir}'s near-surface samples were drawn with --near-sigmas "
+              f"{' '.join(map(str, drawn_with))}; pass the same, or prepare into another folder", file=sys.stderr)
+        return 2
     out_dir.mkdir(parents=True, exist_ok=True)
     sources, failures = find_sources(mesh_dirs, args.max_shapes_per_dir)
     if args.limit is not None:
