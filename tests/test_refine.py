@@ -233,7 +233,8 @@ def test_remembered_neighbours_and_planes_give_the_reference_result():
     cell of it."""
     mesh = sphere_mesh(0.30)
     points = sphere_points(0.34, 3000, noise=0.005)
-    planes = RefineSettings(curved_neighbours=None, site_spacing=0.0)
+    # these points are denser than the mesh's edges: the reference smooths in full, so must this
+    planes = RefineSettings(curved_neighbours=None, site_spacing=0.0, dense_slide=None)
     reference = reference_refinement(mesh.vertices, mesh.faces, points, planes)
     exact = refine_to_points(mesh.vertices, mesh.faces, points, replace(planes, refit_spacing=0.0))
     assert np.abs(exact - reference).max() < 1e-5
@@ -356,3 +357,43 @@ def test_fits_on_two_threads_equal_those_on_one(monkeypatch):
     halves = refine.fits_on_two_threads(sites, points.astype(np.float32), candidates, settings, None, curved)
     for name in ("origin", "normal", "usable", "frame", "spread", "coefficients"):
         np.testing.assert_array_equal(getattr(halves, name), getattr(whole, name))
+
+
+def box_distance(p, low, high):
+    """Signed distance (N,) of points (N, 3) to the box [low, high] (3,), negative inside."""
+    centre, half = (low + high) / 2, (high - low) / 2
+    q = (p - centre).abs() - half
+    return q.clamp(min=0).norm(dim=1) + q.max(dim=1).values.clamp(max=0)
+
+
+def test_over_dense_points_the_rounds_pull_the_surface_into_a_concave_corner():
+    """An L-shaped solid whose inner corner the network's mesh fills with a fillet (as the network
+    does at real objects' concave corners): over points far denser than the mesh's edges the
+    rounds' smoothing only slides vertices along the surface, so it no longer pulls them back out
+    of the corner."""
+    import torch
+
+    legs = [(torch.tensor([-0.3, -0.3, -0.2]), torch.tensor([0.3, -0.1, 0.2])),
+            (torch.tensor([-0.3, -0.3, -0.2]), torch.tensor([-0.1, 0.3, 0.2]))]
+
+    def l_shape(p):
+        return torch.minimum(box_distance(p, *legs[0]), box_distance(p, *legs[1]))
+
+    def filled_corner(p, k=0.15):  # a polynomial smooth minimum: a fillet of about k / 4
+        a, b = box_distance(p, *legs[0]), box_distance(p, *legs[1])
+        blend = (k - (a - b).abs()).clamp(min=0) / k
+        return torch.minimum(a, b) - blend * blend * k / 4
+
+    sharp, start = mise(lambda p: -l_shape(p), 64, 2), mise(lambda p: -filled_corner(p), 32, 1)
+    sharp = grid_to_mesh(sharp.values, 0.0, sharp.box_min, sharp.spacing)
+    start = grid_to_mesh(start.values, 0.0, start.box_min, start.spacing)
+    points = trimesh.sample.sample_surface(trimesh.Trimesh(sharp.vertices, sharp.faces), 60000, seed=0)[0]
+
+    def corner_error(vertices):  # mean distance to the L of the vertices around its inner corner
+        near = np.linalg.norm(vertices[:, :2] - np.array([-0.1, -0.1]), axis=1) < 0.06
+        return np.abs(l_shape(torch.from_numpy(np.asarray(vertices[near], np.float32))).numpy()).mean()
+
+    sliding = refine_to_points(start.vertices, start.faces, points)
+    pulled_back = refine_to_points(start.vertices, start.faces, points, RefineSettings(dense_slide=None))
+    assert corner_error(start.vertices) > 0.02
+    assert corner_error(sliding) < 0.001 and corner_error(sliding) < 0.5 * corner_error(pulled_back)
