@@ -73,7 +73,8 @@ class RefineSettings:
 # rounds after the first search for few vertices (docs/performance.md).
 SPARE_NEIGHBOURS = 8
 # dense_slide compares the points' spacing with the median edge of about this many of the mesh's
-# faces (evenly strided: all of a 128^3 mesh's would take 5-9 ms of a request)
+# faces (evenly strided; all 62k faces of a 128^3 sphere took 8.8 ms, 4096 of them 0.55 ms, with
+# the median the same to four digits)
 EDGE_SAMPLE_FACES = 4096
 # local_thickness: inward probes per vertex, evenly spaced up to the reach
 THICKNESS_PROBES = 2
