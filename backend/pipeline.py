@@ -25,6 +25,7 @@ from .device import resolve_device
 from .errors import Cancelled, InputError, OccnetError
 from .extraction import MeshArrays, grid_to_mesh, mise, simplify_mesh
 from .extraction.marching import cloud_tolerance, simplify_to_tolerance, taubin_smoothed
+from .extraction.pointfield import PointField, dense_enough
 from .extraction.refine import refine_to_points
 from .extraction.spacing import median_spacing
 from .extraction.support import SupportNet, SupportSettings
@@ -222,16 +223,32 @@ class Reconstructor:
                 support.prepare(decode, level, device, options.batch_points)
             evaluate = support.wrap(decode, level)
         warnings = []
-        mesh, evaluations = self._extract(evaluate, QUERY_BOX, device, options, timer, progress, should_cancel,
-                                          seed_points=inputs[0], warnings=warnings, coarse=POINT_COARSE_RESOLUTION)
         keep = subsample_indices(canonical, MAX_REFINE_POINTS)
         spacing = median_spacing(canonical[keep])
+        own_normals = cloud.normals[keep] if cloud.normals is not None else None
+        cell = (QUERY_BOX[1] - QUERY_BOX[0]) / options.resolution
+        point_field = None
+        if options.refine and dense_enough(spacing, cell):
+            with timer("point_field"):
+                point_field = PointField(canonical[keep], spacing, cell, own_normals)
+
+        def correct_from_points(grid, level: float) -> None:
+            if progress is not None:
+                progress("point_field", 0.0)
+            with timer("point_field"):
+                point_field.correct(grid.values, level, grid.box_min, should_cancel)
+
+        mesh, evaluations = self._extract(evaluate, QUERY_BOX, device, options, timer, progress, should_cancel,
+                                          seed_points=inputs[0], warnings=warnings, coarse=POINT_COARSE_RESOLUTION,
+                                          settle=correct_from_points if point_field is not None else None)
+        if point_field is not None and point_field.report.applied:
+            with timer("point_field"):
+                mesh = MeshArrays(*point_field.without_bubbles(mesh.vertices, mesh.faces))
         if options.refine:
             if progress is not None:
                 progress("refine", 0.0)
             on_round = (lambda fraction: progress("refine", fraction)) if progress is not None else None
             with timer("refine"):
-                own_normals = cloud.normals[keep] if cloud.normals is not None else None
                 mesh = MeshArrays(refine_to_points(mesh.vertices, mesh.faces, canonical[keep], progress=on_round,
                                                    should_cancel=should_cancel, normals=own_normals,
                                                    spacing=spacing), mesh.faces)
@@ -249,6 +266,8 @@ class Reconstructor:
         result.stats.update(evaluations=evaluations, input_points=len(points), encoder_points=len(encoder_points),
                             center=center.tolist(), scale=scale, input_colours=cloud.colors is not None,
                             input_normals=cloud.normals is not None)
+        if point_field is not None:
+            result.stats["point_field"] = point_field.report.as_stats()
         if support is not None:
             result.stats["support"] = support.report.as_stats()
             if support.report.warning():
