@@ -1,15 +1,19 @@
 """Over dense points, the points' own surface corrects the network's grid before marching cubes:
 a corner the network filled opens up, a sheet thinner than a cell survives, a hole in the scan
-does not empty the object, and the normals' orientation comes from the grid, not from the file."""
+does not empty the object, the normals' orientation comes from the grid, not from the file, a
+bubble away from the points is dropped, and noisy or sparse clouds are left to the network."""
 
 import numpy as np
+import pytest
 import torch
 import trimesh
 from scipy.spatial import cKDTree
 
+from backend.errors import Cancelled
 from backend.extraction import grid_to_mesh, mise
 from backend.extraction.pointfield import PointField, dense_enough, without_far_pieces
 from backend.extraction.spacing import median_spacing
+from backend.pipeline import ReconstructOptions, Reconstructor
 
 
 def box_distance(p, low, high):
@@ -132,8 +136,6 @@ def test_a_noisy_cloud_leaves_the_grid_to_the_network():
 
 
 def test_the_pipeline_corrects_dense_clouds_only_and_only_when_refining():
-    from backend.pipeline import ReconstructOptions, Reconstructor
-
     reconstructor = Reconstructor("cpu")
     dense = surface_points(l_shape, 100_000)
     refined = reconstructor.reconstruct_points(dense, ReconstructOptions(resolution=64))
@@ -153,3 +155,12 @@ def test_a_bubble_away_from_the_points_is_dropped_and_the_body_kept():
     body = trimesh.Trimesh(vertices, faces)
     assert dropped == 1 and body.is_watertight and len(vertices) == len(np.unique(faces))
     assert abs(body.volume - 0.216) < 0.02 * 0.216
+
+
+def test_a_cancel_during_the_point_field_stops_the_request():
+    stages = []
+    with pytest.raises(Cancelled):
+        Reconstructor("cpu").reconstruct_points(surface_points(l_shape, 100_000), ReconstructOptions(resolution=64),
+                                                progress=lambda stage, fraction: stages.append(stage),
+                                                should_cancel=lambda: "point_field" in stages)
+    assert stages[-1] == "point_field"
