@@ -24,7 +24,7 @@ from .defaults import default_checkpoint, installed_defaults
 from .device import resolve_device
 from .errors import Cancelled, InputError, OccnetError
 from .extraction import MeshArrays, grid_to_mesh, mise, simplify_mesh
-from .extraction.marching import cloud_tolerance, simplify_to_tolerance, taubin_smoothed
+from .extraction.marching import cloud_tolerance, closed_decimation, simplify_to_tolerance, taubin_smoothed
 from .extraction.pointfield import PointField, dense_enough
 from .extraction.refine import refine_to_points
 from .extraction.spacing import median_spacing
@@ -58,6 +58,9 @@ MAX_REFINE_POINTS = 1_000_000
 # measure with and without). It works on a covering subset of at most this many points.
 POINT_SUPPORT: SupportSettings | None = SupportSettings()
 MAX_SUPPORT_POINTS = 200_000
+# A mesh of the points-corrected grid that two decimation passes cannot keep closed gives way to
+# the network's own grid (docs/performance.md, section 3: an open scan at 256^3).
+CORRECTED_DECIMATION_ATTEMPTS = 2
 # Viewer-centred images: when the network doubted more than this fraction of the rays through the
 # mask (backend.viewer.fill_the_mask filled them), the result says its depth is mostly a guess.
 DOUBTFUL_FRACTION = 0.5
@@ -232,19 +235,20 @@ class Reconstructor:
             with timer("point_field"):
                 point_field = PointField(canonical[keep], spacing, cell, own_normals)
 
+        network_grid = []
+
         def correct_from_points(grid, level: float) -> None:
             if progress is not None:
                 progress("point_field", 0.0)
             with timer("point_field"):
+                if point_field.report.applied:
+                    network_grid.append(replace(grid, values=grid.values.copy()))
                 point_field.correct(grid.values, level, grid.box_min, should_cancel)
 
-        mesh, evaluations = self._extract(evaluate, QUERY_BOX, device, options, timer, progress, should_cancel,
-                                          seed_points=inputs[0], warnings=warnings, coarse=POINT_COARSE_RESOLUTION,
-                                          settle=correct_from_points if point_field is not None else None)
-        if point_field is not None and point_field.report.applied:
-            with timer("point_field"):
-                mesh = MeshArrays(*point_field.without_bubbles(mesh.vertices, mesh.faces))
-        if options.refine:
+        def refined(mesh: MeshArrays) -> MeshArrays:
+            """The grid's mesh shrink-wrapped onto the points and smoothed, when asked to refine."""
+            if not options.refine:
+                return mesh
             if progress is not None:
                 progress("refine", 0.0)
             on_round = (lambda fraction: progress("refine", fraction)) if progress is not None else None
@@ -253,9 +257,35 @@ class Reconstructor:
                                                    should_cancel=should_cancel, normals=own_normals,
                                                    spacing=spacing), mesh.faces)
             with timer("smooth"):
-                mesh = taubin_smoothed(mesh)
+                return taubin_smoothed(mesh)
+
+        mesh, evaluations = self._extract(evaluate, QUERY_BOX, device, options, timer, progress, should_cancel,
+                                          seed_points=inputs[0], warnings=warnings, coarse=POINT_COARSE_RESOLUTION,
+                                          settle=correct_from_points if point_field is not None else None)
+        corrected = point_field is not None and point_field.report.applied
+        if corrected:
+            with timer("point_field"):
+                mesh = MeshArrays(*point_field.without_bubbles(mesh.vertices, mesh.faces))
+        mesh = refined(mesh)
+        tolerance = cloud_tolerance(spacing)
+        if corrected and options.max_faces is None:
+            if progress is not None:
+                progress("decimate", 0.0)
+            with timer("decimate"):
+                small = closed_decimation(mesh, tolerance, should_cancel, attempts=CORRECTED_DECIMATION_ATTEMPTS)
+            network = network_grid[0]
+            if small is None:
+                # Hundreds of small tunnels (an open scan at 256^3): the network's own grid instead.
+                with timer("marching_cubes"):
+                    small = grid_to_mesh(network.values, probability_to_logit(options.threshold),
+                                         network.box_min, network.spacing)
+                if len(small.faces):
+                    point_field.report.applied, point_field.report.undone = False, True
+                    mesh = refined(small)
+            else:
+                mesh, tolerance = small, None
         result = self._finish(model, code, device, mesh, options, timer, should_cancel, warnings,
-                              tolerance=cloud_tolerance(spacing), progress=progress)
+                              tolerance=tolerance, progress=progress)
         if cloud.colors is not None and options.colours:
             if progress is not None:
                 progress("colours", 0.0)

@@ -164,3 +164,20 @@ def test_a_cancel_during_the_point_field_stops_the_request():
                                                 progress=lambda stage, fraction: stages.append(stage),
                                                 should_cancel=lambda: "point_field" in stages)
     assert stages[-1] == "point_field"
+
+
+def test_a_corrected_mesh_that_will_not_decimate_closed_gives_way_to_the_networks(monkeypatch):
+    """An open scan at 256^3 leaves the corrected grid with hundreds of small tunnels, which the
+    decimation cannot keep closed: then the network's own grid is meshed, refined and decimated."""
+    import backend.pipeline as pipeline
+
+    calls = []
+
+    def cannot_close(mesh, tolerance, should_cancel=None, attempts=6):
+        calls.append(len(mesh.faces))
+        return None
+
+    monkeypatch.setattr(pipeline, "closed_decimation", cannot_close)
+    result = Reconstructor("cpu").reconstruct_points(surface_points(l_shape, 100_000), ReconstructOptions(resolution=64))
+    assert calls and result.stats["point_field"]["undone"] and not result.stats["point_field"]["applied"]
+    assert trimesh.Trimesh(result.vertices, result.faces).is_watertight

@@ -130,6 +130,14 @@ def simplify_to_tolerance(mesh: MeshArrays, tolerance: float,
     each attempt. Without the fast-simplification package (an extra) the mesh comes back as it is."""
     if tolerance <= 0:
         raise ValueError("the tolerance must be positive")
+    small = closed_decimation(mesh, tolerance, should_cancel, attempts)
+    return mesh if small is None else small
+
+
+def closed_decimation(mesh: MeshArrays, tolerance: float, should_cancel: Callable[[], bool] | None = None,
+                      attempts: int = 6) -> MeshArrays | None:
+    """simplify_to_tolerance's attempts, or None when a closed mesh came back open from all of
+    them (the mesh unchanged when fast-simplification is not installed)."""
     try:
         import fast_simplification  # noqa: F401
     except ImportError:
@@ -140,7 +148,7 @@ def simplify_to_tolerance(mesh: MeshArrays, tolerance: float,
         small = decimated(mesh, tolerance * RETRY_FACTOR ** attempt, repair=must_stay_closed)
         if not must_stay_closed or is_closed(small.faces):
             return small
-    return mesh
+    return None
 
 
 def decimated(mesh: MeshArrays, tolerance: float, repair: bool = True) -> MeshArrays:

@@ -75,6 +75,7 @@ class PointFieldSettings:
 @dataclass
 class PointFieldReport:
     applied: bool = False
+    undone: bool = False        # applied, then given up: its mesh could not be decimated closed
     points: int = 0             # points the field was measured from (a covering subset of a denser cloud)
     noise_cells: float = 0.0    # their distance from their local planes (NOISE_PERCENTILE), in grid cells
     corrected: int = 0          # grid places whose side the points changed
@@ -84,7 +85,7 @@ class PointFieldReport:
     seconds: float = 0.0
 
     def as_stats(self) -> dict:
-        return {"applied": self.applied, "points": self.points, "noise_cells": round(self.noise_cells, 4),
+        return {"applied": self.applied, "undone": self.undone, "points": self.points, "noise_cells": round(self.noise_cells, 4),
                 "corrected_places": self.corrected, "pieces_inside": self.pieces_inside,
                 "pieces_outside": self.pieces_outside, "bubbles": self.bubbles, "seconds": round(self.seconds, 4)}
 
