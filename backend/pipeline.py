@@ -235,14 +235,15 @@ class Reconstructor:
             with timer("point_field"):
                 point_field = PointField(canonical[keep], spacing, cell, own_normals)
 
-        network_grid = []
+        network_grid = None   # kept for when the corrected mesh cannot be decimated closed
 
         def correct_from_points(grid, level: float) -> None:
+            nonlocal network_grid
             if progress is not None:
                 progress("point_field", 0.0)
             with timer("point_field"):
                 if point_field.report.applied:
-                    network_grid.append(replace(grid, values=grid.values.copy()))
+                    network_grid = replace(grid, values=grid.values.copy())
                 point_field.correct(grid.values, level, grid.box_min, should_cancel)
 
         def refined(mesh: MeshArrays) -> MeshArrays:
@@ -273,12 +274,11 @@ class Reconstructor:
                 progress("decimate", 0.0)
             with timer("decimate"):
                 small = closed_decimation(mesh, tolerance, should_cancel, attempts=CORRECTED_DECIMATION_ATTEMPTS)
-            network = network_grid[0]
             if small is None:
                 # Hundreds of small tunnels (an open scan at 256^3): the network's own grid instead.
                 with timer("marching_cubes"):
-                    small = grid_to_mesh(network.values, probability_to_logit(options.threshold),
-                                         network.box_min, network.spacing)
+                    small = grid_to_mesh(network_grid.values, probability_to_logit(options.threshold),
+                                         network_grid.box_min, network_grid.spacing)
                 if len(small.faces):
                     point_field.report.applied, point_field.report.undone = False, True
                     mesh = refined(small)
