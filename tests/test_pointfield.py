@@ -110,7 +110,7 @@ def test_a_hole_in_the_scan_does_not_empty_the_object():
     assert surface.is_watertight and abs(surface.volume - 0.216) < 0.05 * 0.216
 
 
-def test_sparse_points_leave_the_grid_alone():
+def test_dense_enough_means_at_most_a_cell_between_neighbouring_points():
     cell = 1.1 / 128
     assert dense_enough(0.5 * cell, cell) and not dense_enough(1.5 * cell, cell) and not dense_enough(0.0, cell)
 
