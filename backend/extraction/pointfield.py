@@ -51,9 +51,8 @@ from scipy.spatial import cKDTree
 from ..errors import Cancelled
 from ..preprocess import subsample_indices
 from .refine import smallest_eigenvectors
-from .support import near_candidates
+from .support import FACE_CONNECTIVITY, near_candidates
 
-FACE_CONNECTIVITY = ndimage.generate_binary_structure(3, 1)
 # The noise of a cloud is read off its cleanest neighbourhoods: where a neighbourhood spans both
 # faces of a thin part or an edge, its spread says nothing about the noise.
 NOISE_PERCENTILE = 10
