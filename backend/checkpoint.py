@@ -60,6 +60,23 @@ def save_checkpoint(path, model: torch.nn.Module, config: dict, metadata: dict |
     atomic_write(Path(path), lambda tmp: save_file(state, tmp, metadata=header))
 
 
+def with_new_header(path, config: dict, metadata: dict) -> None:
+    """Rewrite a checkpoint's configuration and metadata in place (atomically), its tensors copied
+    as stored, bit for bit. The new configuration must still build the network its tensors fit."""
+    path = Path(path)
+    read_header(path)
+    check_config_sizes(config, path)
+    expected = expected_shapes(config, path)
+    with open_safetensors(path) as f:
+        state = {name: f.get_tensor(name) for name in f.keys()}
+    problem = describe_mismatch(expected, {name: tuple(t.shape) for name, t in state.items()})
+    if problem:
+        raise CheckpointError(f"{path}: the new configuration does not fit its tensors: {problem}")
+    header = {"format": FORMAT, "config": json.dumps(config, sort_keys=True),
+              "metadata": json.dumps({"normalisation": NORMALISATION, **metadata}, sort_keys=True)}
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=header))
+
+
 def open_safetensors(path: Path):
     """safe_open(path), or CheckpointError. safetensors checks the header and that the tensors'
     byte ranges lie within the file, without reading them."""

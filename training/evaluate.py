@@ -33,7 +33,7 @@ import torch
 from backend import camera
 from backend.checkpoint import read_header
 from backend.errors import OccnetError
-from backend.pipeline import RESOLUTIONS, ReconstructOptions, Reconstructor, probability_to_logit
+from backend.pipeline import RESOLUTIONS, ReconstructOptions, Reconstructor
 from backend.preprocess import image_to_model_input
 from backend.viewer import FULL_FRAME_DIAGONAL_MM
 
@@ -108,7 +108,7 @@ def evaluate_shape(reconstructor: Reconstructor, options: ReconstructOptions, ki
     observed = observation(kind, shape, rng, num_points, noise, args.view)
     code = canonical_code(model, config, observed, device)
     logits = predict_occupancy_logits(model, code, shape.uniform_points, device)
-    iou = occupancy_iou(logits > probability_to_logit(args.threshold), shape.uniform_occupancies)
+    iou = occupancy_iou(logits > model.surface_level(args.threshold), shape.uniform_occupancies)
     reconstruct = reconstructor.reconstruct_points if kind == "points" else reconstructor.reconstruct_image
 
     def mesh():

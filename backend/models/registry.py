@@ -8,9 +8,13 @@ A configuration names its input kind, its encoder and its decoder with their key
      "padding": 0.1}
 
 The same dict builds the model at training time and at inference (it travels in the checkpoint).
+An optional "surface_probability" (default 0.5) says at which of the network's own probabilities its
+surface lies best, as chosen on validation after training: the pipeline puts the user's threshold
+0.5 there (OccupancyNetwork.surface_level). Training never reads it.
 """
 
 import copy
+import math
 
 import numpy as np
 
@@ -141,6 +145,12 @@ class OccupancyNetwork(nn.Module):
         """p (B, M, 3) -> occupancy logits (B, M)."""
         return self.decoder(p, c)
 
+    def surface_level(self, threshold: float) -> float:
+        """The logit of decode's output at which the surface lies for a user's threshold in (0, 1):
+        the threshold taken relative to the configuration's surface_probability, so that 0.5 means
+        the network's validated surface and higher thresholds still mean less inside."""
+        return probability_to_logit(threshold) + probability_to_logit(self.config.get("surface_probability", 0.5))
+
     @property
     def has_texture(self) -> bool:
         """The decoder has a texture head: `decode_colour` gives the colour of points."""
@@ -157,6 +167,11 @@ class OccupancyNetwork(nn.Module):
         c = self.encode(inputs, focal, mask)
         logits = self.decode(p, c)
         return (logits, c) if with_code else logits
+
+
+def probability_to_logit(p: float) -> float:
+    """log(p / (1 - p)) for p in (0, 1)."""
+    return math.log(p / (1.0 - p))
 
 
 def preset(name: str) -> dict:
@@ -183,6 +198,9 @@ def validate_config(config: dict) -> None:
                          f"expects {DECODER_INPUT[dec]} features")
     if (kind == "image") != (enc in IMAGE_ENCODERS):
         raise ValueError(f"encoder {enc!r} cannot take {kind} input")
+    surface = config.get("surface_probability", 0.5)
+    if not isinstance(surface, (int, float)) or isinstance(surface, bool) or not 0.0 < surface < 1.0:
+        raise ValueError(f"surface_probability must be a number strictly between 0 and 1, got {surface!r}")
     frame = config["input"].get("frame", "canonical")
     if frame not in FRAMES:
         raise ValueError(f"input frame {frame!r} is not one of {FRAMES}")
