@@ -105,6 +105,30 @@ def test_mesh_is_watertight_and_in_place():
     assert np.allclose(tm.bounds, [[-0.35] * 3, [0.35] * 3], atol=0.005)
 
 
+# Values exactly at the level (0) where scikit-image's marching cubes makes a degenerate face and
+# drops it, leaving one vertex of no face behind (found by a random search over {-1, 0, 1}^(4x4x4)).
+ON_THE_LEVEL = np.array([
+    [[1, -1, 0, 0], [1, 1, 1, 1], [-1, 1, -1, -1], [0, 0, 0, -1]],
+    [[-1, 0, 0, 0], [0, 1, -1, 0], [1, 0, 1, 1], [-1, 1, 1, 1]],
+    [[0, -1, 0, 0], [1, 1, 0, -1], [1, 1, 1, 1], [1, 1, -1, 1]],
+    [[0, -1, 1, 1], [0, 1, 1, 1], [-1, 0, 1, 0], [0, 0, 0, -1]]], dtype=np.float32)
+
+
+def test_values_on_the_level_leave_no_vertex_without_a_face():
+    from skimage import measure
+
+    from backend.extraction.marching import OUTSIDE
+
+    padded = np.pad(ON_THE_LEVEL, 1, constant_values=OUTSIDE)  # as grid_to_mesh pads
+    verts, faces, _, _ = measure.marching_cubes(padded, level=0.0, allow_degenerate=False)
+    assert len(np.setdiff1d(np.arange(len(verts)), faces)) == 1  # what scikit-image leaves
+    mesh = grid_to_mesh(ON_THE_LEVEL, 0.0, 0.0, 1.0)
+    assert np.array_equal(np.unique(mesh.faces), np.arange(len(mesh.vertices)))
+    # the faces are the same triangles, renumbered
+    assert np.allclose(np.sort(mesh.vertices[mesh.faces].reshape(-1, 3), axis=0),
+                       np.sort((verts[faces[:, ::-1]] - 1.0).reshape(-1, 3), axis=0))
+
+
 def test_shape_cut_by_the_box_is_still_closed():
     grid = mise(lambda p: 0.7 - p.norm(dim=1), 32, 1)  # a sphere larger than the box
     mesh = grid_to_mesh(grid.values, 0.0, grid.box_min, grid.spacing)

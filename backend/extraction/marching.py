@@ -36,6 +36,12 @@ def grid_to_mesh(values: np.ndarray, level: float, box_min: float, spacing: floa
     verts, faces, _, _ = measure.marching_cubes(padded, level=level, allow_degenerate=False)
     # Inside is the larger value; scikit-image then winds faces clockwise seen from outside.
     faces = faces[:, ::-1]
+    # Where values sit exactly at the level, the degenerate faces scikit-image drops can leave
+    # vertices of no face: loose points in Blender and in the files (a viewer mesh of a cow: 8).
+    used = np.zeros(len(verts), bool)
+    used[faces.ravel()] = True
+    if not used.all():
+        verts, faces = verts[used], (np.cumsum(used) - 1)[faces]
     verts = (verts - 1.0 + np.array(low, np.float32)) * spacing + box_min
     return MeshArrays(verts.astype(np.float32), np.ascontiguousarray(faces, dtype=np.int32))
 
