@@ -4,6 +4,7 @@ the defined worst case, and the CLI writes per-shape and per-class CSVs for ever
 
 import csv
 import json
+import math
 from argparse import Namespace
 from pathlib import Path
 
@@ -59,6 +60,9 @@ class AnalyticShape(nn.Module):
 
     def encode(self, inputs):
         return None
+
+    def surface_level(self, threshold):
+        return math.log(threshold / (1.0 - threshold))
 
     def decode(self, p, c):
         q = p / self.half

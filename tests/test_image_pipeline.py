@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from backend.camera import VIEW_HALF_EXTENT
 from backend.errors import OccnetError
 from backend.pipeline import ReconstructOptions, Reconstructor
 from backend.viewer import OUTSIDE_LOGIT, inside_mask, masked_logits
@@ -55,7 +56,10 @@ def test_the_result_is_the_picture_seen_from_the_front_resting_on_the_ground(sol
 def test_a_picture_and_its_mirror_image_give_mirrored_results(tmp_path):
     """The network is asked about the picture and about its mirror image, the second answer
     mirrored back (viewer.MirrorAveraged): even an untrained network, whose answers are lopsided
-    at random, returns mirrored meshes for mirrored pictures."""
+    at random, returns mirrored meshes for mirrored pictures: the same faces, every vertex within
+    half a grid cell of its mirror image (the grids are mirror images; the smoothing after marching
+    cubes follows each mesh's own triangulation, which marching cubes does not mirror). A network
+    asked about the picture alone puts them cells apart."""
     from scipy.spatial import cKDTree
 
     from backend.checkpoint import save_checkpoint
@@ -73,7 +77,8 @@ def test_a_picture_and_its_mirror_image_give_mirrored_results(tmp_path):
     mirrored = reconstructor.reconstruct_image(np.ascontiguousarray(picture[:, ::-1]), options)
     assert len(mirrored.faces) == len(result.faces)
     distances, _ = cKDTree(result.vertices).query(mirrored.vertices * np.array([-1.0, 1.0, 1.0], np.float32))
-    assert distances.max() < 1e-5
+    cell = 2 * VIEW_HALF_EXTENT / options.resolution
+    assert distances.max() < 0.5 * cell
 
 
 def ell_result_in_the_crop(checkpoint):
