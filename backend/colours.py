@@ -8,7 +8,7 @@ than the mesh's own: DETAIL_PER_GRID_CELL cells per cell of the grid the mesh wa
 from typing import Callable
 
 import numpy as np
-from scipy.spatial import cKDTree
+from .extraction.nearest import NearestPoints
 
 from .errors import Cancelled
 from .preprocess import cell_keys, grid_cells
@@ -70,7 +70,7 @@ def transfer_colours(vertices: np.ndarray, points: np.ndarray, colors: np.ndarra
     points are averaged (cell_means), raising Cancelled."""
     centres, means = cell_means(points, colors, cells, should_cancel)
     k = min(k, len(centres))
-    distances, index = cKDTree(centres).query(vertices, k=k, workers=-1)
+    distances, index = NearestPoints(centres).query(vertices, k=k)
     distances, index = distances.reshape(len(vertices), k), index.reshape(len(vertices), k)
     extent = max(float(np.ptp(points, axis=0).max()), 1e-30)
     weights = 1.0 / np.maximum(distances, MIN_DISTANCE * extent)

@@ -16,7 +16,7 @@ import threading
 # import name -> pip name, for what the backend cannot work without
 REQUIRED_MODULES = {"torch": "torch", "numpy": "numpy", "skimage": "scikit-image",
                     "trimesh": "trimesh", "safetensors": "safetensors", "scipy": "scipy",
-                    "PIL": "pillow"}
+                    "PIL": "pillow", "pykdtree": "pykdtree"}
 # import name -> (pip name, the feature that needs it)
 OPTIONAL_MODULES = {"fast_simplification": ("fast-simplification", "Face Budget"),
                     "efficientnet_lite_pytorch": ("efficientnet-lite-pytorch", "Mesh from Image")}

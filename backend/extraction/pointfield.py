@@ -46,7 +46,7 @@ from typing import Callable
 
 import numpy as np
 from scipy import ndimage
-from scipy.spatial import cKDTree
+from .nearest import NearestPoints
 
 from ..errors import Cancelled
 from ..preprocess import subsample_indices
@@ -134,13 +134,13 @@ def oriented_by_grid(points: np.ndarray, normals: np.ndarray, neighbours: np.nda
     return normals
 
 
-def inside_distance(points: np.ndarray, normals: np.ndarray, tree: cKDTree, places: np.ndarray,
+def inside_distance(points: np.ndarray, normals: np.ndarray, tree: NearestPoints, places: np.ndarray,
                     band: float, sigma: float, neighbours: int) -> tuple[np.ndarray, np.ndarray]:
     """At grid points places (M, 3): the signed distance (M,) of the points' surface, positive
     inside (the weighted median of the distances to the tangent planes of the nearest `neighbours`
     points (N, 3) with outward normals (N, 3), Gaussian weights of width sigma), and whether any
     point lies within band (M,)."""
-    distances, index = tree.query(places, k=neighbours, distance_upper_bound=band, workers=-1)
+    distances, index = tree.query(places, k=neighbours, distance_upper_bound=band)
     found = np.isfinite(distances)
     index = np.where(found, index, 0)
     weights = np.where(found, np.exp(-(np.where(found, distances, 0.0) / sigma) ** 2), 0.0)
@@ -194,8 +194,8 @@ class PointField:
             subset = subsample_indices(self.points, count)
             self.points, self.spacing = self.points[subset], settings.field_spacing_cells * cell
             self.normals = normals[subset] if normals is not None else None
-        self.tree = cKDTree(self.points)
-        _, self.neighbours = self.tree.query(self.points, k=min(settings.neighbours, len(self.points)), workers=-1)
+        self.tree = NearestPoints(self.points)
+        _, self.neighbours = self.tree.query(self.points, k=min(settings.neighbours, len(self.points)))
         self.principal, spread = principal_normals(self.points, self.neighbours)
         noise = float(np.percentile(spread, NOISE_PERCENTILE)) / cell
         self.report = PointFieldReport(applied=noise <= settings.max_noise_cells, points=len(self.points),
@@ -259,7 +259,7 @@ class PointField:
         return vertices, faces
 
 
-def without_far_pieces(vertices: np.ndarray, faces: np.ndarray, points: cKDTree, reach: float
+def without_far_pieces(vertices: np.ndarray, faces: np.ndarray, points: NearestPoints, reach: float
                        ) -> tuple[np.ndarray, np.ndarray, int]:
     """The mesh (V, 3) / (F, 3) without its connected pieces (other than the largest) whose vertices
     lie mostly (median) further than reach from every point (a tree of them): over a dense cloud every real
@@ -275,7 +275,7 @@ def without_far_pieces(vertices: np.ndarray, faces: np.ndarray, points: cKDTree,
     if pieces == 1:
         return vertices, faces, 0
     face_piece = piece[faces[:, 0]]
-    distance, _ = points.query(vertices, distance_upper_bound=reach, workers=-1)
+    distance, _ = points.query(vertices, distance_upper_bound=reach)
     near = np.bincount(piece, weights=np.isfinite(distance), minlength=pieces)
     far = near < 0.5 * np.bincount(piece, minlength=pieces)       # the median vertex is beyond reach
     far[np.bincount(face_piece, minlength=pieces).argmax()] = False

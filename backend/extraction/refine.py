@@ -37,7 +37,7 @@ from dataclasses import dataclass, fields
 from typing import Callable
 
 import numpy as np
-from scipy.spatial import cKDTree
+from .nearest import NearestPoints
 
 from ..errors import Cancelled
 from .spacing import median_spacing
@@ -127,7 +127,7 @@ def fitted_count(settings: RefineSettings) -> int:
     return max(settings.neighbours, settings.curved_neighbours or 0)
 
 
-def search_neighbours(vertices: np.ndarray, tree: cKDTree, settings: RefineSettings) -> tuple[np.ndarray, np.ndarray]:
+def search_neighbours(vertices: np.ndarray, tree: NearestPoints, settings: RefineSettings) -> tuple[np.ndarray, np.ndarray]:
     """Candidates (V, C) and slack (V,) of vertices (V, 3): the C = fitted_count(settings) +
     SPARE_NEIGHBOURS nearest points within settings.radius. A point that is no candidate lies at
     least d_C = min(C-th distance, radius) from where the vertex was, and its k-th nearest candidate
@@ -135,7 +135,7 @@ def search_neighbours(vertices: np.ndarray, tree: cKDTree, settings: RefineSetti
     (d_C - min(d_k, radius)) / 2 its k nearest points within the radius are all candidates."""
     k = min(fitted_count(settings), tree.n)
     count = k + SPARE_NEIGHBOURS
-    distances, index = tree.query(vertices, k=count, distance_upper_bound=settings.radius, workers=-1)
+    distances, index = tree.query(vertices, k=count, distance_upper_bound=settings.radius)
     bounded = np.minimum(distances.reshape(len(vertices), count), settings.radius)
     return index.reshape(len(vertices), count), 0.5 * (bounded[:, count - 1] - bounded[:, k - 1])
 
@@ -178,7 +178,7 @@ def local_thickness(probed: np.ndarray, facing: np.ndarray, surface: np.ndarray,
     `reach`; where the sample nearest a probe faces the other way (normals more than 120 degrees
     apart), the far face is that sample's depth behind the vertex. inf where no probe meets one
     (bulky parts). should_cancel() is checked before each block of PROJECTION_BLOCK vertices."""
-    tree = cKDTree(surface)
+    tree = NearestPoints(surface)
     thickness = np.full(len(probed), np.inf)
     for start in range(0, len(probed), PROJECTION_BLOCK):
         check_cancel(should_cancel)
@@ -188,7 +188,7 @@ def local_thickness(probed: np.ndarray, facing: np.ndarray, surface: np.ndarray,
             # The probe's own place lies `depth` away, so a far face inside the reach is nearer: the
             # bound prunes the search (1.5x faster where probes sit deep in bulky parts), and a
             # probe that finds nothing within it is in a bulky part.
-            _, nearest = tree.query(here - depth * inwards, workers=-1, distance_upper_bound=depth * 1.001 + 1e-9)
+            _, nearest = tree.query(here - depth * inwards, distance_upper_bound=depth * 1.001 + 1e-9)
             found = nearest < len(surface)
             nearest = np.minimum(nearest, len(surface) - 1)
             behind = -np.einsum("vi,vi->v", surface[nearest] - here, inwards)
@@ -378,7 +378,7 @@ def surface_targets(vertices: np.ndarray, surfaces: LocalSurfaces | SiteMemory, 
     return origin + height[:, None] * surfaces.normal[site]
 
 
-def surface_projection(vertices: np.ndarray, tree: cKDTree, points: np.ndarray, settings: RefineSettings) -> np.ndarray:
+def surface_projection(vertices: np.ndarray, tree: NearestPoints, points: np.ndarray, settings: RefineSettings) -> np.ndarray:
     """Moves (V, 3) of vertices (V, 3) onto the local surfaces of points (P, 3) (every vertex its own
     site, taken as bulky), with a fresh search of tree (over points) and fresh fits: one round of
     the refinement without its memory, far-sheet test or smoothing."""
@@ -438,7 +438,7 @@ def fits_on_two_threads(sites: np.ndarray, points: np.ndarray, candidates: np.nd
     return LocalSurfaces(*(np.concatenate([getattr(part, f.name) for part in parts]) for f in fields(LocalSurfaces)))
 
 
-def remembered_fits(sites: np.ndarray, tree: cKDTree, points: np.ndarray, memory: SiteMemory,
+def remembered_fits(sites: np.ndarray, tree: NearestPoints, points: np.ndarray, memory: SiteMemory,
                     settings: RefineSettings, refit_distance: float, normals: np.ndarray | None = None,
                     facing: np.ndarray | None = None, thickness: np.ndarray | None = None) -> None:
     """One round's local surfaces of sites (S, 3) among points (P, 3) float32 (normals (P, 3)
@@ -464,7 +464,7 @@ def remembered_fits(sites: np.ndarray, tree: cKDTree, points: np.ndarray, memory
         memory.fitted_at[refit] = sites[refit]
 
 
-def blockwise_fits(sites: np.ndarray, tree: cKDTree, points: np.ndarray, memory: SiteMemory,
+def blockwise_fits(sites: np.ndarray, tree: NearestPoints, points: np.ndarray, memory: SiteMemory,
                    settings: RefineSettings, refit_distance: float, should_cancel: Callable[[], bool] | None = None,
                    normals: np.ndarray | None = None, facing: np.ndarray | None = None,
                    thickness: np.ndarray | None = None) -> None:
@@ -507,7 +507,7 @@ def refine_to_points(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray
         return refined
     mesh = trimesh.Trimesh(np.asarray(vertices, dtype=np.float64), faces, process=False)
     averaging = trimesh.smoothing.laplacian_calculation(mesh)  # built once, used every round
-    tree = cKDTree(points)
+    tree = NearestPoints(points)
     points32 = points.astype(np.float32)
     if normals is not None:
         normals = np.asarray(normals, np.float64)

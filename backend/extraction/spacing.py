@@ -4,7 +4,7 @@ the refinement's fitting sites and the decimation's tolerance are all scaled by.
 import math
 
 import numpy as np
-from scipy.spatial import cKDTree
+from .nearest import NearestPoints
 
 
 def median_spacing(points: np.ndarray, sample: int = 50_000) -> float:
@@ -18,5 +18,5 @@ def median_spacing(points: np.ndarray, sample: int = 50_000) -> float:
     if len(points) > sample:
         factor = math.sqrt(sample / len(points))
         points = points[np.random.default_rng(0).choice(len(points), sample, replace=False)]
-    distances, _ = cKDTree(points).query(points, k=2)
+    distances, _ = NearestPoints(points).query(points, k=2)
     return float(np.median(distances[:, 1]) * factor)

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
-from scipy.spatial import cKDTree
+from .nearest import NearestPoints
 
 from ..errors import Cancelled
 from .spacing import median_spacing
@@ -214,11 +214,11 @@ class SupportNet:
         self.tau = max(raw_tau, settings.min_cells * self.h)
         self.report.tau, self.report.cells = self.tau, self.cells
         n1 = self.cells + 1
-        self.tree = cKDTree(self.points)
+        self.tree = NearestPoints(self.points)
 
         # The band: grid places within tau of a point, with their nearest point.
         candidates = near_candidates(self.points, self.low, self.h, n1, self.tau)
-        distance, nearest = self.tree.query(self.low + candidates * self.h, distance_upper_bound=self.tau, workers=-1)
+        distance, nearest = self.tree.query(self.low + candidates * self.h, distance_upper_bound=self.tau)
         close = np.isfinite(distance)
         self.band_idx, self.band_nearest = candidates[close], nearest[close]
         band = np.zeros((n1,) * 3, dtype=bool)
@@ -246,9 +246,9 @@ class SupportNet:
         signed = np.full((n1,) * 3, reach, dtype=np.float32)
         band_signed = np.full(len(self.band_idx), reach, dtype=np.float32)
         shell_idx = np.argwhere(dilate(~self.exterior) & self.exterior)
-        self.shell_tree = cKDTree(shell_idx * self.h) if len(shell_idx) else None
+        self.shell_tree = NearestPoints(shell_idx * self.h) if len(shell_idx) else None
         if len(shell_idx) and len(self.band_idx):
-            radius, _ = self.tree.query(self.low + shell_idx * self.h, workers=-1)
+            radius, _ = self.tree.query(self.low + shell_idx * self.h)
             limit = self.tau + reach + self.h
             # Only band places within the limit of the exterior can be carved: a few cube dilations find
             # them (the inner half of the band of a bulky object is not searched at all).
@@ -257,7 +257,7 @@ class SupportNet:
                 reachable = dilate(reachable, cube=True)
             near = np.flatnonzero(reachable[tuple(self.band_idx.T)])
             k = min(settings.nearest_shell, len(shell_idx))
-            to_shell, which = self.shell_tree.query(self.band_idx[near] * self.h, k=k, workers=-1,
+            to_shell, which = self.shell_tree.query(self.band_idx[near] * self.h, k=k,
                                                     distance_upper_bound=limit)
             to_shell, which = to_shell.reshape(-1, k), which.reshape(-1, k)
             valid = np.isfinite(to_shell)
@@ -318,7 +318,7 @@ class SupportNet:
         labels, count = ndimage.label(candidates, structure=FACE_CONNECTIVITY)
         places = np.argwhere(candidates)
         limit = self.settings.thin + self.tau + self.h
-        distance, _ = self.shell_tree.query(places * self.h, distance_upper_bound=limit, workers=-1)
+        distance, _ = self.shell_tree.query(places * self.h, distance_upper_bound=limit)
         deep = ~np.isfinite(distance) | (distance - self.tau > self.settings.thin)
         keep = np.ones(count + 1, dtype=bool)
         keep[0] = False
@@ -387,7 +387,7 @@ class SupportNet:
             if len(tested) == len(self.points):
                 unexplained = ~explained
             else:  # every point takes the flag of its nearest tested point
-                _, which = cKDTree(self.points[tested]).query(self.points, workers=-1)
+                _, which = NearestPoints(self.points[tested]).query(self.points)
                 unexplained = ~explained[which]
             chosen = unexplained[self.band_nearest] & (self.band_signed > 0)
             fill[tuple(self.band_idx[chosen].T)] = True
