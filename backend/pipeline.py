@@ -217,9 +217,9 @@ class Reconstructor:
         with timer("encode"), torch.inference_mode():
             inputs = torch.from_numpy(encoder_points).to(device)[None]
             code = model.encode(inputs)
-        evaluate, support = (lambda p: model.decode(p[None], code)[0]), None
+        decode = evaluate = (lambda p: model.decode(p[None], code)[0])
+        support = None
         if POINT_SUPPORT is not None:
-            decode = evaluate
             with timer("support"), torch.inference_mode():
                 # float64 where the cloud is small enough: the same cloud anywhere gives the same net
                 near = (points - center) / scale if len(points) <= MAX_SUPPORT_POINTS else \
@@ -237,15 +237,10 @@ class Reconstructor:
             with timer("point_field"):
                 point_field = PointField(canonical[keep], spacing, cell, own_normals)
 
-        network_grid = None   # kept for when the corrected mesh cannot be decimated closed
-
         def correct_from_points(grid, level: float) -> None:
-            nonlocal network_grid
             if progress is not None:
                 progress("point_field", 0.0)
             with timer("point_field"):
-                if point_field.report.applied:
-                    network_grid = replace(grid, values=grid.values.copy())
                 point_field.correct(grid.values, level, grid.box_min, should_cancel)
 
         def refined(mesh: MeshArrays) -> MeshArrays:
@@ -277,12 +272,20 @@ class Reconstructor:
             with timer("decimate"):
                 small = closed_decimation(mesh, tolerance, should_cancel, attempts=CORRECTED_DECIMATION_ATTEMPTS)
             if small is None:
-                # Hundreds of small tunnels (an open scan at 256^3): the network's own grid instead.
-                with timer("marching_cubes"):
-                    small = grid_to_mesh(network_grid.values, level, network_grid.box_min, network_grid.spacing)
-                if len(small.faces):
+                # Hundreds of small tunnels (an open scan at 256^3): the network's own surface instead,
+                # extracted once more (rare, and cheaper than a copy of every corrected grid: 540 MB
+                # at 512^3), with the safety net's report left as the first extraction made it.
+                again = decode if support is None else (lambda p: support.filter(p, decode(p), level, count=False))
+                try:
+                    network, _ = self._extract(again, level, QUERY_BOX, device, options, timer, progress,
+                                               should_cancel, seed_points=inputs[0], warnings=warnings,
+                                               coarse=POINT_COARSE_RESOLUTION)
+                except OccnetError as error:
+                    if error.code != "empty_mesh":
+                        raise
+                else:   # (a network with no surface of its own keeps the corrected mesh as it is)
                     point_field.report.applied, point_field.report.undone = False, True
-                    mesh = refined(small)
+                    mesh = refined(network)
             else:
                 mesh, tolerance = small, None
         result = self._finish(model, code, device, mesh, options, timer, should_cancel, warnings,

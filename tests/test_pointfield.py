@@ -178,6 +178,14 @@ def test_a_corrected_mesh_that_will_not_decimate_closed_gives_way_to_the_network
         return None
 
     monkeypatch.setattr(pipeline, "closed_decimation", cannot_close)
-    result = Reconstructor("cpu").reconstruct_points(surface_points(l_shape, 100_000), ReconstructOptions(resolution=64))
+    points = surface_points(l_shape, 100_000)
+    reconstructor = Reconstructor("cpu")
+    result = reconstructor.reconstruct_points(points, ReconstructOptions(resolution=64))
     assert calls and result.stats["point_field"]["undone"] and not result.stats["point_field"]["applied"]
     assert trimesh.Trimesh(result.vertices, result.faces).is_watertight
+    # ... the very mesh the request gives without the point field
+    monkeypatch.setattr(pipeline, "dense_enough", lambda *args, **kwargs: False)
+    network = reconstructor.reconstruct_points(points, ReconstructOptions(resolution=64))
+    assert np.array_equal(result.faces, network.faces) and np.allclose(result.vertices, network.vertices)
+    counts = [{k: v for k, v in r.stats["support"].items() if k != "seconds"} for r in (result, network)]
+    assert counts[0] == counts[1]  # the safety net's report counts each evaluation once

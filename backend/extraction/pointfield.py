@@ -31,8 +31,9 @@ the surface is, so the grid is corrected from them (from a covering subset about
   * After marching cubes, pieces of the mesh away from every point are dropped
     (without_far_pieces): bubbles the network left inside the body.
 
-The pipeline keeps the network's grid: on an open scan at 256^3 the corrected grid can hold
-hundreds of small tunnels that the decimation cannot keep closed, and then it meshes that instead.
+On an open scan at 256^3 the corrected grid can hold hundreds of small tunnels that the
+decimation cannot keep closed; the pipeline then extracts the network's own surface once more and
+uses that instead.
 
 Chosen on the validation split (docs/performance.md, "Thirteenth session"), never on the benchmark.
 """
