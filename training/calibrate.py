@@ -18,6 +18,7 @@ import numpy as np
 
 from backend.checkpoint import read_header, with_new_header
 from backend.errors import CheckpointError, OccnetError
+from backend.models.registry import probability_to_logit
 
 from .errors import TrainingError
 from .evaluate import evaluate_split
@@ -29,7 +30,7 @@ METRICS = ("iou", "chamfer_l1_x10", "normal_consistency", "fscore")
 def relative_threshold(probability: float, surface_probability: float) -> float:
     """The user threshold at which the pipeline's surface lies at the network's own probability,
     for a checkpoint whose surface_probability is already set: logits add."""
-    logit = math.log(probability / (1 - probability)) - math.log(surface_probability / (1 - surface_probability))
+    logit = probability_to_logit(probability) - probability_to_logit(surface_probability)
     return 1.0 / (1.0 + math.exp(-logit))
 
 
