@@ -149,10 +149,11 @@ def best_similarity(source: np.ndarray, target: np.ndarray, iterations: int = 12
     """(4, 4) similarity that best aligns points source (N, 3) to target (M, 3): ICP with scale
     (Umeyama steps) from the 24 axis-aligned rotations, keeping the lowest Chamfer distance.
     Correspondences run both ways, or a scaled ICP would shrink the source onto a patch."""
-    from scipy.spatial import cKDTree
     from scipy.spatial.transform import Rotation
 
-    target_tree = cKDTree(target)
+    from backend.extraction.nearest import NearestPoints
+
+    target_tree = NearestPoints(target)
     best, best_error = np.eye(4), np.inf
     source_centre, target_centre = source.mean(axis=0), target.mean(axis=0)
     scale0 = np.sqrt(((target - target_centre) ** 2).sum(1).mean() / max(((source - source_centre) ** 2).sum(1).mean(), 1e-12))
@@ -161,8 +162,8 @@ def best_similarity(source: np.ndarray, target: np.ndarray, iterations: int = 12
         translation = target_centre - scale * rotation @ source_centre
         for _ in range(iterations):  # 12 steps: the 24 starts, not the iterations, find the basin
             moved = scale * source @ rotation.T + translation
-            to_target = target_tree.query(moved, workers=-1)[1]
-            to_source = cKDTree(moved).query(target, workers=-1)[1]
+            to_target = target_tree.query(moved)[1]
+            to_source = NearestPoints(moved).query(target)[1]
             pairs_source = np.concatenate([source, source[to_source]])
             pairs_target = np.concatenate([target[to_target], target])
             mu_s, mu_t = pairs_source.mean(axis=0), pairs_target.mean(axis=0)
@@ -173,7 +174,7 @@ def best_similarity(source: np.ndarray, target: np.ndarray, iterations: int = 12
             scale = float(np.trace(np.diag(d) @ sign) / max(((pairs_source - mu_s) ** 2).sum(1).mean(), 1e-12))
             translation = mu_t - scale * rotation @ mu_s
         moved = scale * source @ rotation.T + translation
-        error = float(target_tree.query(moved, workers=-1)[0].mean() + cKDTree(moved).query(target, workers=-1)[0].mean())
+        error = float(target_tree.query(moved)[0].mean() + NearestPoints(moved).query(target)[0].mean())
         if error < best_error:
             best_error = error
             best = np.eye(4)

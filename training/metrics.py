@@ -17,7 +17,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.spatial import cKDTree
+
+from backend.extraction.nearest import NearestPoints
 
 # Values reported for an empty prediction (no surface at all): the worst each metric can be for
 # shapes inside the unit cube. A distance can not exceed the cube's diagonal sqrt(3).
@@ -52,7 +53,7 @@ def unit_normals(normals: np.ndarray) -> np.ndarray:
 def nearest_neighbours(source: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For each source point (N, 3): distance (N,) to its nearest target point (M, 3) and that
     point's index (N,)."""
-    distances, indices = cKDTree(target).query(source, k=1, workers=-1)
+    distances, indices = NearestPoints(target).query(source)
     return distances, indices
 
 
