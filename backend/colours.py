@@ -8,9 +8,9 @@ than the mesh's own: DETAIL_PER_GRID_CELL cells per cell of the grid the mesh wa
 from typing import Callable
 
 import numpy as np
-from .extraction.nearest import NearestPoints
 
 from .errors import Cancelled
+from .extraction.nearest import NearestPoints
 from .preprocess import cell_keys, grid_cells
 
 NEIGHBOURS = 8

@@ -47,10 +47,10 @@ from typing import Callable
 
 import numpy as np
 from scipy import ndimage
-from .nearest import NearestPoints
 
 from ..errors import Cancelled
 from ..preprocess import subsample_indices
+from .nearest import NearestPoints
 from .refine import smallest_eigenvectors
 from .support import FACE_CONNECTIVITY, near_candidates
 

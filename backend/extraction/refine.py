@@ -37,9 +37,9 @@ from dataclasses import dataclass, fields
 from typing import Callable
 
 import numpy as np
-from .nearest import NearestPoints
 
 from ..errors import Cancelled
+from .nearest import NearestPoints
 from .spacing import median_spacing
 
 

@@ -4,6 +4,7 @@ the refinement's fitting sites and the decimation's tolerance are all scaled by.
 import math
 
 import numpy as np
+
 from .nearest import NearestPoints
 
 

@@ -46,9 +46,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
-from .nearest import NearestPoints
 
 from ..errors import Cancelled
+from .nearest import NearestPoints
 from .spacing import median_spacing
 
 # Connectivity of the far region: faces only, so an outside piece cannot leak into the inside
