@@ -135,6 +135,27 @@ class ReconstructionResult:
     stats: dict = field(default_factory=dict)
 
 
+@dataclass
+class CloudWork:
+    """What one point-cloud request works with after encoding, in the canonical frame (the
+    input's longest edge 1), and the safety net and point field it builds on the way."""
+    options: ReconstructOptions
+    timer: "StageTimer"
+    progress: Progress | None
+    should_cancel: Callable[[], bool] | None
+    seeds: torch.Tensor                # (M, 3) the encoder's points on the device: MISE refines their cells
+    fitted: np.ndarray                 # (K, 3) float32 the covering subset the refinement and point field fit
+    normals: np.ndarray | None         # (K, 3) their own normals, if the cloud has them
+    spacing: float                     # the median nearest-neighbour spacing of fitted
+    support: SupportNet | None = None
+    point_field: PointField | None = None
+
+    def announce(self, stage: str) -> None:
+        """Tell the caller a stage starts."""
+        if self.progress is not None:
+            self.progress(stage, 0.0)
+
+
 def falls_back_to_cpu(reconstruct):
     """A reconstruction whose GPU runs out of memory, even with the smallest network batches, is
     run again on the CPU, and its result says so: slower, but the user gets the mesh."""
@@ -206,107 +227,115 @@ class Reconstructor:
         options = options or ReconstructOptions()
         options.validate()
         cloud = checked_cloud(points, colors, normals)
-        points = cloud.points
         timer = StageTimer()
         with timer("load"):
             model, config, device = self.model_for("points", options)
         level = model.surface_level(options.threshold)
-        center, scale = normalisation(points)
-        canonical = ((points - center) / scale).astype(np.float32)
+        center, scale = normalisation(cloud.points)
+        canonical = ((cloud.points - center) / scale).astype(np.float32)
         encoder_points = subsample_points(canonical, int(config["input"].get("max_points", 20000)))
         with timer("encode"), torch.inference_mode():
-            inputs = torch.from_numpy(encoder_points).to(device)[None]
-            code = model.encode(inputs)
-        decode = evaluate = (lambda p: model.decode(p[None], code)[0])
-        support = None
+            seeds = torch.from_numpy(encoder_points).to(device)
+            code = model.encode(seeds[None])
+        keep = subsample_indices(canonical, MAX_REFINE_POINTS)
+        work = CloudWork(options, timer, progress, should_cancel, seeds, canonical[keep],
+                         None if cloud.normals is None else cloud.normals[keep], median_spacing(canonical[keep]))
+
+        def decode(p: torch.Tensor) -> torch.Tensor:
+            return model.decode(p[None], code)[0]
+
         if POINT_SUPPORT is not None:
             with timer("support"), torch.inference_mode():
                 # float64 where the cloud is small enough: the same cloud anywhere gives the same net
-                near = (points - center) / scale if len(points) <= MAX_SUPPORT_POINTS else \
+                near = (cloud.points - center) / scale if len(cloud.points) <= MAX_SUPPORT_POINTS else \
                     subsample_points(canonical, MAX_SUPPORT_POINTS)
-                support = SupportNet(near, QUERY_BOX, POINT_SUPPORT, should_cancel)
-                support.prepare(decode, level, device, options.batch_points)
-            evaluate = support.wrap(decode, level)
+                work.support = SupportNet(near, QUERY_BOX, POINT_SUPPORT, should_cancel)
+                work.support.prepare(decode, level, device, options.batch_points)
         warnings = []
-        keep = subsample_indices(canonical, MAX_REFINE_POINTS)
-        spacing = median_spacing(canonical[keep])
-        own_normals = cloud.normals[keep] if cloud.normals is not None else None
-        cell = (QUERY_BOX[1] - QUERY_BOX[0]) / options.resolution
-        point_field = None
-        if options.refine and dense_enough(spacing, cell):
-            with timer("point_field"):
-                point_field = PointField(canonical[keep], spacing, cell, own_normals)
-
-        def correct_from_points(grid, level: float) -> None:
-            if progress is not None:
-                progress("point_field", 0.0)
-            with timer("point_field"):
-                point_field.correct(grid.values, level, grid.box_min, should_cancel)
-
-        def refined(mesh: MeshArrays) -> MeshArrays:
-            """The grid's mesh shrink-wrapped onto the points and smoothed, when asked to refine."""
-            if not options.refine:
-                return mesh
-            if progress is not None:
-                progress("refine", 0.0)
-            on_round = (lambda fraction: progress("refine", fraction)) if progress is not None else None
-            with timer("refine"):
-                mesh = MeshArrays(refine_to_points(mesh.vertices, mesh.faces, canonical[keep], progress=on_round,
-                                                   should_cancel=should_cancel, normals=own_normals,
-                                                   spacing=spacing), mesh.faces)
-            with timer("smooth"):
-                return taubin_smoothed(mesh)
-
-        mesh, evaluations = self._extract(evaluate, level, QUERY_BOX, device, options, timer, progress, should_cancel,
-                                          seed_points=inputs[0], warnings=warnings, coarse=POINT_COARSE_RESOLUTION,
-                                          settle=correct_from_points if point_field is not None else None)
-        corrected = point_field is not None and point_field.report.applied
-        if corrected:
-            with timer("point_field"):
-                mesh = MeshArrays(*point_field.without_bubbles(mesh.vertices, mesh.faces))
-        mesh = refined(mesh)
-        tolerance = cloud_tolerance(spacing)
-        if corrected and options.max_faces is None:
-            if progress is not None:
-                progress("decimate", 0.0)
-            with timer("decimate"):
-                small = closed_decimation(mesh, tolerance, should_cancel, attempts=CORRECTED_DECIMATION_ATTEMPTS)
-            if small is None:
-                # Hundreds of small tunnels (an open scan at 256^3): the network's own surface instead,
-                # extracted once more (rare, and cheaper than a copy of every corrected grid: 540 MB
-                # at 512^3), with the safety net's report left as the first extraction made it.
-                again = decode if support is None else (lambda p: support.filter(p, decode(p), level, count=False))
-                try:
-                    network, _ = self._extract(again, level, QUERY_BOX, device, options, timer, progress,
-                                               should_cancel, seed_points=inputs[0], warnings=warnings,
-                                               coarse=POINT_COARSE_RESOLUTION)
-                except OccnetError as error:
-                    if error.code != "empty_mesh":
-                        raise
-                else:   # (a network with no surface of its own keeps the corrected mesh as it is)
-                    point_field.report.applied, point_field.report.undone = False, True
-                    mesh = refined(network)
-            else:
-                mesh, tolerance = small, None
+        mesh, tolerance, evaluations = self._cloud_surface(decode, level, device, work, warnings)
         result = self._finish(model, code, device, mesh, options, timer, should_cancel, warnings,
                               tolerance=tolerance, progress=progress)
         if cloud.colors is not None and options.colours:
-            if progress is not None:
-                progress("colours", 0.0)
+            work.announce("colours")
             with timer("colours"):
                 result.colors = transfer_colours(result.vertices, canonical, cloud.colors,
                                                   cells=transfer_cells(options.resolution), should_cancel=should_cancel)
         result.vertices = result.vertices.astype(np.float64) * scale + center
-        result.stats.update(evaluations=evaluations, input_points=len(points), encoder_points=len(encoder_points),
+        result.stats.update(evaluations=evaluations, input_points=len(cloud.points), encoder_points=len(encoder_points),
                             center=center.tolist(), scale=scale, input_colours=cloud.colors is not None,
                             input_normals=cloud.normals is not None)
-        if point_field is not None:
-            result.stats["point_field"] = point_field.report.as_stats()
-        if support is not None:
-            result.stats["support"] = support.report.as_stats()
-            if support.report.warning():
-                result.stats["warnings"].append(support.report.warning())
+        if work.point_field is not None:
+            result.stats["point_field"] = work.point_field.report.as_stats()
+        if work.support is not None:
+            result.stats["support"] = work.support.report.as_stats()
+            if work.support.report.warning():
+                result.stats["warnings"].append(work.support.report.warning())
         return result
+
+    def _cloud_surface(self, decode, level: float, device, work: CloudWork, warnings: list
+                       ) -> tuple[MeshArrays, float | None, int]:
+        """A point cloud's mesh before _finish -> (mesh, the tolerance _finish decimates it to or
+        None when it is decimated already, network evaluations): the network's grid (filtered by the
+        safety net, corrected by dense points), refined onto the points; a corrected mesh is
+        decimated here, and when it cannot be kept closed the network's own surface is used instead."""
+        options, timer = work.options, work.timer
+        evaluate = decode if work.support is None else work.support.wrap(decode, level)
+        cell = (QUERY_BOX[1] - QUERY_BOX[0]) / options.resolution
+        settle = None
+        if options.refine and dense_enough(work.spacing, cell):
+            with timer("point_field"):
+                work.point_field = PointField(work.fitted, work.spacing, cell, work.normals)
+
+            def settle(grid, level: float) -> None:
+                work.announce("point_field")
+                with timer("point_field"):
+                    work.point_field.correct(grid.values, level, grid.box_min, work.should_cancel)
+
+        mesh, evaluations = self._extract(evaluate, level, QUERY_BOX, device, options, timer, work.progress,
+                                          work.should_cancel, seed_points=work.seeds, warnings=warnings,
+                                          coarse=POINT_COARSE_RESOLUTION, settle=settle)
+        tolerance = cloud_tolerance(work.spacing)
+        if work.point_field is None or not work.point_field.report.applied:
+            return self._refined(mesh, work), tolerance, evaluations
+        with timer("point_field"):
+            mesh = MeshArrays(*work.point_field.without_bubbles(mesh.vertices, mesh.faces))
+        mesh = self._refined(mesh, work)
+        if options.max_faces is not None:
+            return mesh, tolerance, evaluations
+        work.announce("decimate")
+        with timer("decimate"):
+            small = closed_decimation(mesh, tolerance, work.should_cancel, attempts=CORRECTED_DECIMATION_ATTEMPTS)
+        if small is not None:
+            return small, None, evaluations
+        # Hundreds of small tunnels (an open scan at 256^3): the network's own surface instead, extracted
+        # once more (rare, and cheaper than a copy of every corrected grid: 540 MB at 512^3), with the
+        # safety net's report left as the first extraction made it.
+        again = decode if work.support is None else \
+            (lambda p: work.support.filter(p, decode(p), level, count=False))
+        try:
+            network, _ = self._extract(again, level, QUERY_BOX, device, options, timer, work.progress,
+                                       work.should_cancel, seed_points=work.seeds, warnings=warnings,
+                                       coarse=POINT_COARSE_RESOLUTION)
+        except OccnetError as error:
+            if error.code != "empty_mesh":
+                raise
+            return mesh, tolerance, evaluations   # a network with no surface of its own: the corrected mesh
+        work.point_field.report.applied, work.point_field.report.undone = False, True
+        return self._refined(network, work), tolerance, evaluations
+
+    @staticmethod
+    def _refined(mesh: MeshArrays, work: CloudWork) -> MeshArrays:
+        """The grid's mesh shrink-wrapped onto the points and smoothed, when the request refines."""
+        if not work.options.refine:
+            return mesh
+        work.announce("refine")
+        on_round = (lambda fraction: work.progress("refine", fraction)) if work.progress is not None else None
+        with work.timer("refine"):
+            mesh = MeshArrays(refine_to_points(mesh.vertices, mesh.faces, work.fitted, progress=on_round,
+                                               should_cancel=work.should_cancel, normals=work.normals,
+                                               spacing=work.spacing), mesh.faces)
+        with work.timer("smooth"):
+            return taubin_smoothed(mesh)
 
     @falls_back_to_cpu
     def reconstruct_image(self, pixels, options: ReconstructOptions | None = None,
