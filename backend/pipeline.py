@@ -27,6 +27,7 @@ from .extraction import MeshArrays, grid_to_mesh, mise, simplify_mesh
 from .extraction.marching import cloud_tolerance, closed_decimation, simplify_to_tolerance, taubin_smoothed
 from .extraction.pointfield import PointField, dense_enough
 from .extraction.refine import refine_to_points
+from .extraction.sheets import SheetReport, thicken_sheets
 from .extraction.spacing import median_spacing
 from .extraction.support import SupportNet, SupportSettings
 from .foreground import object_mask
@@ -149,6 +150,7 @@ class CloudWork:
     spacing: float                     # the median nearest-neighbour spacing of fitted
     support: SupportNet | None = None
     point_field: PointField | None = None
+    sheets: SheetReport | None = None
 
     def announce(self, stage: str) -> None:
         """Tell the caller a stage starts."""
@@ -266,6 +268,8 @@ class Reconstructor:
                             input_normals=cloud.normals is not None)
         if work.point_field is not None:
             result.stats["point_field"] = work.point_field.report.as_stats()
+        if work.sheets is not None:
+            result.stats["sheets"] = work.sheets.as_stats()
         if work.support is not None:
             result.stats["support"] = work.support.report.as_stats()
             if work.support.report.warning():
@@ -281,15 +285,20 @@ class Reconstructor:
         options, timer = work.options, work.timer
         evaluate = decode if work.support is None else work.support.wrap(decode, level)
         cell = (QUERY_BOX[1] - QUERY_BOX[0]) / options.resolution
-        settle = None
         if options.refine and dense_enough(work.spacing, cell):
             with timer("point_field"):
                 work.point_field = PointField(work.fitted, work.spacing, cell, work.normals)
 
-            def settle(grid, level: float) -> None:
+        def settle(grid, level: float, correct: bool = True) -> None:
+            """The points' corrections of the grid: their own surface where dense, then their sheets."""
+            if correct and work.point_field is not None:
                 work.announce("point_field")
                 with timer("point_field"):
                     work.point_field.correct(grid.values, level, grid.box_min, work.should_cancel)
+            if options.refine:
+                with timer("sheets"):
+                    work.sheets = thicken_sheets(grid.values, level, grid.box_min, grid.spacing, work.fitted,
+                                                 work.spacing, should_cancel=work.should_cancel)
 
         mesh, evaluations = self._extract(evaluate, level, QUERY_BOX, device, options, timer, work.progress,
                                           work.should_cancel, seed_points=work.seeds, warnings=warnings,
@@ -315,7 +324,8 @@ class Reconstructor:
         try:
             network, _ = self._extract(again, level, QUERY_BOX, device, options, timer, work.progress,
                                        work.should_cancel, seed_points=work.seeds, warnings=warnings,
-                                       coarse=POINT_COARSE_RESOLUTION)
+                                       coarse=POINT_COARSE_RESOLUTION,
+                                       settle=lambda grid, level: settle(grid, level, correct=False))
         except OccnetError as error:
             if error.code != "empty_mesh":
                 raise
