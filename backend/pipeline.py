@@ -289,9 +289,9 @@ class Reconstructor:
             with timer("point_field"):
                 work.point_field = PointField(work.fitted, work.spacing, cell, work.normals)
 
-        def settle(grid, level: float, correct: bool = True) -> None:
+        def settle(grid, level: float) -> None:
             """The points' corrections of the grid: their own surface where dense, then their sheets."""
-            if correct and work.point_field is not None:
+            if work.point_field is not None:
                 work.announce("point_field")
                 with timer("point_field"):
                     work.point_field.correct(grid.values, level, grid.box_min, work.should_cancel)
@@ -318,19 +318,20 @@ class Reconstructor:
             return small, None, evaluations
         # Hundreds of small tunnels (an open scan at 256^3): the network's own surface instead, extracted
         # once more (rare, and cheaper than a copy of every corrected grid: 540 MB at 512^3), with the
-        # safety net's report left as the first extraction made it.
+        # safety net's report left as the first extraction made it, and without sheets (on the bunny's
+        # open scan they left 477k faces the decimation could not keep closed).
         again = decode if work.support is None else \
             (lambda p: work.support.filter(p, decode(p), level, count=False))
         try:
             network, _ = self._extract(again, level, QUERY_BOX, device, options, timer, work.progress,
                                        work.should_cancel, seed_points=work.seeds, warnings=warnings,
-                                       coarse=POINT_COARSE_RESOLUTION,
-                                       settle=lambda grid, level: settle(grid, level, correct=False))
+                                       coarse=POINT_COARSE_RESOLUTION)
         except OccnetError as error:
             if error.code != "empty_mesh":
                 raise
             return mesh, tolerance, evaluations   # a network with no surface of its own: the corrected mesh
         work.point_field.report.applied, work.point_field.report.undone = False, True
+        work.sheets = None
         return self._refined(network, work), tolerance, evaluations
 
     @staticmethod

@@ -10,8 +10,9 @@ points at 256^3. The points, though, lie on the sheet wherever it is. So:
     of each one's `neighbours` nearest points (their mean, their smallest principal direction).
   * A plane is a sheet the grid cannot hold when its points lie close to it (their root mean
     square distance at most `planarity` of the neighbourhood's radius) and the grid holds no
-    inside at any of `probe_cells` from it on either side, the plane itself included: a hole in
-    the network's sheet, with no body of the network's behind it. Where the network does hold
+    inside at any of `probe_cells` from it on either side, the plane itself included, nor at
+    `body_probes` (fixed distances, since how far the network misplaces a surface does not
+    shrink with the cells): a hole in the network's sheet, with no body of the network's behind it. Where the network does hold
     something there (any bulky part, a plate it resolved, a fragment of the sheet, the inside of a
     scan it closed, a body whose surface it put a few cells off the points, which the refinement
     brings onto them), nothing changes: a thin part it got right is not thickened, and a body
@@ -44,7 +45,9 @@ class SheetSettings:
     neighbours: int = 16                   # points per local plane
     centre_cells: float = 0.5              # planes about this many cells apart (a covering subset of the points)
     planarity: float = 0.2                 # a sheet's points lie this share of their neighbourhood's radius from its plane (rms)
-    probe_cells: tuple[float, ...] = (0.0, 0.75, 1.5, 2.5, 4.0, 6.0, 8.0)  # a sheet's grid is empty this far both ways
+    probe_cells: tuple[float, ...] = (0.0, 0.75, 1.5, 2.5)  # a sheet's grid is empty this many cells away both ways ...
+    body_probes: tuple[float, ...] = (0.035, 0.05, 0.07)  # ... and this far (canonical units): no body the network
+                                                          # placed off the points, whatever the resolution
     half_thickness_cells: float = 0.55     # the slab raised around a sheet reaches this far from its plane ...
     reach_cells: float = 1.5               # ... and this far along it,
     reach_spacings: float = 1.2            # ... or this many spacings of the points where they are sparser
@@ -99,9 +102,9 @@ def thicken_sheets(values: np.ndarray, level: float, box_min: float, cell: float
     centres, normals, flat = sheet_planes(points, spacing, cell, settings)
     report.planes = len(centres)
     empty = flat
-    for distance in settings.probe_cells:
+    for distance in (*(cells * cell for cells in settings.probe_cells), *settings.body_probes):
         for side in (1.0, -1.0):
-            empty &= grid_values_at(values, box_min, cell, centres + side * distance * cell * normals) <= level
+            empty &= grid_values_at(values, box_min, cell, centres + side * distance * normals) <= level
     centres, normals = centres[empty], normals[empty]
     report.sheets = len(centres)
     half = settings.half_thickness_cells * cell
