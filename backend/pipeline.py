@@ -139,7 +139,8 @@ class ReconstructionResult:
 @dataclass
 class CloudWork:
     """What one point-cloud request works with after encoding, in the canonical frame (the
-    input's longest edge 1), and the safety net and point field it builds on the way."""
+    input's longest edge 1), and what it builds on the way: the safety net, the point field and
+    the sheets' report."""
     options: ReconstructOptions
     timer: "StageTimer"
     progress: Progress | None

@@ -66,8 +66,9 @@ class SheetReport:
                 "seconds": round(self.seconds, 4)}
 
 
-# Sheets raised per block: a cancel lands within one; about 30 MB of temporaries.
-SHEET_BLOCK = 4096
+# Grid places examined per block of sheets (each sheet looks at a cube of them): a cancel lands
+# within a block, whose temporaries take about 12 MB an array.
+BLOCK_PLACES = 500_000
 
 
 def sheet_planes(points: np.ndarray, spacing: float, cell: float, settings: SheetSettings
@@ -103,7 +104,7 @@ def thicken_sheets(values: np.ndarray, level: float, box_min: float, cell: float
     report.planes = len(centres)
     empty = flat
     for distance in (*(cells * cell for cells in settings.probe_cells), *settings.body_probes):
-        for side in (1.0, -1.0):
+        for side in ((1.0,) if distance == 0.0 else (1.0, -1.0)):
             empty &= grid_values_at(values, box_min, cell, centres + side * distance * normals) <= level
     centres, normals = centres[empty], normals[empty]
     report.sheets = len(centres)
@@ -111,11 +112,12 @@ def thicken_sheets(values: np.ndarray, level: float, box_min: float, cell: float
     reach = max(settings.reach_cells * cell, settings.reach_spacings * spacing)
     steps = np.arange(-math.ceil(reach / cell) - 1, math.ceil(reach / cell) + 2)
     offsets = np.stack(np.meshgrid(steps, steps, steps, indexing="ij"), axis=-1).reshape(-1, 3)
-    raised = np.zeros(values.size, bool)
-    for begin in range(0, len(centres), SHEET_BLOCK):
+    raised = []
+    block = max(1, BLOCK_PLACES // len(offsets))
+    for begin in range(0, len(centres), block):
         if should_cancel is not None and should_cancel():
             raise Cancelled()
-        centre, normal = centres[begin:begin + SHEET_BLOCK], normals[begin:begin + SHEET_BLOCK]
+        centre, normal = centres[begin:begin + block], normals[begin:begin + block]
         places = np.rint((centre - box_min) / cell).astype(np.int64)[:, None] + offsets      # (S, O, 3)
         offset = box_min + places * cell - centre[:, None]
         height = np.einsum("soi,si->so", offset, normal)
@@ -130,7 +132,7 @@ def thicken_sheets(values: np.ndarray, level: float, box_min: float, cell: float
         highest = np.maximum.reduceat(slab, first)
         higher = highest > values.flat[unique]
         values.flat[unique[higher]] = highest[higher]
-        raised[unique[higher]] = True
-    report.raised = int(np.count_nonzero(raised))
+        raised.append(unique[higher])
+    report.raised = len(np.unique(np.concatenate(raised))) if raised else 0
     report.seconds = time.perf_counter() - start
     return report
