@@ -40,7 +40,6 @@ Chosen on the validation split (docs/performance.md, "Thirteenth session"), neve
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -49,9 +48,9 @@ import numpy as np
 from scipy import ndimage
 
 from ..errors import Cancelled
-from ..preprocess import subsample_indices
 from .nearest import NearestPoints
 from .refine import smallest_eigenvectors
+from .spacing import thinned_indices
 from .support import FACE_CONNECTIVITY, near_candidates
 
 # The noise of a cloud is read off its cleanest neighbourhoods: where a neighbourhood spans both
@@ -190,9 +189,7 @@ class PointField:
         self.normals = normals
         self.spacing = spacing
         if settings.field_spacing_cells is not None and spacing < settings.field_spacing_cells * cell:
-            # The spacing on a surface goes as one over the square root of the count.
-            count = math.ceil(len(self.points) * (spacing / (settings.field_spacing_cells * cell)) ** 2)
-            subset = subsample_indices(self.points, count)
+            subset = thinned_indices(self.points, spacing, settings.field_spacing_cells * cell)
             self.points, self.spacing = self.points[subset], settings.field_spacing_cells * cell
             self.normals = normals[subset] if normals is not None else None
         self.tree = NearestPoints(self.points)

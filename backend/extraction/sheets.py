@@ -35,9 +35,9 @@ from typing import Callable
 import numpy as np
 
 from ..errors import Cancelled
-from ..preprocess import subsample_indices
 from .nearest import NearestPoints
 from .pointfield import grid_values_at, principal_normals
+from .spacing import thinned_indices
 
 
 @dataclass(frozen=True)
@@ -77,13 +77,10 @@ def sheet_planes(points: np.ndarray, spacing: float, cell: float, settings: Shee
     centres (S, 3) (the means of each plane's points), unit normals (S, 3), and whether their
     points lie close to them (S,) bool. About one plane per settings.centre_cells cells."""
     points = np.asarray(points, np.float64)
+    fine = 0.5 * settings.centre_cells * cell          # denser than the planes need: thinned to this
+    points = points[thinned_indices(points, spacing, fine)]
+    centres = thinned_indices(points, max(spacing, fine), settings.centre_cells * cell)
     k = min(settings.neighbours, len(points))
-    # Denser than the planes need: a covering subset, thinned as the spacing on a surface goes (1 / sqrt(N)).
-    fine = 0.5 * settings.centre_cells * cell
-    if spacing < fine:
-        points = points[subsample_indices(points, math.ceil(len(points) * (spacing / fine) ** 2))]
-        spacing = fine
-    centres = subsample_indices(points, math.ceil(len(points) * min(1.0, (spacing / (settings.centre_cells * cell)) ** 2)))
     distance, neighbours = NearestPoints(points).query(points[centres], k=k)
     normals, spread = principal_normals(points, neighbours.reshape(len(centres), k))
     radius = distance.reshape(len(centres), k)[:, -1]

@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 
+from ..preprocess import subsample_indices
 from .nearest import NearestPoints
 
 
@@ -21,3 +22,12 @@ def median_spacing(points: np.ndarray, sample: int = 50_000) -> float:
         points = points[np.random.default_rng(0).choice(len(points), sample, replace=False)]
     distances, _ = NearestPoints(points).query(points, k=2)
     return float(np.median(distances[:, 1]) * factor)
+
+
+def thinned_indices(points: np.ndarray, spacing: float, target: float) -> np.ndarray:
+    """Indices of a covering subset (preprocess.subsample_indices) of points (N, 3) whose median
+    spacing is `spacing`, about `target` apart; all of them when they are no denser. The spacing on
+    a surface goes as one over the square root of the count."""
+    if spacing >= target:
+        return np.arange(len(points))
+    return subsample_indices(points, math.ceil(len(points) * (spacing / target) ** 2))
