@@ -155,9 +155,11 @@ def thicken_sheets(values: np.ndarray, level: float, box_min: float, cell: float
             raise Cancelled()
         # Each place belongs to the patch of its nearest sheet: the patches tile the sheet, leaving no
         # gap between them.
-        _, nearest = sheets.query(box_min + places * cell, distance_upper_bound=reach)
-        places, nearest = places[nearest < len(centres)], nearest[nearest < len(centres)]
-        local = np.einsum("pij,pj->pi", frames[nearest], box_min + places * cell - centres[nearest])   # (P, 3)
+        at = box_min + places * cell
+        _, nearest = sheets.query(at, distance_upper_bound=reach)
+        found = nearest < len(centres)
+        places, nearest = places[found], nearest[found]
+        local = np.einsum("pij,pj->pi", frames[nearest], at[found] - centres[nearest])              # (P, 3)
         height, half = np.abs(local[:, 0]), halves[nearest]
         # Places a cell beyond the slab too, so that the slab's field falls through the level between grid points.
         covered = (((local[:, 1:] / axes[nearest]) ** 2).sum(axis=1) <= 1.0) & (height <= half + cell)
