@@ -74,7 +74,7 @@ def test_a_sparse_noisy_sheet_at_any_angle_becomes_a_slab_with_few_tunnels(norma
     cell thick touches its neighbouring columns of grid places only at their edges: each leaves
     pinholes in the slab, a tunnel each. Patches that tile the sheet, cover their neighbourhood's
     footprint and thicken with the plane's slant leave at most a handful here (the fifteenth
-    session's patches left 22 to 27; either of the last two changes alone, 5 to 24)."""
+    session's patches left 23 to 28; without the slant rule 6 to 25, without the footprints 14 to 21)."""
     points = tilted_square_points(normal)
     values = np.full((CELLS + 1,) * 3, LEVEL - 1.0, np.float32)
     thicken_sheets(values, LEVEL, BOX_MIN, CELL, points, median_spacing(points))
