@@ -297,6 +297,7 @@ class Reconstructor:
                 with timer("point_field"):
                     work.point_field.correct(grid.values, level, grid.box_min, work.should_cancel)
             if options.refine:
+                work.announce("sheets")
                 with timer("sheets"):
                     work.sheets = thicken_sheets(grid.values, level, grid.box_min, grid.spacing, work.fitted,
                                                  work.spacing, should_cancel=work.should_cancel)
@@ -505,8 +506,6 @@ class Reconstructor:
                     torch.cuda.empty_cache()
                 batch_points //= 4
                 warnings.append(f"out of memory on {device}: retried with network batches of {batch_points} points")
-        if progress is not None:
-            progress("marching_cubes", 0.0)
         if not np.isfinite(grid.values).all():
             raise OccnetError("bad_model", "the network's output is not a number (NaN or infinite) for some points: "
                                            "the model is broken, whatever the threshold")
@@ -514,6 +513,8 @@ class Reconstructor:
             settle(grid, level)
         if should_cancel is not None and should_cancel():
             raise Cancelled()
+        if progress is not None:
+            progress("marching_cubes", 0.0)
         with timer("marching_cubes"):
             mesh = grid_to_mesh(grid.values, level, grid.box_min, grid.spacing)
         if len(mesh.faces) == 0:

@@ -148,7 +148,10 @@ def test_a_paper_thin_board_comes_back_in_one_piece(reconstructor):
     """3000 noisy points on a 1 x 0.6 x 0.002 board, the shipped model at 128^3: the network alone
     returns it in a dozen fragments (the largest a fifth of the faces)."""
     points = box_points((1.0, 0.6, 0.002), 3000, noise=0.002)
-    result = reconstructor.reconstruct_points(points, ReconstructOptions())
+    stages = []
+    result = reconstructor.reconstruct_points(points, ReconstructOptions(),
+                                              progress=lambda stage, fraction: stages.append(stage))
+    assert stages.index("sheets") < stages.index("marching_cubes")     # each step shown while it runs
     parts = trimesh.Trimesh(result.vertices, result.faces, process=False).split(only_watertight=False)
     assert max(len(p.faces) for p in parts) >= 0.9 * len(result.faces)
     assert result.stats["sheets"]["sheets"] > 0
