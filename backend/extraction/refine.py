@@ -10,10 +10,11 @@ are measured data. So, a few rounds of:
     even where the neighbourhood is wide), by at most `max_move` per round; where the mesh is
     bulky, onto a quadratic height field over that plane instead (a plane's centroid lies inside a
     curved surface; on thin parts the wider fit would reach the far face);
-  * a few steps of Taubin smoothing (trimesh's, no shrinkage), so neighbouring vertices move together and
-    the mesh stays a clean surface rather than a set of independently snapped points; over points
-    much denser than the mesh only the smoothing's part along the surface (sliding_part), so that
-    it does not pull the surface back out of concave corners.
+  * a few steps of Taubin smoothing (trimesh's), so neighbouring vertices move together and the
+    mesh stays a clean surface rather than a set of independently snapped points, with the steps'
+    shrink put back (without_shrink); over points much denser than the mesh only the smoothing's
+    part along the surface (sliding_part), so that it does not pull the surface back out of
+    concave corners.
 Faces never change, so the mesh stays watertight. Parameters were chosen on the validation split
 of our own training data (never on the benchmark meshes); see backend/weights/MODEL_CARD.md.
 
@@ -37,6 +38,7 @@ from dataclasses import dataclass, fields
 from typing import Callable
 
 import numpy as np
+from scipy import ndimage
 
 from ..errors import Cancelled
 from .nearest import NearestPoints
@@ -66,6 +68,9 @@ class RefineSettings:
     dense_slide: float | None = 0.45  # where the points' median spacing is below this many times the mesh's
                                       # median edge, the rounds' smoothing only slides vertices along the
                                       # surface (sliding_part); None: never
+    shrink_cell: float | None = 10.0  # elsewhere the smoothing's shrink, its displacement along the normals
+                                      # averaged over cells of this many median edges, is put back
+                                      # (without_shrink); None: kept
 
 
 # Each vertex keeps this many more of its nearest points than a plane fit uses. The more it keeps,
@@ -529,7 +534,8 @@ def refine_to_points(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray
         np.minimum.at(thickness, site, vertex_thickness)
     memory = SiteMemory.empty(count, min(fitted_count(settings), len(points)) + SPARE_NEIGHBOURS)
     sample = faces[::max(1, len(faces) // EDGE_SAMPLE_FACES)]
-    slide = settings.dense_slide is not None and spacing < settings.dense_slide * median_edge(mesh.vertices, sample)
+    edge = median_edge(mesh.vertices, sample)
+    slide = settings.dense_slide is not None and spacing < settings.dense_slide * edge
     for done in range(settings.rounds):
         vertices_now = np.asarray(mesh.vertices)
         blockwise_fits(site_means(vertices_now, site, count), tree, points32, memory, settings,
@@ -540,6 +546,8 @@ def refine_to_points(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray
         trimesh.smoothing.filter_taubin(mesh, iterations=settings.smoothing_steps, laplacian_operator=averaging)
         if slide:
             mesh.vertices = sliding_part(projected, np.asarray(mesh.vertices), outward_normals(projected, faces))
+        elif settings.shrink_cell is not None:
+            mesh.vertices = without_shrink(projected, np.asarray(mesh.vertices), outward, settings.shrink_cell * edge)
         if progress is not None:
             progress((done + 1) / settings.rounds)
     return np.asarray(mesh.vertices, dtype=np.float32)
@@ -562,6 +570,40 @@ def sliding_part(start: np.ndarray, smoothed: np.ndarray, normals: np.ndarray) -
     and stays)."""
     shift = smoothed - start
     return smoothed - np.einsum("vi,vi->v", shift, normals)[:, None] * normals
+
+
+def without_shrink(start: np.ndarray, smoothed: np.ndarray, normals: np.ndarray, cell: float) -> np.ndarray:
+    """Vertices (V, 3) moved from start (V, 3) by their smoothing (to smoothed (V, 3)) less its
+    shrink: the displacement along the unit normals (V, 3), averaged over about `cell`
+    (low_pass), is taken back. Taubin steps with equal shrink and inflate factors, an odd number a
+    round, take a little off every curved surface, and on a rod or a blade that is a large share
+    of its thickness; what varies from vertex to vertex, the fits' ripple, is still smoothed away
+    (docs/pointclouds.md, "Thin parts come back too thin")."""
+    along = np.einsum("vi,vi->v", smoothed - start, normals)
+    return smoothed - low_pass(start, along, cell)[:, None] * normals
+
+
+def low_pass(places: np.ndarray, values: np.ndarray, cell: float) -> np.ndarray:
+    """values (V,) at places (V, 3) averaged over a neighbourhood about 2 cells wide -> (V,): their
+    means over a grid of cubes of the given edge, blurred over neighbouring cubes ([1 2 1] along
+    each axis, sums and counts alike, so empty cubes do not pull towards zero), and interpolated
+    trilinearly at the places. The two faces of a part thinner than a cube share its mean, as
+    they share the smoothing's shrink."""
+    # Column by column: numpy's reductions along the short axis of a (V, 3) array take 20 times longer.
+    origin = np.array([places[:, axis].min() for axis in range(3)]) - cell
+    coords = (places - origin) / cell
+    cubes = np.floor(coords).astype(np.int64)
+    shape = tuple(int(cubes[:, axis].max()) + 2 for axis in range(3))
+    flat = np.ravel_multi_index(cubes.T, shape)
+    size = int(np.prod(shape))
+    sums = np.bincount(flat, weights=values, minlength=size).reshape(shape)
+    counts = np.bincount(flat, minlength=size).astype(np.float64).reshape(shape)
+    for axis in range(3):
+        sums = ndimage.convolve1d(sums, [0.25, 0.5, 0.25], axis=axis, mode="constant")
+        counts = ndimage.convolve1d(counts, [0.25, 0.5, 0.25], axis=axis, mode="constant")
+    # Every cube a place interpolates from touches its own occupied cube, so its blurred count is > 0.
+    means = sums / np.maximum(counts, 1e-300)
+    return ndimage.map_coordinates(means, (coords - 0.5).T, order=1, mode="nearest")
 
 
 def outward_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
