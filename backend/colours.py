@@ -11,7 +11,7 @@ import numpy as np
 
 from .errors import Cancelled
 from .extraction.nearest import NearestPoints
-from .preprocess import cell_keys, grid_cells
+from .preprocess import bounding_box, cell_keys, grid_cells
 
 NEIGHBOURS = 8
 # 4 colour cells per extraction cell: 3 million points of a textured bunny at 128^3 keep 0.26 dB
@@ -72,7 +72,8 @@ def transfer_colours(vertices: np.ndarray, points: np.ndarray, colors: np.ndarra
     k = min(k, len(centres))
     distances, index = NearestPoints(centres).query(vertices, k=k)
     distances, index = distances.reshape(len(vertices), k), index.reshape(len(vertices), k)
-    extent = max(float(np.ptp(points, axis=0).max()), 1e-30)
+    lowest, highest = bounding_box(points)
+    extent = max(float((highest - lowest).max()), 1e-30)
     weights = 1.0 / np.maximum(distances, MIN_DISTANCE * extent)
     rgb = (weights[:, :, None] * means[index]).sum(axis=1) / weights.sum(axis=1, keepdims=True)
     return np.concatenate([np.clip(rgb, 0.0, 1.0), np.ones((len(vertices), 1))], axis=1).astype(np.float32)

@@ -11,6 +11,7 @@ import numpy as np
 from .errors import InputError
 from .pointclouds import (MAX_COORDINATE, POINT_SUFFIXES, PointCloud, load_point_cloud, quiet_decoding,  # noqa: F401
                           require_file, validate_points)
+from .preprocess import bounding_box
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -151,5 +152,5 @@ def exif_focal_35mm(path) -> float | None:
 def normalisation(points: np.ndarray) -> tuple[np.ndarray, float]:
     """(center (3,), scale) that map points into the canonical box: (x - center) / scale.
     Computed in float64: in float32, lo + hi overflows for large coordinates."""
-    lo, hi = points.min(axis=0).astype(np.float64), points.max(axis=0).astype(np.float64)
+    lo, hi = (corner.astype(np.float64) for corner in bounding_box(points))
     return (lo + hi) / 2.0, float((hi - lo).max())

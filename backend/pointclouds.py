@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError, MissingPackageError
+from .preprocess import bounding_box
 
 TEXT_POINT_SUFFIXES = (".xyz", ".txt", ".pts", ".csv")
 SCAN_SUFFIXES = (".las", ".laz", ".e57", ".pcd")
@@ -92,15 +93,16 @@ def validate_points(points, source: str = "input") -> np.ndarray:
     xyz = arr[:, :3]
     if len(xyz) == 0:
         raise InputError(f"{source}: the point cloud is empty")
-    bad = ~np.isfinite(xyz).all(axis=1)
-    if bad.any():
+    if not np.isfinite(xyz).all():
+        bad = ~np.isfinite(xyz).all(axis=1)
         raise InputError(f"{source}: {int(bad.sum())} of {len(xyz)} points have NaN or infinite coordinates")
-    largest = max(abs(float(xyz.min())), abs(float(xyz.max())))
+    lowest, highest = (corner.astype(np.float64) for corner in bounding_box(xyz))
+    largest = max(abs(float(lowest.min())), abs(float(highest.max())))
     if largest > MAX_COORDINATE:
         raise InputError(f"{source}: coordinates reach {largest:.3g}, beyond the supported +-{MAX_COORDINATE:.0e} "
                          f"(a mesh around them would overflow 32-bit floats); scale the points down")
     xyz = np.ascontiguousarray(xyz, dtype=np.float64)
-    if len(xyz) < 3 or float(np.ptp(xyz, axis=0).max()) == 0.0:
+    if len(xyz) < 3 or float((highest - lowest).max()) == 0.0:
         raise InputError(f"{source}: the points span no volume ({len(xyz)} points, all at one place)")
     return xyz
 

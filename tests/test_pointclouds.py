@@ -237,6 +237,26 @@ def test_subsample_covers_a_scan_whose_density_varies():
     assert np.array_equal(subset, subsample_points(cloud, 2000))  # deterministic
 
 
+def test_first_of_each_is_numpys_unique_whether_it_sorts_or_tables_the_keys():
+    """The covering subsample's cells: the distinct keys and where each first occurs, the same from
+    the table a large scan uses as from np.unique's sort."""
+    from backend import preprocess
+
+    keys = np.random.default_rng(0).integers(0, 5000, 40_000)
+    expected = np.unique(keys, return_index=True)
+    for size in (5000, 10 ** 9):    # 40,000 keys in a range of 5,000: a table; of 10^9: a sort
+        distinct, first = preprocess.first_of_each(keys, size)
+        assert np.array_equal(distinct, expected[0]) and np.array_equal(first, expected[1])
+
+
+def test_bounding_box_is_the_columns_min_and_max():
+    from backend.preprocess import bounding_box
+
+    points = np.random.default_rng(0).normal(size=(1000, 3)) * [1, 10, 100]
+    lowest, highest = bounding_box(points)
+    assert np.array_equal(lowest, points.min(axis=0)) and np.array_equal(highest, points.max(axis=0))
+
+
 def test_the_addon_offers_every_format_the_backend_reads():
     from blender_occnet import filetypes
 
