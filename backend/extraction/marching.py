@@ -218,8 +218,9 @@ def edge_counts(faces: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     face f is row 3f + k, its edge runs to corner k + 1), the sorted unique keys (E,), and how many
     corners have each (E,)."""
     faces = np.asarray(faces, np.int64)
-    ends = np.sort(np.stack([faces, np.roll(faces, -1, axis=1)], axis=2).reshape(-1, 2), axis=1)
-    keys = ends[:, 0] * (int(faces.max(initial=0)) + 1) + ends[:, 1]
+    start, end = faces.reshape(-1), np.roll(faces, -1, axis=1).reshape(-1)
+    # the lower end first, as whole columns (numpy's sort along rows of two is several times slower)
+    keys = np.minimum(start, end) * (int(faces.max(initial=0)) + 1) + np.maximum(start, end)
     unique, counts = np.unique(keys, return_counts=True)
     return keys, unique, counts
 
