@@ -24,9 +24,10 @@ from .defaults import default_checkpoint, installed_defaults
 from .device import resolve_device
 from .errors import Cancelled, InputError, OccnetError
 from .extraction import MeshArrays, grid_to_mesh, mise, simplify_mesh
-from .extraction.marching import cloud_tolerance, closed_decimation, simplify_to_tolerance, taubin_smoothed
+from .extraction.marching import (cloud_tolerance, closed_decimation, simplify_to_tolerance, smoothing_steps,
+                                  taubin_smoothed)
 from .extraction.pointfield import PointField, dense_enough
-from .extraction.refine import refine_to_points
+from .extraction.refine import median_edge, refine_to_points
 from .extraction.sheets import SheetReport, thicken_sheets
 from .extraction.spacing import median_spacing
 from .extraction.support import SupportNet, SupportSettings
@@ -348,7 +349,7 @@ class Reconstructor:
                                                should_cancel=work.should_cancel, normals=work.normals,
                                                spacing=work.spacing), mesh.faces)
         with work.timer("smooth"):
-            return taubin_smoothed(mesh)
+            return taubin_smoothed(mesh, smoothing_steps(work.spacing, median_edge(mesh.vertices, mesh.faces)))
 
     @falls_back_to_cpu
     def reconstruct_image(self, pixels, options: ReconstructOptions | None = None,

@@ -78,9 +78,8 @@ class RefineSettings:
 # the further it may move before it has to search again (see search_neighbours); 8 more make the
 # rounds after the first search for few vertices (docs/performance.md).
 SPARE_NEIGHBOURS = 8
-# dense_slide compares the points' spacing with the median edge of about this many of the mesh's
-# faces (evenly strided; all 62k faces of a 128^3 sphere took 8.8 ms, 4096 of them 0.55 ms, with
-# the median the same to four digits)
+# median_edge measures about this many of a mesh's faces (evenly strided; all 62k faces of a 128^3
+# sphere took 8.8 ms, 4096 of them 0.55 ms, with the median the same to four digits)
 EDGE_SAMPLE_FACES = 4096
 # local_thickness: inward probes per vertex, evenly spaced up to the reach
 THICKNESS_PROBES = 2
@@ -535,8 +534,7 @@ def refine_to_points(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray
         thickness = np.full(count, np.inf)
         np.minimum.at(thickness, site, vertex_thickness)
     memory = SiteMemory.empty(count, min(fitted_count(settings), len(points)) + SPARE_NEIGHBOURS)
-    sample = faces[::max(1, len(faces) // EDGE_SAMPLE_FACES)]
-    edge = median_edge(mesh.vertices, sample)
+    edge = median_edge(mesh.vertices, faces)
     slide = settings.dense_slide is not None and spacing < settings.dense_slide * edge
     for done in range(settings.rounds):
         vertices_now = np.asarray(mesh.vertices)
@@ -557,8 +555,8 @@ def refine_to_points(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray
 
 def median_edge(vertices: np.ndarray, faces: np.ndarray) -> float:
     """The median length of the edges of faces (F, 3) over vertices (V, 3), each edge counted once per
-    face it borders."""
-    corners = vertices[faces]
+    face it borders, over EDGE_SAMPLE_FACES of the faces (evenly strided) or all where fewer."""
+    corners = np.asarray(vertices, np.float64)[faces[::max(1, len(faces) // EDGE_SAMPLE_FACES)]]
     return float(np.median(np.linalg.norm(corners - np.roll(corners, -1, axis=1), axis=2)))
 
 
