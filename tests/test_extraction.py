@@ -294,7 +294,8 @@ def test_over_sparse_noisy_points_the_spacings_smoothing_leaves_truer_normals():
     mesh = grid_to_mesh(grid.values, 0.0, grid.box_min, grid.spacing)
     rng = np.random.default_rng(0)
     directions = rng.normal(size=(300, 3))
-    points = 0.35 * directions / np.linalg.norm(directions, axis=1, keepdims=True) + rng.normal(scale=0.005, size=(300, 3))
+    points = 0.35 * directions / np.linalg.norm(directions, axis=1, keepdims=True)
+    points += rng.normal(scale=0.005, size=points.shape)
     refined = MeshArrays(refine_to_points(mesh.vertices, mesh.faces, points), mesh.faces)
     steps = smoothing_steps(median_spacing(points), median_edge(refined.vertices, refined.faces))
 
@@ -302,7 +303,8 @@ def test_over_sparse_noisy_points_the_spacings_smoothing_leaves_truer_normals():
         corners = m.vertices[m.faces].astype(np.float64)
         normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
         centres = corners.mean(axis=1)
-        cosines = np.einsum("fi,fi->f", normals, centres) / np.linalg.norm(normals, axis=1) / np.linalg.norm(centres, axis=1)
+        cosines = np.einsum("fi,fi->f", normals, centres)
+        cosines /= np.linalg.norm(normals, axis=1) * np.linalg.norm(centres, axis=1)
         return float(np.mean(1.0 - np.abs(cosines)))
 
     default, spaced = taubin_smoothed(refined, SMOOTHING_STEPS), taubin_smoothed(refined, steps)

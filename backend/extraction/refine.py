@@ -578,7 +578,7 @@ def without_shrink(start: np.ndarray, smoothed: np.ndarray, normals: np.ndarray,
     (low_pass), is taken back. Taubin steps with equal shrink and inflate factors, an odd number a
     round, take a little off every curved surface, and on a rod or a blade that is a large share
     of its thickness; what varies from vertex to vertex, the fits' ripple, is still smoothed away
-    (docs/pointclouds.md, "Thin parts come back too thin")."""
+    (docs/pointclouds.md, "Thin parts came back too thin")."""
     along = np.einsum("vi,vi->v", smoothed - start, normals)
     return smoothed - low_pass(start, along, cell)[:, None] * normals
 
