@@ -24,10 +24,10 @@ from .defaults import default_checkpoint, installed_defaults
 from .device import resolve_device
 from .errors import Cancelled, InputError, OccnetError
 from .extraction import MeshArrays, grid_to_mesh, mise, simplify_mesh
-from .extraction.marching import (cloud_tolerance, closed_decimation, simplify_to_tolerance, smoothing_steps,
-                                  taubin_smoothed)
+from .extraction.marching import (averaging_operator, cloud_tolerance, closed_decimation, simplify_to_tolerance,
+                                  smoothing_steps, taubin_smoothed)
 from .extraction.pointfield import PointField, dense_enough
-from .extraction.refine import median_edge, refine_to_points
+from .extraction.refine import chords_onto_surface, median_edge, points_denser_than_mesh, refine_to_points
 from .extraction.sheets import SheetReport, thicken_sheets
 from .extraction.spacing import median_spacing
 from .extraction.support import SupportNet, SupportSettings
@@ -345,11 +345,14 @@ class Reconstructor:
         work.announce("refine")
         on_round = (lambda fraction: work.progress("refine", fraction)) if work.progress is not None else None
         with work.timer("refine"):
+            averaging = averaging_operator(mesh)
             mesh = MeshArrays(refine_to_points(mesh.vertices, mesh.faces, work.fitted, progress=on_round,
                                                should_cancel=work.should_cancel, normals=work.normals,
-                                               spacing=work.spacing), mesh.faces)
+                                               spacing=work.spacing, averaging=averaging), mesh.faces)
         with work.timer("smooth"):
-            return taubin_smoothed(mesh, smoothing_steps(work.spacing, median_edge(mesh.vertices, mesh.faces)))
+            edge = median_edge(mesh.vertices, mesh.faces)
+            mesh = taubin_smoothed(mesh, smoothing_steps(work.spacing, edge), averaging)
+            return chords_onto_surface(mesh, averaging) if points_denser_than_mesh(work.spacing, edge) else mesh
 
     @falls_back_to_cpu
     def reconstruct_image(self, pixels, options: ReconstructOptions | None = None,

@@ -428,3 +428,41 @@ def test_the_rounds_smoothing_keeps_a_rods_thickness_and_still_takes_out_the_rip
     assert shrink > 0.0002                                    # one round's Taubin steps: 0.0003 thinner
     assert abs(radius(kept).mean() - truth) < 0.35 * shrink   # put back: within 0.0001
     assert radius(kept).std() < 0.5 * radius(rippled).std()   # and the ripple is gone all the same
+
+
+def test_chords_onto_surface_puts_the_faces_between_a_spheres_vertices_on_it_on_average():
+    """Vertices on a sphere leave the faces between them inside it (0.86% of its volume at 642
+    vertices); lifted by a quarter of their umbrella vectors, the faces enclose the sphere's volume
+    to within a twentieth of that. On a plane nothing moves."""
+    from backend.extraction import MeshArrays
+    from backend.extraction.refine import chords_onto_surface
+
+    sphere = trimesh.creation.icosphere(subdivisions=3)
+    truth = 4.0 / 3.0 * np.pi
+    lifted = chords_onto_surface(MeshArrays(sphere.vertices.astype(np.float32), sphere.faces))
+    assert truth - sphere.volume > 0.008 * truth
+    assert abs(trimesh.Trimesh(lifted.vertices, lifted.faces).volume - truth) < 0.05 * (truth - sphere.volume)
+
+    plane = trimesh.creation.box(extents=(1.0, 1.0, 0.2)).subdivide().subdivide()
+    top = np.flatnonzero((np.abs(plane.vertices[:, 2] - 0.1) < 1e-9) & (np.abs(plane.vertices[:, :2]).max(axis=1) < 0.4))
+    assert len(top) > 0
+    flat = chords_onto_surface(MeshArrays(plane.vertices.astype(np.float32), plane.faces))
+    assert np.abs(flat.vertices[top] - plane.vertices[top]).max() < 1e-6
+
+
+def test_the_pipeline_lifts_the_chords_over_dense_points_only(tmp_path, monkeypatch):
+    """Over points denser than the mesh the refined vertices lie on the surface, so its chords are
+    lifted onto it; over sparse points the vertices come from smoothing, and nothing is lifted."""
+    from backend import pipeline
+    from backend.pipeline import Reconstructor, ReconstructOptions
+    from conftest import make_octahedron_checkpoint
+
+    lifted = []
+    monkeypatch.setattr(pipeline, "chords_onto_surface", lambda mesh, averaging: lifted.append(len(mesh.vertices)) or mesh)
+    checkpoint = str(make_octahedron_checkpoint(tmp_path / "octa.safetensors", radius=0.4))
+    reconstructor = Reconstructor("cpu")
+    reconstructor.reconstruct_points(sphere_points(0.4, 300, 0.0), ReconstructOptions(checkpoint=checkpoint, resolution=32))
+    assert lifted == []
+    result = reconstructor.reconstruct_points(sphere_points(0.4, 20000, 0.0),
+                                              ReconstructOptions(checkpoint=checkpoint, resolution=32))
+    assert len(lifted) == 1 and lifted[0] >= len(result.vertices)

@@ -119,18 +119,27 @@ def smoothing_steps(spacing: float, edge: float) -> int:
     return int(min(MAX_SMOOTHING_STEPS, max(SMOOTHING_STEPS, 2 * round(wanted / 2))))
 
 
-def taubin_smoothed(mesh: MeshArrays, steps: int = SMOOTHING_STEPS) -> MeshArrays:
-    """The mesh (V, 3) / (F, 3) with its vertices low-pass filtered by Taubin's method over `steps`
-    steps; the faces unchanged. The refinement fits each vertex to its own neighbourhood of noisy
-    points, which leaves a ripple finer than the points' spacing; this takes it out without the
-    shrinking of plain Laplacian smoothing."""
+def averaging_operator(mesh: MeshArrays):
+    """The sparse (V, V) CSR matrix whose product with the vertices (V, 3) gives each vertex the
+    mean of its neighbours (trimesh's umbrella operator; trimesh builds it as COO, whose products
+    take 20% longer). The refinement's rounds, the final smoothing and chords_onto_surface share one."""
     import trimesh
 
     surface = trimesh.Trimesh(mesh.vertices.astype(np.float64), mesh.faces, process=False)
-    # trimesh's operator is a COO matrix; in CSR its products take 20% less
-    averaging = trimesh.smoothing.laplacian_calculation(surface).tocsr()
+    return trimesh.smoothing.laplacian_calculation(surface).tocsr()
+
+
+def taubin_smoothed(mesh: MeshArrays, steps: int = SMOOTHING_STEPS, averaging=None) -> MeshArrays:
+    """The mesh (V, 3) / (F, 3) with its vertices low-pass filtered by Taubin's method over `steps`
+    steps; the faces unchanged. The refinement fits each vertex to its own neighbourhood of noisy
+    points, which leaves a ripple finer than the points' spacing; this takes it out without the
+    shrinking of plain Laplacian smoothing. averaging: the mesh's averaging_operator, built here
+    when not given."""
+    import trimesh
+
+    surface = trimesh.Trimesh(mesh.vertices.astype(np.float64), mesh.faces, process=False)
     trimesh.smoothing.filter_taubin(surface, lamb=TAUBIN_SHRINK, nu=TAUBIN_INFLATE, iterations=steps,
-                                    laplacian_operator=averaging)
+                                    laplacian_operator=averaging_operator(mesh) if averaging is None else averaging)
     return MeshArrays(np.asarray(surface.vertices, np.float32), mesh.faces)
 
 
