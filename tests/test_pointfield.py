@@ -189,3 +189,25 @@ def test_a_corrected_mesh_that_will_not_decimate_closed_gives_way_to_the_network
     assert np.array_equal(result.faces, network.faces) and np.allclose(result.vertices, network.vertices)
     counts = [{k: v for k, v in r.stats["support"].items() if k != "seconds"} for r in (result, network)]
     assert counts[0] == counts[1]  # the safety net's report counts each evaluation once
+
+
+BLOCK = ((-0.3, -0.3, -0.2), (0.3, 0.3, 0.2))
+SLOT = ((-0.4, -0.25, -0.009), (0.15, 0.25, 0.009))   # open on the -x face, 0.018 tall: two cells
+
+
+def slotted_block(p):
+    return torch.maximum(box_distance(p, *BLOCK), -box_distance(p, *SLOT))
+
+
+def test_a_slot_the_network_filled_opens_when_its_walls_take_their_side_from_its_mouth():
+    """A slot two cells tall and 0.45 deep, which the network fills: its walls' points lie where the
+    network is sure of nothing but that it is inside (its logits flat beyond two cells' depth), so
+    the grid cannot orient them. Oriented from the open surface at its mouth, neighbour by
+    neighbour, they open it to the back."""
+    grid = mise(lambda p: (-500.0 * box_distance(p, *BLOCK)).clamp(max=10.0), 32, 2)
+    points = surface_points(slotted_block, 200_000)
+    mesh, _ = corrected_mesh(grid, points)
+    rng = np.random.default_rng(2)
+    middle = np.c_[rng.uniform(-0.25, 0.1, 500), rng.uniform(-0.2, 0.2, 500), np.zeros(500)]
+    from training.meshprep import inside
+    assert inside(np.asarray(mesh.vertices, np.float64), np.asarray(mesh.faces, np.int64), middle).mean() < 0.05

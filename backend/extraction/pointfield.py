@@ -13,7 +13,8 @@ the surface is, so the grid is corrected from them (from a covering subset about
   * Normals: the cloud's own, else the smallest principal direction of each point's nearest
     points. They are oriented by the network's grid (the inside behind: the grid's value half a
     cell behind the point above the one half a cell in front), and points that the grid orients
-    only weakly then take the orientation their neighbours vote for, a few rounds.
+    only weakly then take their orientation from the strongly oriented ones, passed on from
+    neighbour to neighbour (orientation_spread).
   * A signed distance to the points' surface at every grid place within `band_cells` of a point:
     the Gaussian-weighted median of its distances to the tangent planes of its nearest points (a
     robust implicit moving least squares surface: a few wrongly oriented points, or the far face
@@ -68,7 +69,8 @@ class PointFieldSettings:
     margin_cells: float = 0.25       # ... and trusted where it is further than this from the surface
     sigma_spacings: float = 2.0      # Gaussian weight width, in median spacings of the points
     orient_cells: float = 0.5        # the grid is read this far before and behind each point
-    vote_rounds: int = 3             # rounds in which weakly oriented points follow their neighbours
+    weak_share: float = 0.5          # points the grid orients less than this share of the median strength ...
+    spread_decay: float = 0.9        # ... take their side from their neighbours (orientation_spread)
     grow_cells: float | None = 0.5   # the points add inside only this near the network's surface (None: anywhere)
     piece_vote: float = 0.9          # share of a far piece's band neighbours that decides its side
     slope: float = 500.0             # logits per unit length (about the network's own)
@@ -116,22 +118,44 @@ def grid_values_at(values: np.ndarray, box_min: float, cell: float, at: np.ndarr
 
 def oriented_by_grid(points: np.ndarray, normals: np.ndarray, neighbours: np.ndarray, values: np.ndarray,
                      box_min: float, cell: float, settings: PointFieldSettings) -> np.ndarray:
-    """normals (N, 3) of points (N, 3) turned outwards by the grid (inside = larger values), then
-    the weakly oriented half (the grid's values differ least across them) following the votes of
-    their neighbours (N, K), weighted by how strongly the grid oriented each."""
+    """normals (N, 3) of points (N, 3) turned outwards: by the grid (inside = larger values) where
+    it orients them strongly, and from there along the points' neighbour graph (N, K) to those
+    it orients weakly (orientation_spread). Weak: the grid's values half a cell behind and in
+    front of the point differ by less than settings.weak_share of the median difference; so it is
+    on the walls of a slot narrower than the network can see (a mouth, the gap between two legs),
+    which the network fills, so that it is inside on both sides of them."""
     step = settings.orient_cells * cell
     difference = grid_values_at(values, box_min, cell, points - step * normals) - \
         grid_values_at(values, box_min, cell, points + step * normals)
     normals = np.where((difference < 0)[:, None], -normals, normals)
     strength = np.abs(difference)
-    weak = strength < 0.5 * np.median(strength)
-    for _ in range(settings.vote_rounds):
-        vote = np.einsum("nk,nki->ni", strength[neighbours], normals[neighbours])
-        flip = weak & (np.einsum("ni,ni->n", vote, normals) < 0)
-        if not flip.any():
-            break
-        normals[flip] *= -1
-    return normals
+    confidence = np.where(strength < settings.weak_share * np.median(strength), 0.0, strength)
+    return orientation_spread(normals, neighbours, confidence, settings.spread_decay)
+
+
+def orientation_spread(normals: np.ndarray, neighbours: np.ndarray, confidence: np.ndarray, decay: float) -> np.ndarray:
+    """normals (N, 3), of which those with confidence (N,) > 0 are oriented, with the others
+    oriented from them: round after round, each point not yet oriented beside oriented ones (its
+    row of neighbours (N, K)) takes the side their normals vote for, each vote weighted by its
+    confidence, and then counts as oriented with decay times its most confident voter's
+    confidence. Like the orientation of normals over a neighbour graph (Hoppe et al.), so a
+    slot's walls take their side from the open surface at its mouth, however deep; points no
+    oriented one reaches keep theirs."""
+    normals, confidence = normals.copy(), confidence.astype(np.float64).copy()
+    oriented = confidence > 0.0
+    while True:
+        pending = np.flatnonzero(~oriented)
+        voters = confidence[neighbours[pending]]                                         # (M, K)
+        agreement = np.einsum("mki,mi->mk", normals[neighbours[pending]], normals[pending])
+        vote = np.einsum("mk,mk->m", voters, agreement)
+        reached = (voters > 0.0).any(axis=1) & (vote != 0.0)
+        if not reached.any():
+            return normals
+        rows = pending[reached]
+        normals[rows[vote[reached] < 0.0]] *= -1.0
+        oriented[rows] = True
+        # never quite zero, however far from the grid's strong places, so it still passes the side on
+        confidence[rows] = np.maximum(decay * voters[reached].max(axis=1), np.finfo(np.float64).tiny)
 
 
 def inside_distance(points: np.ndarray, normals: np.ndarray, tree: NearestPoints, places: np.ndarray,
