@@ -211,3 +211,26 @@ def test_a_slot_the_network_filled_opens_when_its_walls_take_their_side_from_its
     middle = np.c_[rng.uniform(-0.25, 0.1, 500), rng.uniform(-0.2, 0.2, 500), np.zeros(500)]
     from training.meshprep import inside
     assert inside(np.asarray(mesh.vertices, np.float64), np.asarray(mesh.faces, np.int64), middle).mean() < 0.05
+
+
+def test_a_few_points_the_grid_orients_strongly_the_wrong_way_do_not_turn_the_weak_ones_around_them():
+    """Points on the plane z = 0, outside above. The grid orients the left part strongly and the
+    right part weakly the wrong way, as a network does where it is unsure; in the weak part one
+    grid column says strongly the wrong thing to the few points around it. The weak part takes
+    its side from the strong left part, not from those few: every normal comes out pointing up."""
+    from backend.extraction.pointfield import PointFieldSettings, oriented_by_grid
+
+    size, box_min = 64, -0.55
+    cell = 1.1 / (size - 1)                         # no grid place on z = 0: the planes z = -+cell/2 hold
+    axis = box_min + cell * np.arange(size)         # the values the orientation reads
+    x, _, z = np.meshgrid(axis, axis, axis, indexing="ij")
+    values = -z * np.where(x < 0.1, 500.0, -5.0)    # inside below; weakly the wrong way on the right
+    column = np.argmin(np.abs(axis - 0.25)), np.argmin(np.abs(axis))
+    below, above = size // 2 - 1, size // 2
+    values[column[0], column[1], [below, above]] = [-250.0 * cell, 250.0 * cell]   # strongly the wrong way
+    rng = np.random.default_rng(0)
+    points = np.c_[rng.uniform(-0.3, 0.4, 4000), rng.uniform(-0.3, 0.3, 4000), np.zeros(4000)]
+    _, neighbours = cKDTree(points).query(points, k=16)
+    normals = np.tile([0.0, 0.0, 1.0], (len(points), 1)) * rng.choice([-1.0, 1.0], size=(len(points), 1))
+    outward = oriented_by_grid(points, normals, neighbours, values, box_min, cell, PointFieldSettings())
+    assert (outward[:, 2] > 0).all()
