@@ -60,9 +60,10 @@ MAX_REFINE_POINTS = 1_000_000
 # measure with and without). It works on a covering subset of at most this many points.
 POINT_SUPPORT: SupportSettings | None = SupportSettings()
 MAX_SUPPORT_POINTS = 200_000
-# A mesh of the points-corrected grid that two decimation passes cannot keep closed gives way to
-# the network's own grid (docs/performance.md, section 3: an open scan at 256^3).
-CORRECTED_DECIMATION_ATTEMPTS = 2
+# A mesh of the points-corrected grid that three decimation passes cannot keep closed gives way to
+# the network's own grid (docs/performance.md, section 3: an open scan at 256^3; with two, one draw
+# of 300,000 points on a chest of drawers, a thousand handles, fell back: docs/pointclouds.md).
+CORRECTED_DECIMATION_ATTEMPTS = 3
 # Viewer-centred images: when the network doubted more than this fraction of the rays through the
 # mask (backend.viewer.fill_the_mask filled them), the result says its depth is mostly a guess.
 DOUBTFUL_FRACTION = 0.5
