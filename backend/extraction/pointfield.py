@@ -149,8 +149,9 @@ def orientation_spread(normals: np.ndarray, neighbours: np.ndarray, confidence: 
     oriented = confidence > 0.0
     while True:
         pending = np.flatnonzero(~oriented)
-        voters = confidence[neighbours[pending]]                                         # (M, K)
-        agreement = np.einsum("mki,mi->mk", normals[neighbours[pending]], normals[pending])
+        around = neighbours[pending]                                                     # (M, K)
+        voters = confidence[around]
+        agreement = np.einsum("mki,mi->mk", normals[around], normals[pending])
         vote = np.einsum("mk,mk->m", voters, agreement)
         reached = (voters > 0.0).any(axis=1) & (vote != 0.0)
         if not reached.any():
