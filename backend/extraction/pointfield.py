@@ -69,8 +69,8 @@ class PointFieldSettings:
     margin_cells: float = 0.25       # ... and trusted where it is further than this from the surface
     sigma_spacings: float = 2.0      # Gaussian weight width, in median spacings of the points
     orient_cells: float = 0.5        # the grid is read this far before and behind each point
-    weak_share: float = 0.5          # points the grid orients less than this share of the median strength ...
-    spread_decay: float = 0.9        # ... take their side from their neighbours (orientation_spread)
+    weak_share: float = 0.5          # points the grid orients less than this share of the median strength
+                                     # take their side from their neighbours (orientation_spread)
     grow_cells: float | None = 0.5   # the points add inside only this near the network's surface (None: anywhere)
     piece_vote: float = 0.9          # share of a far piece's band neighbours that decides its side
     slope: float = 500.0             # logits per unit length (about the network's own)
@@ -134,17 +134,17 @@ def oriented_by_grid(points: np.ndarray, normals: np.ndarray, neighbours: np.nda
     # A few points the grid orients strongly amid weak ones pass on nothing: often enough they are
     # the wrong way round (four such on a face of fandisk at 300,000 points turned the whole face).
     sure = (strength >= strong) & (np.median(strength[neighbours], axis=1) >= strong)
-    return orientation_spread(normals, neighbours, np.where(sure, strength, 0.0), settings.spread_decay)
+    return orientation_spread(normals, neighbours, np.where(sure, strength, 0.0))
 
 
-def orientation_spread(normals: np.ndarray, neighbours: np.ndarray, confidence: np.ndarray, decay: float) -> np.ndarray:
+def orientation_spread(normals: np.ndarray, neighbours: np.ndarray, confidence: np.ndarray) -> np.ndarray:
     """normals (N, 3), of which those with confidence (N,) > 0 are oriented, with the others
     oriented from them: round after round, each point not yet oriented beside oriented ones (its
     row of neighbours (N, K)) takes the side their normals vote for, each vote weighted by its
-    confidence, and then counts as oriented with decay times its most confident voter's
-    confidence. Like the orientation of normals over a neighbour graph (Hoppe et al.), so a
-    slot's walls take their side from the open surface at its mouth, however deep; points no
-    oriented one reaches keep theirs."""
+    confidence, and then counts as oriented with its most confident voter's confidence. Like the
+    orientation of normals over a neighbour graph (Hoppe et al.), so a slot's walls take their
+    side from the open surface at its mouth, however deep; points no oriented one reaches keep
+    theirs."""
     normals, confidence = normals.copy(), confidence.astype(np.float64).copy()
     oriented = confidence > 0.0
     while True:
@@ -159,8 +159,7 @@ def orientation_spread(normals: np.ndarray, neighbours: np.ndarray, confidence: 
         rows = pending[reached]
         normals[rows[vote[reached] < 0.0]] *= -1.0
         oriented[rows] = True
-        # never quite zero, however far from the grid's strong places, so it still passes the side on
-        confidence[rows] = np.maximum(decay * voters[reached].max(axis=1), np.finfo(np.float64).tiny)
+        confidence[rows] = voters[reached].max(axis=1)
 
 
 def inside_distance(points: np.ndarray, normals: np.ndarray, tree: NearestPoints, places: np.ndarray,
