@@ -130,10 +130,10 @@ def oriented_by_grid(points: np.ndarray, normals: np.ndarray, neighbours: np.nda
         grid_values_at(values, box_min, cell, points + step * normals)
     normals = np.where((difference < 0)[:, None], -normals, normals)
     strength = np.abs(difference)
-    strong = settings.weak_share * np.median(strength)
+    strong_enough = settings.weak_share * np.median(strength)
     # A few points the grid orients strongly amid weak ones pass on nothing: often enough they are
     # the wrong way round (four such on a face of fandisk at 300,000 points turned the whole face).
-    sure = (strength >= strong) & (np.median(strength[neighbours], axis=1) >= strong)
+    sure = (strength >= strong_enough) & (np.median(strength[neighbours], axis=1) >= strong_enough)
     return orientation_spread(normals, neighbours, np.where(sure, strength, 0.0))
 
 
@@ -146,9 +146,8 @@ def orientation_spread(normals: np.ndarray, neighbours: np.ndarray, confidence: 
     side from the open surface at its mouth, however deep; points no oriented one reaches keep
     theirs."""
     normals, confidence = normals.copy(), confidence.astype(np.float64).copy()
-    oriented = confidence > 0.0
     while True:
-        pending = np.flatnonzero(~oriented)
+        pending = np.flatnonzero(confidence == 0.0)
         around = neighbours[pending]                                                     # (M, K)
         voters = confidence[around]
         agreement = np.einsum("mki,mi->mk", normals[around], normals[pending])
@@ -158,8 +157,7 @@ def orientation_spread(normals: np.ndarray, neighbours: np.ndarray, confidence: 
             return normals
         rows = pending[reached]
         normals[rows[vote[reached] < 0.0]] *= -1.0
-        oriented[rows] = True
-        confidence[rows] = voters[reached].max(axis=1)
+        confidence[rows] = voters[reached].max(axis=1)   # > 0: a reached point had a confident voter
 
 
 def inside_distance(points: np.ndarray, normals: np.ndarray, tree: NearestPoints, places: np.ndarray,
