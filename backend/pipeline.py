@@ -347,13 +347,15 @@ class Reconstructor:
         on_round = (lambda fraction: work.progress("refine", fraction)) if work.progress is not None else None
         with work.timer("refine"):
             averaging = averaging_operator(mesh)
+            # One decision for the rounds' sliding and the chords' lift, from the mesh as it came
+            dense = points_denser_than_mesh(work.spacing, median_edge(mesh.vertices, mesh.faces))
             mesh = MeshArrays(refine_to_points(mesh.vertices, mesh.faces, work.fitted, progress=on_round,
                                                should_cancel=work.should_cancel, normals=work.normals,
-                                               spacing=work.spacing, averaging=averaging), mesh.faces)
+                                               spacing=work.spacing, averaging=averaging, slide=dense), mesh.faces)
         with work.timer("smooth"):
-            edge = median_edge(mesh.vertices, mesh.faces)
-            mesh = taubin_smoothed(mesh, smoothing_steps(work.spacing, edge), averaging)
-            return chords_onto_surface(mesh, averaging) if points_denser_than_mesh(work.spacing, edge) else mesh
+            mesh = taubin_smoothed(mesh, smoothing_steps(work.spacing, median_edge(mesh.vertices, mesh.faces)),
+                                   averaging)
+            return chords_onto_surface(mesh, averaging) if dense else mesh
 
     @falls_back_to_cpu
     def reconstruct_image(self, pixels, options: ReconstructOptions | None = None,

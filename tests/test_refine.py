@@ -452,17 +452,21 @@ def test_chords_onto_surface_puts_the_faces_between_a_spheres_vertices_on_it_on_
 
 def test_the_pipeline_lifts_the_chords_over_dense_points_only(tmp_path, monkeypatch):
     """Over points denser than the mesh the refined vertices lie on the surface, so its chords are
-    lifted onto it; over sparse points the vertices come from smoothing, and nothing is lifted."""
+    lifted onto it; over sparse points the vertices come from smoothing, and nothing is lifted. The
+    rounds slide exactly when the chords are lifted: one decision for both."""
     from backend import pipeline
     from backend.pipeline import Reconstructor, ReconstructOptions
     from conftest import make_octahedron_checkpoint
 
-    lifted = []
+    lifted, slid = [], []
     monkeypatch.setattr(pipeline, "chords_onto_surface", lambda mesh, averaging: lifted.append(len(mesh.vertices)) or mesh)
+    refine = pipeline.refine_to_points
+    monkeypatch.setattr(pipeline, "refine_to_points", lambda *args, slide, **kwargs:
+                        slid.append(slide) or refine(*args, slide=slide, **kwargs))
     checkpoint = str(make_octahedron_checkpoint(tmp_path / "octa.safetensors", radius=0.4))
     reconstructor = Reconstructor("cpu")
     reconstructor.reconstruct_points(sphere_points(0.4, 300, 0.0), ReconstructOptions(checkpoint=checkpoint, resolution=32))
-    assert lifted == []
+    assert lifted == [] and slid == [False]
     result = reconstructor.reconstruct_points(sphere_points(0.4, 20000, 0.0),
                                               ReconstructOptions(checkpoint=checkpoint, resolution=32))
-    assert len(lifted) == 1 and lifted[0] >= len(result.vertices)
+    assert len(lifted) == 1 and lifted[0] >= len(result.vertices) and slid == [False, True]

@@ -491,12 +491,13 @@ def refine_to_points(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray
                      progress: Callable[[float], None] | None = None,
                      should_cancel: Callable[[], bool] | None = None,
                      normals: np.ndarray | None = None, spacing: float | None = None,
-                     averaging=None) -> np.ndarray:
+                     averaging=None, slide: bool | None = None) -> np.ndarray:
     """Canonical vertices (V, 3) of a mesh with faces (F, 3) and input points (P, 3) -> refined
     vertices (V, 3) float32; faces are unchanged. normals (P, 3): the points' own normals, oriented
     or not; the planes take their direction from them (docs/performance.md: they help). spacing:
     the points' median_spacing, measured here when not given. averaging: the mesh's
-    marching.averaging_operator, built here when not given.
+    marching.averaging_operator, built here when not given. slide: whether the points are denser
+    than the mesh (points_denser_than_mesh), decided here from the mesh when not given.
     progress(fraction in [0, 1]) is called after every round; should_cancel() before every block
     of sites in every round, raising Cancelled."""
     import trimesh
@@ -512,7 +513,7 @@ def refine_to_points(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray
         if used.any():
             renumbered = np.cumsum(used) - 1
             refined[used] = refine_to_points(np.asarray(vertices)[used], renumbered[faces], points, settings,
-                                             progress, should_cancel, normals, spacing)  # its own operator
+                                             progress, should_cancel, normals, spacing, slide=slide)  # its own operator
         return refined
     mesh = trimesh.Trimesh(np.asarray(vertices, dtype=np.float64), faces, process=False)
     if averaging is None:
@@ -539,7 +540,8 @@ def refine_to_points(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray
         np.minimum.at(thickness, site, vertex_thickness)
     memory = SiteMemory.empty(count, min(fitted_count(settings), len(points)) + SPARE_NEIGHBOURS)
     edge = median_edge(mesh.vertices, faces)
-    slide = points_denser_than_mesh(spacing, edge, settings)
+    if slide is None:
+        slide = points_denser_than_mesh(spacing, edge, settings)
     for done in range(settings.rounds):
         vertices_now = np.asarray(mesh.vertices)
         blockwise_fits(site_means(vertices_now, site, count), tree, points32, memory, settings,
