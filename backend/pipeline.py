@@ -275,8 +275,10 @@ class Reconstructor:
             result.stats["sheets"] = work.sheets.as_stats()
         if work.support is not None:
             result.stats["support"] = work.support.report.as_stats()
-            if work.support.report.warning():
-                result.stats["warnings"].append(work.support.report.warning())
+            corrected = work.point_field is not None and work.point_field.report.applied
+            warning = work.support.report.warning(points_surface=corrected)
+            if warning:
+                result.stats["warnings"].append(warning)
         return result
 
     def _cloud_surface(self, decode, level: float, device, work: CloudWork, warnings: list

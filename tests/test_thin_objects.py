@@ -81,6 +81,20 @@ def test_a_good_answer_is_left_as_it_is():
     assert net.report.warning() is None
 
 
+def test_over_dense_points_a_network_surface_a_cell_outside_them_is_cut_but_no_removal():
+    """At 100,000 points tau is a cell and a half of the net's grid, so a network whose surface lies
+    one cell outside the points (beyond tau / 2) is cut back to them; that is the network's
+    precision, not surface far from every point: nothing counts as removed, nothing is worth a
+    warning."""
+    points = sphere_points(100_000)
+    h = (BOX[1] - BOX[0]) / 128
+    mesh, net = extract(points, sphere_logits(0.3 + h), resolution=128)
+    assert net.h == pytest.approx(h) and net.tau / 2 < h < net.far
+    assert net.report.trimmed > 0 and net.report.removed == 0
+    assert net.report.warning() is None
+    assert abs(mesh.volume / (4 / 3 * np.pi * 0.3 ** 3) - 1) < 0.02
+
+
 def test_a_phantom_blob_far_from_the_points_vanishes():
     points = sphere_points(3000)
     sphere, blob = sphere_logits(), sphere_logits(0.06, (0.42, 0.42, 0.42))
@@ -141,6 +155,9 @@ def test_a_thin_part_the_network_lost_is_rebuilt_from_the_points():
     assert distance.max() < 0.03
     assert abs(mesh.volume / np.prod(dims) - 1) < 0.35
     assert net.report.unexplained == 1.0 and "rebuilt" in net.report.warning()
+    # Where the points' own surface corrected the grid (dense clouds), what the net rebuilt lies on
+    # the points: no warning.
+    assert net.report.warning(points_surface=True) is None
 
 
 def test_the_net_can_be_switched_off_for_benchmarks():
