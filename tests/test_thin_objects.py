@@ -213,3 +213,21 @@ def test_the_result_says_when_the_net_was_used(reconstructor):
     *_, result = reconstruct_thin(reconstructor, "rod")
     assert result.stats["support"]["changed"]
     assert any("safety net" in w for w in result.stats["warnings"])
+
+
+def test_over_a_dense_scan_what_the_net_rebuilt_lies_on_the_points_and_no_warning_comes(reconstructor):
+    """30,000 points on a board: the network misses most of it (it was trained on 300 to 3000
+    points) and the net rebuilds it, but the points' own surface corrects the grid, so the result
+    lies on the points and there is nothing for the user to check."""
+    from backend.pipeline import ReconstructOptions
+
+    dims = (1.0, 0.25, 0.04)
+    points = box_points(dims, 30000, seed=1, noise=0.0005)
+    result = reconstructor.reconstruct_points(points, ReconstructOptions(resolution=128))
+    support = result.stats["support"]
+    assert support["unexplained_points"] > 0.5 and support["filled_places"] > 0
+    assert result.stats["point_field"]["applied"]
+    assert not any("safety net" in w for w in result.stats["warnings"])
+    mesh = trimesh.Trimesh(result.vertices, result.faces, process=False)
+    assert cKDTree(points).query(result.vertices)[0].max() < 0.01
+    assert abs(mesh.volume / np.prod(dims) - 1) < 0.1
