@@ -25,7 +25,7 @@ from .device import resolve_device
 from .errors import Cancelled, InputError, OccnetError
 from .extraction import MeshArrays, grid_to_mesh, mise, simplify_mesh
 from .extraction.marching import (averaging_operator, cloud_tolerance, closed_decimation, simplify_to_tolerance,
-                                  smoothing_steps, taubin_smoothed)
+                                  smoothing_steps, subdivided, taubin_smoothed)
 from .extraction.pointfield import PointField, dense_enough
 from .extraction.refine import chords_onto_surface, median_edge, points_denser_than_mesh, refine_to_points
 from .extraction.sheets import SheetReport, thicken_sheets
@@ -348,9 +348,16 @@ class Reconstructor:
         work.announce("refine")
         on_round = (lambda fraction: work.progress("refine", fraction)) if work.progress is not None else None
         with work.timer("refine"):
+            edge = median_edge(mesh.vertices, mesh.faces)
+            if points_denser_than_mesh(work.spacing, edge / 2):
+                # Points denser than even the grid's mesh with its edges halved: its vertices sample the
+                # surface at the grid's spacing, the points finer, so the mesh is split once and its
+                # vertices follow the points at twice the density (docs/pointclouds.md, "Dense clouds:
+                # a finer mesh").
+                mesh, edge = subdivided(mesh), edge / 2
             averaging = averaging_operator(mesh)
-            # One decision for the rounds' sliding and the chords' lift, from the mesh as it came
-            dense = points_denser_than_mesh(work.spacing, median_edge(mesh.vertices, mesh.faces))
+            # One decision for the rounds' sliding and the chords' lift
+            dense = points_denser_than_mesh(work.spacing, edge)
             mesh = MeshArrays(refine_to_points(mesh.vertices, mesh.faces, work.fitted, progress=on_round,
                                                should_cancel=work.should_cancel, normals=work.normals,
                                                spacing=work.spacing, averaging=averaging, slide=dense), mesh.faces)

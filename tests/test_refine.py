@@ -470,3 +470,39 @@ def test_the_pipeline_lifts_the_chords_over_dense_points_only(tmp_path, monkeypa
     result = reconstructor.reconstruct_points(sphere_points(0.4, 20000, 0.0),
                                               ReconstructOptions(checkpoint=checkpoint, resolution=32))
     assert len(lifted) == 1 and lifted[0] >= len(result.vertices) and slid == [False, True]
+
+
+def test_over_points_far_denser_than_the_grid_the_mesh_is_split_before_refining(tmp_path, monkeypatch):
+    """Where even the grid's mesh with its edges halved is coarser than the points (at 128^3, scans
+    of a hundred thousand points and more), the mesh is split once, so that its vertices follow the
+    points at twice the density; over sparser points it is refined as the grid gave it."""
+    from backend import pipeline
+    from backend.extraction.marching import subdivided
+    from backend.pipeline import Reconstructor, ReconstructOptions
+    from conftest import make_octahedron_checkpoint
+
+    split, refined = [], []
+    monkeypatch.setattr(pipeline, "subdivided", lambda mesh: split.append(len(mesh.faces)) or subdivided(mesh))
+    refine = pipeline.refine_to_points
+    monkeypatch.setattr(pipeline, "refine_to_points", lambda vertices, faces, *args, **kwargs:
+                        refined.append(len(faces)) or refine(vertices, faces, *args, **kwargs))
+    checkpoint = str(make_octahedron_checkpoint(tmp_path / "octa.safetensors", radius=0.4))
+    reconstructor = Reconstructor("cpu")
+    options = ReconstructOptions(checkpoint=checkpoint, resolution=32)
+    reconstructor.reconstruct_points(sphere_points(0.4, 3000, 0.0), options)    # denser than the mesh, not twice
+    assert split == [] and len(refined) == 1
+    reconstructor.reconstruct_points(sphere_points(0.4, 20000, 0.0), options)
+    assert len(split) == 1 and refined[1] == 4 * split[0]
+
+
+def test_a_split_mesh_has_every_edge_halved_and_the_same_surface():
+    from backend.extraction.marching import MeshArrays, subdivided
+    from backend.extraction.refine import median_edge
+
+    sphere = trimesh.creation.icosphere(subdivisions=2, radius=0.3)
+    mesh = MeshArrays(sphere.vertices.astype(np.float32), sphere.faces)
+    split = subdivided(mesh)
+    assert len(split.faces) == 4 * len(mesh.faces)
+    assert median_edge(split.vertices, split.faces) == pytest.approx(median_edge(mesh.vertices, mesh.faces) / 2, rel=1e-5)
+    result = trimesh.Trimesh(split.vertices, split.faces, process=False)
+    assert result.is_watertight and result.volume == pytest.approx(sphere.volume, rel=1e-5)

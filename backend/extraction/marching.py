@@ -129,6 +129,15 @@ def averaging_operator(mesh: MeshArrays):
     return trimesh.smoothing.laplacian_calculation(surface).tocsr()
 
 
+def subdivided(mesh: MeshArrays) -> MeshArrays:
+    """The mesh (V, 3) / (F, 3) with every face split in four at its edges' midpoints (V + E
+    vertices, 4F faces): the same surface, every edge halved."""
+    import trimesh
+
+    vertices, faces = trimesh.remesh.subdivide(mesh.vertices.astype(np.float64), mesh.faces)
+    return MeshArrays(vertices.astype(np.float32), faces)
+
+
 def taubin_smoothed(mesh: MeshArrays, steps: int = SMOOTHING_STEPS, averaging=None) -> MeshArrays:
     """The mesh (V, 3) / (F, 3) with its vertices low-pass filtered by Taubin's method over `steps`
     steps; the faces unchanged. The refinement fits each vertex to its own neighbourhood of noisy
