@@ -26,6 +26,7 @@ from .errors import Cancelled, InputError, OccnetError
 from .extraction import MeshArrays, grid_to_mesh, mise, simplify_mesh
 from .extraction.marching import (averaging_operator, cloud_tolerance, closed_decimation, simplify_to_tolerance,
                                   smoothing_steps, subdivided, taubin_smoothed)
+from .extraction.nearest import NearestPoints
 from .extraction.pointfield import PointField, dense_enough
 from .extraction.refine import chords_onto_surface, median_edge, points_denser_than_mesh, refine_to_points
 from .extraction.sheets import SheetReport, thicken_sheets
@@ -64,6 +65,9 @@ MAX_SUPPORT_POINTS = 200_000
 # the network's own grid (docs/performance.md, section 3: an open scan at 256^3; with two, one draw
 # of 300,000 points on a chest of drawers, a thousand handles, fell back: docs/pointclouds.md).
 CORRECTED_DECIMATION_ATTEMPTS = 3
+# A split mesh's vertices further than this many of its edges from every point have no surface of
+# the points to follow: the final smoothing alone shapes them (Reconstructor._refined).
+UNSUPPORTED_EDGES = 2.0
 # Viewer-centred images: when the network doubted more than this fraction of the rays through the
 # mask (backend.viewer.fill_the_mask filled them), the result says its depth is mostly a guess.
 DOUBTFUL_FRACTION = 0.5
@@ -349,21 +353,29 @@ class Reconstructor:
         on_round = (lambda fraction: work.progress("refine", fraction)) if work.progress is not None else None
         with work.timer("refine"):
             edge = median_edge(mesh.vertices, mesh.faces)
-            if points_denser_than_mesh(work.spacing, edge / 2):
+            split = points_denser_than_mesh(work.spacing, edge / 2)
+            if split:
                 # Points denser than even the grid's mesh with its edges halved: its vertices sample the
                 # surface at the grid's spacing, the points finer, so the mesh is split once and its
                 # vertices follow the points at twice the density (docs/pointclouds.md, "Dense clouds:
                 # a finer mesh").
                 mesh, edge = subdivided(mesh), edge / 2
-            averaging = averaging_operator(mesh)
+            averaging, points = averaging_operator(mesh), NearestPoints(work.fitted)
             # One decision for the rounds' sliding and the chords' lift
             dense = points_denser_than_mesh(work.spacing, edge)
             mesh = MeshArrays(refine_to_points(mesh.vertices, mesh.faces, work.fitted, progress=on_round,
                                                should_cancel=work.should_cancel, normals=work.normals,
-                                               spacing=work.spacing, averaging=averaging, slide=dense), mesh.faces)
+                                               spacing=work.spacing, averaging=averaging, slide=dense, tree=points),
+                              mesh.faces)
         with work.timer("smooth"):
-            mesh = taubin_smoothed(mesh, smoothing_steps(work.spacing, median_edge(mesh.vertices, mesh.faces)),
-                                   averaging)
+            steps = smoothing_steps(work.spacing, median_edge(mesh.vertices, mesh.faces))
+            mesh = taubin_smoothed(mesh, steps, averaging)
+            if split:
+                # Where no point is near (a scan's open underside) the smoothing alone shapes the mesh, and
+                # on the split mesh its steps reach half as far: there it takes the unsplit mesh's reach
+                # (four times the steps; the bunny's open base at 300,000 points).
+                distance, _ = points.query(mesh.vertices.astype(np.float64), distance_upper_bound=UNSUPPORTED_EDGES * edge)
+                mesh = taubin_smoothed(mesh, 3 * steps, averaging, moving=~np.isfinite(distance))
             return chords_onto_surface(mesh, averaging) if dense else mesh
 
     @falls_back_to_cpu

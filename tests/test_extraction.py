@@ -269,6 +269,23 @@ def test_taubin_smoothing_takes_out_a_ripple_without_shrinking_the_surface():
     assert (smooth.faces == mesh.faces).all()
 
 
+def test_taubin_smoothing_of_some_vertices_holds_the_others():
+    """moving: only the marked vertices are smoothed (the ripple on the upper half goes, the lower
+    half keeps every vertex where it was)."""
+    from backend.extraction.marching import MeshArrays, taubin_smoothed
+
+    grid = mise(sphere, 32, 1)
+    mesh = grid_to_mesh(grid.values, 0.0, grid.box_min, grid.spacing)
+    radial = mesh.vertices / np.linalg.norm(mesh.vertices, axis=1, keepdims=True)
+    ripple = np.random.default_rng(0).uniform(-0.005, 0.005, size=(len(radial), 1))
+    rough = MeshArrays((radial * (0.35 + ripple)).astype(np.float32), mesh.faces)
+    upper = rough.vertices[:, 2] > 0.05
+    smooth = taubin_smoothed(rough, 8, moving=upper)
+    assert (smooth.vertices[~upper] == rough.vertices[~upper]).all()
+    radii = np.linalg.norm(smooth.vertices[upper], axis=1)
+    assert np.sqrt(np.mean((radii - 0.35) ** 2)) < np.sqrt(np.mean(ripple[upper] ** 2)) / 2
+
+
 def test_sparser_points_get_more_smoothing_steps_up_to_a_cap():
     """The refined mesh's smoothing follows the points' spacing: the default 8 steps where they are
     denser than the mesh's edges (30,000 points at 128^3), more between sparse points (3000), up to

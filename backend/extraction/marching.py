@@ -138,18 +138,24 @@ def subdivided(mesh: MeshArrays) -> MeshArrays:
     return MeshArrays(vertices.astype(np.float32), faces)
 
 
-def taubin_smoothed(mesh: MeshArrays, steps: int = SMOOTHING_STEPS, averaging=None) -> MeshArrays:
+def taubin_smoothed(mesh: MeshArrays, steps: int = SMOOTHING_STEPS, averaging=None,
+                    moving: np.ndarray | None = None) -> MeshArrays:
     """The mesh (V, 3) / (F, 3) with its vertices low-pass filtered by Taubin's method over `steps`
-    steps; the faces unchanged. The refinement fits each vertex to its own neighbourhood of noisy
-    points, which leaves a ripple finer than the points' spacing; this takes it out without the
-    shrinking of plain Laplacian smoothing. averaging: the mesh's averaging_operator, built here
-    when not given."""
-    import trimesh
-
-    surface = trimesh.Trimesh(mesh.vertices.astype(np.float64), mesh.faces, process=False)
-    trimesh.smoothing.filter_taubin(surface, lamb=TAUBIN_SHRINK, nu=TAUBIN_INFLATE, iterations=steps,
-                                    laplacian_operator=averaging_operator(mesh) if averaging is None else averaging)
-    return MeshArrays(np.asarray(surface.vertices, np.float32), mesh.faces)
+    steps (alternately shrinking and inflating); the faces unchanged. The refinement fits each vertex
+    to its own neighbourhood of noisy points, which leaves a ripple finer than the points' spacing;
+    this takes it out without the shrinking of plain Laplacian smoothing. averaging: the mesh's
+    averaging_operator, built here when not given. moving: bool (V,), the only vertices that move
+    (the others hold them); all when not given."""
+    averaging = averaging_operator(mesh) if averaging is None else averaging
+    vertices = mesh.vertices.astype(np.float64)
+    rows = np.arange(len(vertices)) if moving is None else np.flatnonzero(moving)
+    if len(rows) == 0:
+        return mesh
+    averaging = averaging if moving is None else averaging[rows]
+    for step in range(steps):
+        factor = TAUBIN_SHRINK if step % 2 == 0 else -TAUBIN_INFLATE
+        vertices[rows] += factor * (averaging @ vertices - vertices[rows])
+    return MeshArrays(vertices.astype(np.float32), mesh.faces)
 
 
 # Which collapses leave a pinch depends on the tolerance almost at random (on a bunny at 256^3:

@@ -491,13 +491,14 @@ def refine_to_points(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray
                      progress: Callable[[float], None] | None = None,
                      should_cancel: Callable[[], bool] | None = None,
                      normals: np.ndarray | None = None, spacing: float | None = None,
-                     averaging=None, slide: bool | None = None) -> np.ndarray:
+                     averaging=None, slide: bool | None = None, tree: NearestPoints | None = None) -> np.ndarray:
     """Canonical vertices (V, 3) of a mesh with faces (F, 3) and input points (P, 3) -> refined
     vertices (V, 3) float32; faces are unchanged. normals (P, 3): the points' own normals, oriented
     or not; the planes take their direction from them (docs/performance.md: they help). spacing:
     the points' median_spacing, measured here when not given. averaging: the mesh's
     marching.averaging_operator, built here when not given. slide: whether the points are denser
-    than the mesh (points_denser_than_mesh), decided here from the mesh when not given.
+    than the mesh (points_denser_than_mesh), decided here from the mesh when not given. tree: a
+    NearestPoints over the points, built here when not given.
     progress(fraction in [0, 1]) is called after every round; should_cancel() before every block
     of sites in every round, raising Cancelled."""
     import trimesh
@@ -513,12 +514,12 @@ def refine_to_points(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray
         if used.any():
             renumbered = np.cumsum(used) - 1
             refined[used] = refine_to_points(np.asarray(vertices)[used], renumbered[faces], points, settings,
-                                             progress, should_cancel, normals, spacing, slide=slide)  # its own operator
+                                             progress, should_cancel, normals, spacing, slide=slide, tree=tree)  # its own operator
         return refined
     mesh = trimesh.Trimesh(np.asarray(vertices, dtype=np.float64), faces, process=False)
     if averaging is None:
         averaging = averaging_operator(MeshArrays(np.asarray(vertices), faces))
-    tree = NearestPoints(points)
+    tree = NearestPoints(points) if tree is None else tree
     points32 = points.astype(np.float32)
     if normals is not None:
         normals = np.asarray(normals, np.float64)
