@@ -68,6 +68,10 @@ CORRECTED_DECIMATION_ATTEMPTS = 3
 # A split mesh's vertices further than this many of its edges from every point have no surface of
 # the points to follow: the final smoothing alone shapes them (Reconstructor._refined).
 UNSUPPORTED_EDGES = 2.0
+# The mesh is split over at most this many refinement points: its refinement then costs 2.5 to 3 times
+# the unsplit one's, which over a million points (a 3-million-point scan's subset) took the request
+# past the 10 s the issue allows 3 million points (docs/pointclouds.md, "Dense clouds: a finer mesh").
+MAX_SPLIT_POINTS = 500_000
 # Viewer-centred images: when the network doubted more than this fraction of the rays through the
 # mask (backend.viewer.fill_the_mask filled them), the result says its depth is mostly a guess.
 DOUBTFUL_FRACTION = 0.5
@@ -353,7 +357,7 @@ class Reconstructor:
         on_round = (lambda fraction: work.progress("refine", fraction)) if work.progress is not None else None
         with work.timer("refine"):
             edge = median_edge(mesh.vertices, mesh.faces)
-            split = points_denser_than_mesh(work.spacing, edge / 2)
+            split = points_denser_than_mesh(work.spacing, edge / 2) and len(work.fitted) <= MAX_SPLIT_POINTS
             if split:
                 # Points denser than even the grid's mesh with its edges halved: its vertices sample the
                 # surface at the grid's spacing, the points finer, so the mesh is split once and its

@@ -474,8 +474,9 @@ def test_the_pipeline_lifts_the_chords_over_dense_points_only(tmp_path, monkeypa
 
 def test_over_points_far_denser_than_the_grid_the_mesh_is_split_before_refining(tmp_path, monkeypatch):
     """Where even the grid's mesh with its edges halved is coarser than the points (at 128^3, scans
-    of a hundred thousand points and more), the mesh is split once, so that its vertices follow the
-    points at twice the density; over sparser points it is refined as the grid gave it."""
+    of a hundred thousand points and more, up to MAX_SPLIT_POINTS), the mesh is split once, so that
+    its vertices follow the points at twice the density; over sparser points it is refined as the
+    grid gave it."""
     from backend import pipeline
     from backend.extraction.marching import subdivided
     from backend.pipeline import Reconstructor, ReconstructOptions
@@ -493,6 +494,10 @@ def test_over_points_far_denser_than_the_grid_the_mesh_is_split_before_refining(
     assert split == [] and len(refined) == 1
     reconstructor.reconstruct_points(sphere_points(0.4, 20000, 0.0), options)
     assert len(split) == 1 and refined[1] == 4 * split[0]
+    # ... but not over more points than MAX_SPLIT_POINTS (what a split refinement costs there)
+    monkeypatch.setattr(pipeline, "MAX_SPLIT_POINTS", 10_000)
+    reconstructor.reconstruct_points(sphere_points(0.4, 20000, 0.0), options)
+    assert len(split) == 1 and len(refined) == 3
 
 
 def test_a_split_mesh_has_every_edge_halved_and_the_same_surface():
