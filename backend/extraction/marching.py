@@ -148,13 +148,17 @@ def taubin_smoothed(mesh: MeshArrays, steps: int = SMOOTHING_STEPS, averaging=No
     (the others hold them); all when not given."""
     averaging = averaging_operator(mesh) if averaging is None else averaging
     vertices = mesh.vertices.astype(np.float64)
-    rows = np.arange(len(vertices)) if moving is None else np.flatnonzero(moving)
-    if len(rows) == 0:
-        return mesh
-    averaging = averaging if moving is None else averaging[rows]
+    rows = None if moving is None else np.flatnonzero(moving)
+    if rows is not None:
+        if len(rows) == 0:
+            return mesh
+        averaging = averaging[rows]
     for step in range(steps):
         factor = TAUBIN_SHRINK if step % 2 == 0 else -TAUBIN_INFLATE
-        vertices[rows] += factor * (averaging @ vertices - vertices[rows])
+        if rows is None:
+            vertices += factor * (averaging @ vertices - vertices)
+        else:
+            vertices[rows] += factor * (averaging @ vertices - vertices[rows])
     return MeshArrays(vertices.astype(np.float32), mesh.faces)
 
 
