@@ -25,7 +25,7 @@ from .device import resolve_device
 from .errors import Cancelled, InputError, OccnetError
 from .extraction import MeshArrays, grid_to_mesh, mise, simplify_mesh
 from .extraction.marching import (averaging_operator, cloud_tolerance, closed_decimation, simplify_to_tolerance,
-                                  smoothing_steps, subdivided, taubin_smoothed)
+                                  smoothing_steps, spanned, subdivided, taubin_smoothed)
 from .extraction.nearest import NearestPoints
 from .extraction.pointfield import PointField, dense_enough
 from .extraction.refine import chords_onto_surface, median_edge, points_denser_than_mesh, refine_to_points
@@ -375,11 +375,11 @@ class Reconstructor:
             steps = smoothing_steps(work.spacing, median_edge(mesh.vertices, mesh.faces))
             mesh = taubin_smoothed(mesh, steps, averaging)
             if split:
-                # Where no point is near (a scan's open underside) the smoothing alone shapes the mesh, and
-                # on the split mesh its steps reach half as far: there it takes the unsplit mesh's reach
-                # (four times the steps; the bunny's open base at 300,000 points).
+                # Where no point is near (a scan's open underside) nothing but the smoothing shapes the mesh:
+                # there it spans the smoothest surface the rim allows (the bunny's open base at 300,000
+                # points, docs/pointclouds.md, "Dense clouds: a finer mesh").
                 distance, _ = points.query(mesh.vertices.astype(np.float64), distance_upper_bound=UNSUPPORTED_EDGES * edge)
-                mesh = taubin_smoothed(mesh, 3 * steps, averaging, moving=~np.isfinite(distance))
+                mesh = spanned(mesh, ~np.isfinite(distance), averaging)
             return chords_onto_surface(mesh, averaging) if dense else mesh
 
     @falls_back_to_cpu

@@ -269,21 +269,23 @@ def test_taubin_smoothing_takes_out_a_ripple_without_shrinking_the_surface():
     assert (smooth.faces == mesh.faces).all()
 
 
-def test_taubin_smoothing_of_some_vertices_holds_the_others():
-    """moving: only the marked vertices are smoothed (the ripple on the upper half goes, the lower
-    half keeps every vertex where it was)."""
-    from backend.extraction.marching import MeshArrays, taubin_smoothed
+def test_the_free_vertices_span_a_membrane_over_the_held_ones():
+    """A flat grid whose inner vertices were pushed off the plane: freed, they come back onto the
+    plane their held rim spans. A free piece that touches no held vertex stays where it was."""
+    import trimesh
+    from backend.extraction.marching import MeshArrays, spanned
 
-    grid = mise(sphere, 32, 1)
-    mesh = grid_to_mesh(grid.values, 0.0, grid.box_min, grid.spacing)
-    radial = mesh.vertices / np.linalg.norm(mesh.vertices, axis=1, keepdims=True)
-    ripple = np.random.default_rng(0).uniform(-0.005, 0.005, size=(len(radial), 1))
-    rough = MeshArrays((radial * (0.35 + ripple)).astype(np.float32), mesh.faces)
-    upper = rough.vertices[:, 2] > 0.05
-    smooth = taubin_smoothed(rough, 8, moving=upper)
-    assert (smooth.vertices[~upper] == rough.vertices[~upper]).all()
-    radii = np.linalg.norm(smooth.vertices[upper], axis=1)
-    assert np.sqrt(np.mean((radii - 0.35) ** 2)) < np.sqrt(np.mean(ripple[upper] ** 2)) / 2
+    plane = trimesh.creation.box(extents=(1.0, 1.0, 0.2)).subdivide().subdivide().subdivide()
+    top = plane.vertices[:, 2] > 0.05
+    inner = top & (np.abs(plane.vertices[:, :2]).max(axis=1) < 0.3)
+    bumpy = plane.vertices.copy()
+    bumpy[inner, 2] += np.random.default_rng(0).uniform(0.05, 0.2, inner.sum())
+    flat = spanned(MeshArrays(bumpy.astype(np.float32), plane.faces), inner)
+    assert np.abs(flat.vertices[inner, 2] - 0.1).max() < 1e-5
+    assert (flat.vertices[~inner] == bumpy[~inner].astype(np.float32)).all()
+    everything = np.ones(len(bumpy), bool)
+    assert (spanned(MeshArrays(bumpy.astype(np.float32), plane.faces), everything).vertices
+            == bumpy.astype(np.float32)).all()
 
 
 def test_sparser_points_get_more_smoothing_steps_up_to_a_cap():

@@ -513,28 +513,27 @@ def test_a_split_mesh_has_every_edge_halved_and_the_same_surface():
     assert result.is_watertight and result.volume == pytest.approx(sphere.volume, rel=1e-5)
 
 
-def test_on_a_split_mesh_the_smoothing_alone_shapes_where_no_point_is_near_with_the_unsplit_reach(tmp_path, monkeypatch):
-    """A dense scan of an octahedron with a hole in one face: over it the mesh follows no point, and the
-    final smoothing alone shapes it. On a split mesh its steps reach half as far, so the vertices
-    over the hole (and only they) are smoothed three times the steps more."""
+def test_on_a_split_mesh_the_surface_where_no_point_is_near_spans_the_rim(tmp_path, monkeypatch):
+    """A dense scan of an octahedron with a hole in one face: over the hole the mesh follows no point,
+    so its vertices there (and only there) take the smoothest surface the rim spans: the face's
+    plane."""
     from backend import pipeline
-    from backend.extraction.marching import taubin_smoothed
+    from backend.extraction.marching import spanned
     from backend.pipeline import Reconstructor, ReconstructOptions
     from conftest import make_octahedron_checkpoint
 
     calls = []
-    monkeypatch.setattr(pipeline, "taubin_smoothed", lambda mesh, steps, averaging, moving=None:
-                        calls.append((mesh.vertices.copy(), steps, moving)) or taubin_smoothed(mesh, steps, averaging, moving))
+    monkeypatch.setattr(pipeline, "spanned", lambda mesh, free, averaging:
+                        calls.append((mesh.vertices.copy(), free)) or spanned(mesh, free, averaging))
     directions = sphere_points(1.0, 30000, 0.0)
     points = 0.5 * directions / np.abs(directions).sum(axis=1, keepdims=True)   # on the network's octahedron
-    hole = np.linalg.norm(points - 0.5 / 3, axis=1) < 0.15                      # around one face's centre
-    points = points[~hole]
+    centre = np.full(3, 0.5 / 3)
+    points = points[np.linalg.norm(points - centre, axis=1) >= 0.15]            # a hole around one face's centre
     checkpoint = str(make_octahedron_checkpoint(tmp_path / "octa.safetensors", radius=0.5))
     result = Reconstructor("cpu").reconstruct_points(points, ReconstructOptions(checkpoint=checkpoint, resolution=32))
-    assert len(calls) == 2
-    (_, steps, everywhere), (vertices, more, moving) = calls
-    assert everywhere is None and more == 3 * steps
+    (vertices, free), = calls
     distance = cKDTree(points).query(vertices)[0]
-    assert (np.linalg.norm(vertices[moving] - 0.5 / 3, axis=1) < 0.15).all()     # over the hole only
-    assert moving[distance > 0.1].all() and moving.sum() > (distance > 0.1).sum()  # ... all of its middle
-    assert len(result.faces) > 0
+    assert (np.linalg.norm(vertices[free] - centre, axis=1) < 0.15).all()     # over the hole only
+    assert free[distance > 0.1].all() and free.sum() > (distance > 0.1).sum()  # ... all of its middle
+    over_hole = np.linalg.norm(result.vertices - centre, axis=1) < 0.08
+    assert over_hole.any() and np.abs(result.vertices[over_hole].sum(axis=1) - 0.5).max() < 0.005

@@ -138,28 +138,46 @@ def subdivided(mesh: MeshArrays) -> MeshArrays:
     return MeshArrays(vertices.astype(np.float32), faces)
 
 
-def taubin_smoothed(mesh: MeshArrays, steps: int = SMOOTHING_STEPS, averaging=None,
-                    moving: np.ndarray | None = None) -> MeshArrays:
-    """The mesh (V, 3) / (F, 3) with its vertices low-pass filtered by Taubin's method over `steps`
-    steps (alternately shrinking and inflating); the faces unchanged. The refinement fits each vertex
-    to its own neighbourhood of noisy points, which leaves a ripple finer than the points' spacing;
-    this takes it out without the shrinking of plain Laplacian smoothing. averaging: the mesh's
-    averaging_operator, built here when not given. moving: bool (V,), the only vertices that move
-    (the others hold them); all when not given."""
+def spanned(mesh: MeshArrays, free: np.ndarray, averaging=None) -> MeshArrays:
+    """The mesh (V, 3) / (F, 3) with its free vertices (bool (V,)) on the membrane the others span:
+    each the mean of its neighbours (the discrete harmonic surface, solved directly), the smoothest
+    surface over a hole in a scan whose rim the held vertices make. Free vertices whose piece of the
+    free ones touches no held vertex stay where they are. averaging: the mesh's averaging_operator,
+    built here when not given."""
+    from scipy.sparse import identity
+    from scipy.sparse.csgraph import connected_components
+    from scipy.sparse.linalg import spsolve
+
     averaging = averaging_operator(mesh) if averaging is None else averaging
+    rows = np.flatnonzero(free)
+    if len(rows) == 0:
+        return mesh
+    held = np.flatnonzero(~free)
+    among, across = averaging[rows][:, rows], averaging[rows][:, held]
+    count, piece = connected_components(among, directed=False)
+    anchored = np.zeros(count, bool)
+    anchored[piece[np.diff(across.indptr) > 0]] = True
+    keep = anchored[piece]
+    if not keep.any():
+        return mesh
+    among, across, rows = among[keep][:, keep], across[keep], rows[keep]
     vertices = mesh.vertices.astype(np.float64)
-    rows = None if moving is None else np.flatnonzero(moving)
-    if rows is not None:
-        if len(rows) == 0:
-            return mesh
-        averaging = averaging[rows]
-    for step in range(steps):
-        factor = TAUBIN_SHRINK if step % 2 == 0 else -TAUBIN_INFLATE
-        if rows is None:
-            vertices += factor * (averaging @ vertices - vertices)
-        else:
-            vertices[rows] += factor * (averaging @ vertices - vertices[rows])
+    vertices[rows] = spsolve((identity(len(rows), format="csc") - among).tocsc(), across @ vertices[held])
     return MeshArrays(vertices.astype(np.float32), mesh.faces)
+
+
+def taubin_smoothed(mesh: MeshArrays, steps: int = SMOOTHING_STEPS, averaging=None) -> MeshArrays:
+    """The mesh (V, 3) / (F, 3) with its vertices low-pass filtered by Taubin's method over `steps`
+    steps; the faces unchanged. The refinement fits each vertex to its own neighbourhood of noisy
+    points, which leaves a ripple finer than the points' spacing; this takes it out without the
+    shrinking of plain Laplacian smoothing. averaging: the mesh's averaging_operator, built here
+    when not given."""
+    import trimesh
+
+    surface = trimesh.Trimesh(mesh.vertices.astype(np.float64), mesh.faces, process=False)
+    trimesh.smoothing.filter_taubin(surface, lamb=TAUBIN_SHRINK, nu=TAUBIN_INFLATE, iterations=steps,
+                                    laplacian_operator=averaging_operator(mesh) if averaging is None else averaging)
+    return MeshArrays(np.asarray(surface.vertices, np.float32), mesh.faces)
 
 
 # Which collapses leave a pinch depends on the tolerance almost at random (on a bunny at 256^3:
