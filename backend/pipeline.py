@@ -72,6 +72,20 @@ UNSUPPORTED_EDGES = 2.0
 # the unsplit one's, which over a million points (a 3-million-point scan's subset) took the request
 # past the 10 s the issue allows 3 million points (docs/pointclouds.md, "Dense clouds: a finer mesh").
 MAX_SPLIT_POINTS = 500_000
+# ... and on grids of at most this many cells a side: the split gives a 128^3 request the vertices of
+# 256^3 without its network evaluations, but on finer grids its faces come closer than the fits can
+# place them and their noise turns into the faces' normals (300,000 points at 256^3: normal
+# consistency 0.978 -> 0.973 on 8 validation clouds, 1.4 times the time; docs/pointclouds.md).
+MAX_SPLIT_RESOLUTION = 128
+
+
+def worth_splitting(spacing: float, edge: float, resolution: int, points: int) -> bool:
+    """Whether the grid's mesh, median edge `edge`, from a grid of `resolution` cells a side, is
+    split once before the refinement onto `points` points with median spacing `spacing`: they
+    are denser than even the split mesh (points_denser_than_mesh), the grid is at most
+    MAX_SPLIT_RESOLUTION and the points at most MAX_SPLIT_POINTS."""
+    return (points_denser_than_mesh(spacing, edge / 2) and resolution <= MAX_SPLIT_RESOLUTION
+            and points <= MAX_SPLIT_POINTS)
 # Viewer-centred images: when the network doubted more than this fraction of the rays through the
 # mask (backend.viewer.fill_the_mask filled them), the result says its depth is mostly a guess.
 DOUBTFUL_FRACTION = 0.5
@@ -357,7 +371,7 @@ class Reconstructor:
         on_round = (lambda fraction: work.progress("refine", fraction)) if work.progress is not None else None
         with work.timer("refine"):
             edge = median_edge(mesh.vertices, mesh.faces)
-            split = points_denser_than_mesh(work.spacing, edge / 2) and len(work.fitted) <= MAX_SPLIT_POINTS
+            split = worth_splitting(work.spacing, edge, work.options.resolution, len(work.fitted))
             if split:
                 # Points denser than even the grid's mesh with its edges halved: its vertices sample the
                 # surface at the grid's spacing, the points finer, so the mesh is split once and its

@@ -500,6 +500,19 @@ def test_over_points_far_denser_than_the_grid_the_mesh_is_split_before_refining(
     assert len(split) == 1 and len(refined) == 3
 
 
+def test_a_mesh_is_split_over_dense_points_on_grids_up_to_128_and_up_to_half_a_million_points():
+    """The split needs points denser than the split mesh, a grid of at most MAX_SPLIT_RESOLUTION
+    (300,000 points on homer at 128^3: yes; the same at 256^3: no) and at most MAX_SPLIT_POINTS."""
+    from backend.pipeline import MAX_SPLIT_POINTS, worth_splitting
+
+    cell = 1.1 / 128
+    assert worth_splitting(0.00088, cell, 128, 300_000)                     # homer at 128^3
+    assert worth_splitting(0.00088, 2 * cell, 64, 300_000)
+    assert not worth_splitting(0.00088, cell / 2, 256, 300_000)             # ... at 256^3
+    assert not worth_splitting(0.0027, cell, 128, 30_000)                   # 30,000 points: not dense enough
+    assert not worth_splitting(0.00048, cell, 128, MAX_SPLIT_POINTS + 1)
+
+
 def test_a_split_mesh_has_every_edge_halved_and_the_same_surface():
     from backend.extraction.marching import MeshArrays, subdivided
     from backend.extraction.refine import median_edge
