@@ -77,15 +77,6 @@ MAX_SPLIT_POINTS = 500_000
 # place them and their noise turns into the faces' normals (300,000 points at 256^3: normal
 # consistency 0.978 -> 0.973 on 8 validation clouds, 1.4 times the time; docs/pointclouds.md).
 MAX_SPLIT_RESOLUTION = 128
-
-
-def worth_splitting(spacing: float, edge: float, resolution: int, points: int) -> bool:
-    """Whether the grid's mesh, median edge `edge`, from a grid of `resolution` cells a side, is
-    split once before the refinement onto `points` points with median spacing `spacing`: they
-    are denser than even the split mesh (points_denser_than_mesh), the grid is at most
-    MAX_SPLIT_RESOLUTION and the points at most MAX_SPLIT_POINTS."""
-    return (points_denser_than_mesh(spacing, edge / 2) and resolution <= MAX_SPLIT_RESOLUTION
-            and points <= MAX_SPLIT_POINTS)
 # Viewer-centred images: when the network doubted more than this fraction of the rays through the
 # mask (backend.viewer.fill_the_mask filled them), the result says its depth is mostly a guess.
 DOUBTFUL_FRACTION = 0.5
@@ -97,6 +88,15 @@ VIEWER_SMOOTHING_STEPS = 4
 # Below this confidence an estimated mask is not trusted: the user is asked for one.
 MIN_MASK_CONFIDENCE = 0.25
 Progress = Callable[[str, float], None]
+
+
+def worth_splitting(spacing: float, edge: float, resolution: int, points: int) -> bool:
+    """Whether the grid's mesh, median edge `edge`, from a grid of `resolution` cells a side, is
+    split once before the refinement onto `points` points with median spacing `spacing`: they
+    are denser than even the split mesh (points_denser_than_mesh), the grid is at most
+    MAX_SPLIT_RESOLUTION and the points at most MAX_SPLIT_POINTS."""
+    return (points_denser_than_mesh(spacing, edge / 2) and resolution <= MAX_SPLIT_RESOLUTION
+            and points <= MAX_SPLIT_POINTS)
 
 
 @dataclass
