@@ -434,7 +434,7 @@ def test_the_small_holes_a_decimation_leaves_are_closed_without_a_retry(monkeypa
 
 def test_two_sheets_pinched_at_an_edge_get_their_own_vertices():
     from backend.extraction import MeshArrays
-    from backend.extraction.marching import is_closed, split_pinches
+    from backend.extraction.marching import PINCH_GAP, is_closed, split_pinches
 
     tetra = np.array([[0, 2, 1], [0, 1, 3], [1, 2, 3], [0, 3, 2]])
     vertices = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [0, -1, 0], [0, 0, -1]], np.float32)
@@ -444,8 +444,12 @@ def test_two_sheets_pinched_at_an_edge_get_their_own_vertices():
     assert not is_closed(pinched.faces)
     split = split_pinches(pinched)
     assert is_closed(split.faces) and len(split.vertices) == len(vertices) + 2
-    np.testing.assert_array_equal(split.vertices[split.faces], pinched.vertices[pinched.faces])
+    moved = np.linalg.norm(split.vertices[split.faces] - pinched.vertices[pinched.faces], axis=2)
+    assert moved.max() == pytest.approx(PINCH_GAP, rel=1e-3)                    # the copies, a hair apart
     assert trimesh.Trimesh(split.vertices, split.faces, process=False).is_winding_consistent
+    # ... so that a mesh merged by position (trimesh's default) is still closed: two tetrahedra
+    merged = trimesh.Trimesh(split.vertices, split.faces)
+    assert merged.is_watertight and merged.body_count == 2
     whole = split_pinches(MeshArrays(vertices[:4], tetra.astype(np.int32)))      # nothing to split
     assert len(whole.vertices) == 4 and is_closed(whole.faces)
 

@@ -303,11 +303,18 @@ def drop_pillows(mesh: MeshArrays) -> MeshArrays:
     return MeshArrays(mesh.vertices, mesh.faces[counts[group.reshape(-1)] == 1])
 
 
+# split_pinches moves each copy of a pinched vertex this far (the mesh's units) into its own fan, so
+# that the sheets no longer touch: tools that merge vertices by position (trimesh's default loading,
+# a slicer) would otherwise join the copies again and find the mesh open.
+PINCH_GAP = 1e-4
+
+
 def split_pinches(mesh: MeshArrays) -> MeshArrays:
     """Give each fan of faces around a vertex its own copy of the vertex: where two sheets of a
     surface touch at an edge or a vertex (an edge with four faces), each sheet gets its own, so
     every edge has two faces again; elsewhere nothing changes but the numbering. Corners of faces
-    that share a two-faced edge are one fan (scipy's connected components); positions are copied."""
+    that share a two-faced edge are one fan (scipy's connected components); each copy moves
+    PINCH_GAP towards the middle of its own fan."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
@@ -331,7 +338,15 @@ def split_pinches(mesh: MeshArrays) -> MeshArrays:
     _, fan = connected_components(graph, directed=False)
     vertex_of_fan = np.zeros(fan.max() + 1, np.int64)
     vertex_of_fan[fan] = vertex
-    return MeshArrays(mesh.vertices[vertex_of_fan], fan.reshape(-1, 3).astype(np.int32))
+    vertices = mesh.vertices[vertex_of_fan].astype(np.float64)
+    copied = np.flatnonzero(np.bincount(vertex_of_fan, minlength=len(mesh.vertices))[vertex_of_fan] > 1)
+    if len(copied):
+        centroids = np.repeat(vertices[fan.reshape(-1, 3)].mean(axis=1), 3, axis=0)    # per corner (3F, 3)
+        middle = np.stack([np.bincount(fan, weights=centroids[:, axis], minlength=len(vertices))
+                           for axis in range(3)], axis=1) / np.bincount(fan, minlength=len(vertices))[:, None]
+        inward = middle[copied] - vertices[copied]
+        vertices[copied] += PINCH_GAP * inward / np.maximum(np.linalg.norm(inward, axis=1, keepdims=True), 1e-30)
+    return MeshArrays(vertices.astype(np.float32), fan.reshape(-1, 3).astype(np.int32))
 
 
 def _check_cancel(should_cancel: Callable[[], bool] | None) -> None:
