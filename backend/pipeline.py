@@ -66,7 +66,7 @@ MAX_SUPPORT_POINTS = 200_000
 # of 300,000 points on a chest of drawers, a thousand handles, fell back: docs/pointclouds.md).
 CORRECTED_DECIMATION_ATTEMPTS = 3
 # A split mesh's vertices further than this many of its edges from every point have no surface of
-# the points to follow: the final smoothing alone shapes them (Reconstructor._refined).
+# the points to follow: they span the membrane the others make (marching.spanned).
 UNSUPPORTED_EDGES = 2.0
 # The mesh is split over at most this many refinement points: its refinement then costs 2.5 to 3 times
 # the unsplit one's, which over a million points (a 3-million-point scan's subset) took the request

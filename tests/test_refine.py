@@ -526,10 +526,11 @@ def test_a_split_mesh_has_every_edge_halved_and_the_same_surface():
     assert result.is_watertight and result.volume == pytest.approx(sphere.volume, rel=1e-5)
 
 
-def test_on_a_split_mesh_the_surface_where_no_point_is_near_spans_the_rim(tmp_path, monkeypatch):
+def test_on_a_split_mesh_the_vertices_where_no_point_is_near_and_only_they_span_the_rim(tmp_path, monkeypatch):
     """A dense scan of an octahedron with a hole in one face: over the hole the mesh follows no point,
-    so its vertices there (and only there) take the smoothest surface the rim spans: the face's
-    plane."""
+    so its vertices there (and only there) are handed to marching.spanned (whose membrane
+    test_extraction checks: here the refinement's fits from the rim already put the hole on the
+    face's plane, so the result's shape could not tell)."""
     from backend import pipeline
     from backend.extraction.marching import spanned
     from backend.pipeline import Reconstructor, ReconstructOptions
@@ -543,10 +544,8 @@ def test_on_a_split_mesh_the_surface_where_no_point_is_near_spans_the_rim(tmp_pa
     centre = np.full(3, 0.5 / 3)
     points = points[np.linalg.norm(points - centre, axis=1) >= 0.15]            # a hole around one face's centre
     checkpoint = str(make_octahedron_checkpoint(tmp_path / "octa.safetensors", radius=0.5))
-    result = Reconstructor("cpu").reconstruct_points(points, ReconstructOptions(checkpoint=checkpoint, resolution=32))
+    Reconstructor("cpu").reconstruct_points(points, ReconstructOptions(checkpoint=checkpoint, resolution=32))
     (vertices, free), = calls
     distance = cKDTree(points).query(vertices)[0]
     assert (np.linalg.norm(vertices[free] - centre, axis=1) < 0.15).all()     # over the hole only
     assert free[distance > 0.1].all() and free.sum() > (distance > 0.1).sum()  # ... all of its middle
-    over_hole = np.linalg.norm(result.vertices - centre, axis=1) < 0.08
-    assert over_hole.any() and np.abs(result.vertices[over_hole].sum(axis=1) - 0.5).max() < 0.005
