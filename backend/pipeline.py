@@ -171,7 +171,7 @@ class CloudWork:
     should_cancel: Callable[[], bool] | None
     seeds: torch.Tensor                # (M, 3) the encoder's points on the device: MISE refines their cells
     fitted: np.ndarray                 # (K, 3) float32 the covering subset the refinement and point field fit
-    normals: np.ndarray | None         # (K, 3) their own normals, if the cloud has them
+    normals: np.ndarray | None         # (K, 3) their own normals, if the cloud has them (sparse clouds' planes)
     spacing: float                     # the median nearest-neighbour spacing of fitted
     support: SupportNet | None = None
     point_field: PointField | None = None
@@ -249,8 +249,9 @@ class Reconstructor:
         """points (N, 3) in the caller's coordinates -> mesh in the same coordinates, vertices
         float64 (a survey's coordinates 10^5 m from the origin keep their millimetres).
         colors (N, 3), floats in [0, 1] or uint8 / uint16: the mesh gets vertex colours (V, 4) from
-        the nearest points. normals (N, 3), oriented or not: the refinement's planes take their
-        direction from them (docs/performance.md: they help)."""
+        the nearest points. normals (N, 3), oriented or not: over points sparser than the mesh
+        the refinement's planes take their direction from them (docs/performance.md: they help
+        there, not over denser points)."""
         options = options or ReconstructOptions()
         options.validate()
         cloud = checked_cloud(points, colors, normals)
@@ -314,7 +315,7 @@ class Reconstructor:
         cell = (QUERY_BOX[1] - QUERY_BOX[0]) / options.resolution
         if options.refine and dense_enough(work.spacing, cell):
             with timer("point_field"):
-                work.point_field = PointField(work.fitted, work.spacing, cell, work.normals)
+                work.point_field = PointField(work.fitted, work.spacing, cell)
 
         def settle(grid, level: float) -> None:
             """The points' corrections of the grid: their own surface where dense, then their sheets."""
@@ -379,10 +380,13 @@ class Reconstructor:
                 # a finer mesh").
                 mesh, edge = subdivided(mesh), edge / 2
             averaging, points = averaging_operator(mesh), NearestPoints(work.fitted)
-            # One decision for the rounds' sliding and the chords' lift
+            # One decision for the rounds' sliding, the chords' lift and the scan's own normals: over
+            # points denser than the mesh their fitted planes did better on validation than the normals
+            # (docs/performance.md, "Do input normals help?")
             dense = points_denser_than_mesh(work.spacing, edge)
             mesh = MeshArrays(refine_to_points(mesh.vertices, mesh.faces, work.fitted, progress=on_round,
-                                               should_cancel=work.should_cancel, normals=work.normals,
+                                               should_cancel=work.should_cancel,
+                                               normals=None if dense else work.normals,
                                                spacing=work.spacing, averaging=averaging, slide=dense, tree=points),
                               mesh.faces)
         with work.timer("smooth"):

@@ -159,6 +159,32 @@ def test_the_pipeline_hands_the_points_own_normals_to_the_refinement(tmp_path, m
     np.testing.assert_allclose(seen["normals"], np.sign(original) / np.sqrt(3.0), atol=1e-6)
 
 
+@pytest.mark.parametrize("resolution, dense", [(64, False), (32, True)])
+def test_over_points_denser_than_the_mesh_the_refinement_fits_its_own_planes(tmp_path, monkeypatch, resolution,
+                                                                             dense):
+    """The scan's own normals did better than the fitted planes' only over points sparser than the
+    grid's mesh (docs/performance.md, "Do input normals help?"): 3000 points are sparser than a
+    64^3 grid's mesh and denser than a 32^3 one's, and the rounds slide exactly where they are denser."""
+    from backend.pipeline import Reconstructor, ReconstructOptions
+    from conftest import make_octahedron_checkpoint
+
+    from backend import pipeline
+
+    seen = {}
+
+    def spy(vertices, faces, points, normals=None, slide=False, **kwargs):
+        seen.update(normals=normals, slide=slide)
+        return vertices
+
+    monkeypatch.setattr(pipeline, "refine_to_points", spy)
+    checkpoint = str(make_octahedron_checkpoint(tmp_path / "octa.safetensors", radius=0.4))
+    scan = octahedron_points(0.4, 3000)
+    Reconstructor("cpu").reconstruct_points(scan, ReconstructOptions(checkpoint=checkpoint, resolution=resolution),
+                                            normals=np.sign(scan) / np.sqrt(3.0))
+    assert seen["slide"] is dense
+    assert (seen["normals"] is None) is dense
+
+
 def test_progress_every_round_and_the_same_result_with_callbacks():
     mesh = sphere_mesh(0.30)
     points = sphere_points(0.34, 3000, noise=0.005)

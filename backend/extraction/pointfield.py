@@ -10,8 +10,9 @@ their neighbourhoods within `max_noise_cells` of a plane), they say better than 
 the surface is, so the grid is corrected from them (from a covering subset about
 `field_spacing_cells` apart when they are denser: more adds time, not precision):
 
-  * Normals: the cloud's own, else the smallest principal direction of each point's nearest
-    points. They are oriented by the network's grid (the inside behind: the grid's value half a
+  * Normals: the smallest principal direction of each point's nearest points (a scan's own
+    normals measured no better on validation: docs/performance.md, "Do input normals help?").
+    They are oriented by the network's grid (the inside behind: the grid's value half a
     cell behind the point above the one half a cell in front), and points that the grid orients
     only weakly then take their orientation from the strongly oriented ones, passed on from
     neighbour to neighbour (orientation_spread).
@@ -203,21 +204,18 @@ def piece_sides(far_labels: np.ndarray, pieces: int, trusted: np.ndarray, inside
 
 class PointField:
     """The points' own surface over a dense cloud, for a grid of cell size `cell`: build it with the
-    canonical points (N, 3), their median spacing and their own normals if any (oriented or not),
-    then correct() the network's grid and drop the bubbles from the mesh marching cubes gives
+    canonical points (N, 3) and their median spacing, then correct() the network's grid and drop the bubbles from the mesh marching cubes gives
     (without_bubbles). See the module's docstring; report says what it did."""
 
-    def __init__(self, points: np.ndarray, spacing: float, cell: float, normals: np.ndarray | None = None,
+    def __init__(self, points: np.ndarray, spacing: float, cell: float,
                  settings: PointFieldSettings = PointFieldSettings()):
         start = time.perf_counter()
         self.settings, self.cell = settings, cell
         self.points = np.asarray(points, dtype=np.float64)
-        self.normals = normals
         self.spacing = spacing
         if settings.field_spacing_cells is not None and spacing < settings.field_spacing_cells * cell:
             subset = thinned_indices(self.points, spacing, settings.field_spacing_cells * cell)
             self.points, self.spacing = self.points[subset], settings.field_spacing_cells * cell
-            self.normals = normals[subset] if normals is not None else None
         self.tree = NearestPoints(self.points)
         _, self.neighbours = self.tree.query(self.points, k=min(settings.neighbours, len(self.points)))
         self.principal, spread = principal_normals(self.points, self.neighbours)
@@ -233,10 +231,8 @@ class PointField:
             return
         start = time.perf_counter()
         settings, cell, report = self.settings, self.cell, self.report
-        unoriented = np.asarray(self.normals, np.float64) if self.normals is not None else self.principal
-        unoriented = unoriented / np.maximum(np.linalg.norm(unoriented, axis=1, keepdims=True), 1e-12)
         _check_cancel(should_cancel)
-        outward = oriented_by_grid(self.points, unoriented, self.neighbours, values, box_min, cell, settings)
+        outward = oriented_by_grid(self.points, self.principal, self.neighbours, values, box_min, cell, settings)
         _check_cancel(should_cancel)
 
         band = settings.band_cells * cell
