@@ -6,10 +6,11 @@
                                [--mesh ../shared/data/meshes/classic/stanford-bunny.obj] [--poisson]
 
 --scale: points sampled on a classic mesh scaled to 2 m in a room (with 1 mm noise and colours
-from a procedural texture), written as PLY and LAS; each file loaded
-in a fresh process (seconds, peak RSS); then, from the PLY, one fresh process per resolution that
-loads the file and reconstructs it with the default model and options (coloured result): seconds
-per stage, wall and CPU seconds (all threads) and peak RSS of the whole request. Default sizes
+from a procedural texture), written as PLY and LAS; each file loaded in a fresh process (seconds,
+peak RSS); then, from the PLY, one fresh process per resolution that loads the file and
+reconstructs it with the default model and options, its colours and normals passed as the CLI
+passes them (coloured result): seconds per stage, wall and CPU seconds (all threads) and peak RSS
+of the whole request. Default sizes
 take minutes on 2 idle cores (more when they are shared); add 10000000 to --sizes for the slow
 variant. --poisson (slow) adds screened Poisson (bench/pointcloud.py's, normals estimated and
 oriented as there) on the same PLY in a fresh process, and scores both results against the mesh
@@ -73,7 +74,7 @@ start, cpu = time.perf_counter(), time.process_time()
 cloud = load_point_cloud(sys.argv[1])
 loaded = time.perf_counter() - start
 result = reconstructor.reconstruct_points(cloud.points, ReconstructOptions(resolution=int(sys.argv[2])),
-                                          colors=cloud.colors)
+                                          colors=cloud.colors, normals=cloud.normals)  # as the CLI reads a file
 seconds = time.perf_counter() - start
 if len(sys.argv) > 3:
     import numpy as np
