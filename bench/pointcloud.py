@@ -1,7 +1,8 @@
 """Point-cloud reconstruction on meshes the models never saw: the default model against Open3D's
 screened Poisson on the very same noisy points. Prints one JSON line per shape and method, then a
 table per protocol: means over shapes, and the shapes won (the fraction of shapes on which ours beats
-Poisson on that metric: higher IoU, NC and F-score, lower Chamfer and seconds; a tie is no win).
+Poisson on that metric: higher IoU, NC and F-score, lower Chamfer and seconds; a tie is no win),
+and below it the shapes not scored and why (a shape whose worker died is tried once more).
 
     python bench/pointcloud.py [--meshes ../shared/data/meshes/classic] [--protocol occnet convonet]
                                [--checkpoint PATH] [--resolution 128] [--workers 1] [--csv out.csv]
@@ -147,8 +148,32 @@ def shapes_won(rows: list[dict]) -> list[dict]:
     return out
 
 
-def main(argv=None) -> int:
+def evaluate_all(tasks: list[dict], workers: int) -> tuple[list[dict], dict[str, str], list[str]]:
+    """Every shape's rows (printed as they come), the shapes not scored {name: why} and the names
+    of those whose worker died (a native crash in a geometry library) and which were tried once
+    more in a fresh one."""
     from training.prepare import run_isolated
+
+    rows, failures, retried, pending = [], {}, [], tasks
+    while pending:
+        died = []
+        for task, ok, result in run_isolated(evaluate_shape, pending, workers, timeout_s=1800):
+            if ok:
+                failures.pop(task["name"], None)
+                for row in result:
+                    print(json.dumps(row), flush=True)
+                rows.extend(result)
+                continue
+            print(json.dumps({"shape": task["name"], "error": result}), flush=True)
+            failures[task["name"]] = result
+            if result.startswith("worker process died") and task["name"] not in retried:
+                died.append(task)
+        retried += [task["name"] for task in died]
+        pending = died
+    return rows, failures, retried
+
+
+def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--meshes", type=Path, default=ROOT.parent / "shared" / "data" / "meshes" / "classic")
@@ -175,14 +200,7 @@ def main(argv=None) -> int:
     tasks = [{"path": str(p), "name": p.stem, "seed": i, "protocols": args.protocol, "checkpoint": args.checkpoint,
               "resolution": args.resolution, "device": args.device, "no_support": args.no_support}
              for i, p in enumerate(paths)]
-    rows = []
-    for task, ok, result in run_isolated(evaluate_shape, tasks, args.workers, timeout_s=1800):
-        if not ok:
-            print(json.dumps({"shape": task["name"], "error": result}), flush=True)
-            continue
-        for row in result:
-            print(json.dumps(row), flush=True)
-        rows.extend(result)
+    rows, failures, retried = evaluate_all(tasks, args.workers)
     if args.csv and rows:
         import csv
         with open(args.csv, "w", newline="") as f:
@@ -199,6 +217,11 @@ def main(argv=None) -> int:
             if row["protocol"] == protocol:
                 print(f"{row['protocol']:<10}{row['method']:<18}{row['shapes']:>7}"
                       + "".join(f"{row[m]:>20.4f}" for m in METRICS))
+    for name, reason in failures.items():
+        print(f"not scored: {name}: {reason}")
+    for name in retried:
+        if name not in failures:
+            print(f"scored on a second try: {name} (its first worker died)")
     return 0
 
 
