@@ -27,6 +27,7 @@ from .extraction import MeshArrays, grid_to_mesh, mise, simplify_mesh
 from .extraction.marching import (averaging_operator, cloud_tolerance, closed_decimation, simplify_to_tolerance,
                                   smoothing_steps, spanned, subdivided, taubin_smoothed)
 from .extraction.nearest import NearestPoints
+from .extraction.outliers import stray_points
 from .extraction.pointfield import PointField, dense_enough
 from .extraction.refine import chords_onto_surface, median_edge, points_denser_than_mesh, refine_to_points
 from .extraction.sheets import SheetReport, thicken_sheets
@@ -258,6 +259,11 @@ class Reconstructor:
         timer = StageTimer()
         with timer("load"):
             model, config, device = self.model_for("points", options)
+        input_points = len(cloud.points)
+        with timer("stray_points"):
+            stray = stray_points(cloud.points)
+        if stray.any():
+            cloud = cloud.subset(~stray)
         level = model.surface_level(options.threshold)
         center, scale = normalisation(cloud.points)
         canonical = ((cloud.points - center) / scale).astype(np.float32)
@@ -280,6 +286,9 @@ class Reconstructor:
                 work.support = SupportNet(near, QUERY_BOX, POINT_SUPPORT, should_cancel)
                 work.support.prepare(decode, level, device, options.batch_points)
         warnings = []
+        if stray.any():
+            warnings.append(f"left out {int(stray.sum())} stray points ({stray.mean():.1%} of the cloud) that lie far from "
+                            f"every other point: a scanner's flying pixels or mismatches")
         mesh, tolerance, evaluations = self._cloud_surface(decode, level, device, work, warnings)
         result = self._finish(model, code, device, mesh, options, timer, should_cancel, warnings,
                               tolerance=tolerance, progress=progress)
@@ -289,7 +298,8 @@ class Reconstructor:
                 result.colors = transfer_colours(result.vertices, canonical, cloud.colors,
                                                   cells=transfer_cells(options.resolution), should_cancel=should_cancel)
         result.vertices = result.vertices.astype(np.float64) * scale + center
-        result.stats.update(evaluations=evaluations, input_points=len(cloud.points), encoder_points=len(encoder_points),
+        result.stats.update(evaluations=evaluations, input_points=input_points, stray_points=int(stray.sum()),
+                            encoder_points=len(encoder_points),
                             center=center.tolist(), scale=scale, input_colours=cloud.colors is not None,
                             input_normals=cloud.normals is not None)
         if work.point_field is not None:

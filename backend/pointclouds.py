@@ -47,6 +47,11 @@ class PointCloud:
     colors: np.ndarray | None = None    # (N, 3) float32 in [0, 1]
     normals: np.ndarray | None = None   # (N, 3) float32
 
+    def subset(self, keep: np.ndarray) -> "PointCloud":
+        """The points, with their colours and normals, where keep (N,) bool holds."""
+        return PointCloud(self.points[keep], None if self.colors is None else self.colors[keep],
+                          None if self.normals is None else self.normals[keep])
+
 
 @contextmanager
 def quiet_decoding():
