@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write no vertex colours (by default: the model's texture head, or the points' colours)")
     rec.add_argument("--no-refine", action="store_true",
                      help="point clouds: keep the network's surface as extracted (no pull onto the points, no smoothing)")
+    rec.add_argument("--keep-stray", action="store_true",
+                     help="point clouds: keep points that lie far from every other point (by default a scan's stray "
+                          "points are left out, and the summary says how many)")
     rec.add_argument("--mask", help="images: the object's mask, a picture of the same size (white or opaque = "
                                     "object); default: the alpha channel, else an estimate from the background")
     rec.add_argument("--focal-length", type=float, metavar="MM",
@@ -73,7 +76,7 @@ def reconstruct_command(args) -> int:
     start = time.perf_counter()
     options = ReconstructOptions(checkpoint=args.checkpoint, resolution=args.resolution, threshold=args.threshold,
                                  max_faces=args.faces, normals=args.normals, refine=not args.no_refine,
-                                 colours=not args.no_colour)
+                                 colours=not args.no_colour, keep_stray=args.keep_stray)
     options.validate()
     if args.input is None and args.checkpoint is None:
         raise OccnetError("bad_option", "give an input, or the --checkpoint of a fitted field")

@@ -112,6 +112,8 @@ class ReconstructOptions:
     batch_points: int = 65536          # points per network batch (bounds memory)
     focal_length: float | None = None  # images: 35 mm equivalent focal length; None: a 50 mm lens
     colours: bool = True               # vertex colours (texture head, the input points' or the picture's)
+    keep_stray: bool = False           # point clouds: keep the points far from every other one (modelled
+                                       # vertices, not a scan; backend/extraction/outliers.py)
 
     @classmethod
     def from_wire(cls, options: dict | None) -> "ReconstructOptions":
@@ -126,7 +128,7 @@ class ReconstructOptions:
             raise OccnetError("bad_option", f"unknown reconstruct option(s): {', '.join(sorted(unknown))}")
         expected = {"checkpoint": (str,), "resolution": (int,), "threshold": (int, float), "max_faces": (int,),
                     "device": (str,), "normals": (bool,), "refine": (bool,), "focal_length": (int, float),
-                    "colours": (bool,)}
+                    "colours": (bool,), "keep_stray": (bool,)}
         for name, value in options.items():
             if value is None and name in ("checkpoint", "max_faces", "device", "focal_length"):
                 continue
@@ -261,7 +263,7 @@ class Reconstructor:
             model, config, device = self.model_for("points", options)
         input_points = len(cloud.points)
         with timer("stray_points"):
-            stray = stray_points(cloud.points)
+            stray = np.zeros(input_points, bool) if options.keep_stray else stray_points(cloud.points)
         if stray.any():
             cloud = cloud.subset(~stray)
         level = model.surface_level(options.threshold)

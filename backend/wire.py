@@ -33,7 +33,7 @@ Requests (add-on -> backend); their bodies are at most MAX_REQUEST_BODY_BYTES
                           normals (bool: also send vertex normals), refine (bool),
                           focal_length (images: 35 mm equivalent; null: the default lens),
                           colours (bool: vertex colours where the model, the points or the picture
-                          have them)
+                          have them), keep_stray (bool: points, keep those far from every other one)
     read_points  {"id", "path"}: read a point-cloud file with the backend's reader -> points
     read_image   {"id", "path"}: read a picture file with the backend's reader -> image
     cancel       {"id", "target": <id of the reconstruct or read request>}
@@ -408,20 +408,22 @@ def error_header(req_id, code, message):
 
 
 RECONSTRUCT_OPTIONS = ("checkpoint", "resolution", "threshold", "max_faces", "device", "normals", "refine",
-                       "focal_length", "colours")
+                       "focal_length", "colours", "keep_stray")
 
 
 def options_dict(checkpoint=None, resolution=128, threshold=0.5, max_faces=None, device=None,
-                 normals=False, refine=True, focal_length=None, colours=True):
+                 normals=False, refine=True, focal_length=None, colours=True, keep_stray=False):
     """Reconstruct options as they travel in the header (validated on the server by
     backend.pipeline.ReconstructOptions.from_wire). refine: for point clouds, pull the surface onto
     the input points and smooth it. focal_length: images, 35 mm equivalent, None for the default.
     colours: vertex colours in the result where there are any (points' colours, the picture's for
-    viewer-centred image models, a texture head)."""
+    viewer-centred image models, a texture head). keep_stray: point clouds, keep the points far from
+    every other one (modelled vertices; a scan's stray points are left out)."""
     return {"checkpoint": checkpoint or None, "resolution": int(resolution),
             "threshold": float(threshold), "max_faces": int(max_faces) if max_faces else None,
             "device": device or None, "normals": bool(normals), "refine": bool(refine),
-            "focal_length": float(focal_length) if focal_length else None, "colours": bool(colours)}
+            "focal_length": float(focal_length) if focal_length else None, "colours": bool(colours),
+            "keep_stray": bool(keep_stray)}
 
 
 __all__ = [

@@ -83,6 +83,16 @@ def selected_points(context):
     return np.concatenate(chunks), np.concatenate(colours) if all_coloured else None, names
 
 
+def modelled(context):
+    """Do the selected objects' points include modelled vertices (a curve's, or a mesh's with edges
+    or faces) rather than only a scan's points (point-cloud objects, meshes of vertices alone, as
+    Blender's PLY import makes them)? Modelled vertices are all kept: none is a stray point."""
+    for obj in context.selected_objects:
+        if obj.type in MESH_LIKE and (obj.type != "MESH" or len(obj.data.edges) or len(obj.data.polygons)):
+            return True
+    return False
+
+
 def check_point_count(points):
     if len(points) < MIN_POINTS:
         raise InputProblem(f"A point cloud needs at least {MIN_POINTS} points, got {len(points)}")

@@ -63,6 +63,7 @@ class Gathered:
     location: tuple | None = None
     mask: np.ndarray | None = None
     focal_length: float | None = None
+    keep_stray: bool = False   # points: modelled vertices, none of them stray (gather.modelled)
 
 
 class _Generate:
@@ -88,19 +89,20 @@ class _Generate:
     def poll(cls, context):
         return not session.busy
 
-    def _options(self, context, kind, focal_length=None):
+    def _options(self, context, kind, focal_length=None, keep_stray=False):
         prefs = get_prefs(context)
         for prop, pref in (("resolution", "default_resolution"), ("threshold", "threshold"),
                            ("max_faces", "max_faces")):
             if not self.properties.is_property_set(prop):
                 setattr(self, prop, getattr(prefs, pref))
         return request_options_for(prefs, kind, int(self.resolution), self.threshold,
-                                   self.max_faces, self.checkpoint, focal_length=focal_length)
+                                   self.max_faces, self.checkpoint, focal_length=focal_length, keep_stray=keep_stray)
 
     def _start(self, context):
         try:
             found = self.gather(context)
-            start_job(context, found.kind, found.data, self._options(context, found.kind, found.focal_length),
+            start_job(context, found.kind, found.data,
+                      self._options(context, found.kind, found.focal_length, found.keep_stray),
                       found.name, origin=found.origin, location=found.location, label=self.bl_label,
                       colors=found.colors, mask=found.mask)
         except DOMAIN_ERRORS as exc:
@@ -185,12 +187,13 @@ class OCCNET_OT_mesh_from_points(_Generate, bpy.types.Operator):
             if not self.filepath:
                 raise gather.InputProblem("Choose a point-cloud file")
             pts, colors = gather.load_points_file(self.filepath, lambda path: read_points(context, path))
-            name = gather.file_result_name(self.filepath)
+            name, keep_stray = gather.file_result_name(self.filepath), False
         else:
             pts, colors, names = gather.selected_points(context)
             pts = gather.check_point_count(pts)
             name = (names[0] if len(names) == 1 else "PointCloud") + "_occnet"
-        return Gathered("points", pts, name, colors=colors, origin=gather.bbox_center(pts))
+            keep_stray = gather.modelled(context)
+        return Gathered("points", pts, name, colors=colors, origin=gather.bbox_center(pts), keep_stray=keep_stray)
 
 
 class OCCNET_OT_mesh_from_image(_Generate, bpy.types.Operator):

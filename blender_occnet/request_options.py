@@ -87,9 +87,11 @@ def check_focal_length(focal_length):
 
 
 def make_options(checkpoint=None, resolution=DEFAULT_RESOLUTION, threshold=DEFAULT_THRESHOLD,
-                 max_faces=None, device=None, normals=False, refine=True, focal_length=None, colours=True):
+                 max_faces=None, device=None, normals=False, refine=True, focal_length=None, colours=True,
+                 keep_stray=False):
     """The ``options`` object of a reconstruct request (wire.options_dict), validated; raises OptionError."""
     return wire.options_dict(checkpoint=checkpoint, resolution=check_resolution(resolution),
                              threshold=check_threshold(threshold), max_faces=check_face_budget(max_faces),
                              device=check_device(device), normals=normals, refine=refine,
-                             focal_length=check_focal_length(focal_length), colours=colours)
+                             focal_length=check_focal_length(focal_length), colours=colours,
+                             keep_stray=keep_stray)

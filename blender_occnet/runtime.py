@@ -51,15 +51,17 @@ def server_args(prefs):
     return args
 
 
-def request_options_for(prefs, kind, resolution, threshold, max_faces, checkpoint="", focal_length=None):
+def request_options_for(prefs, kind, resolution, threshold, max_faces, checkpoint="", focal_length=None,
+                        keep_stray=False):
     """Validated request options; an empty checkpoint means the preferences', then the shipped
-    default (a fitted field, kind "none", has neither). Raises request_options.OptionError."""
+    default (a fitted field, kind "none", has neither). keep_stray: points that are modelled
+    vertices, not a scan. Raises request_options.OptionError."""
     ck = checkpoint or {"points": prefs.checkpoint_points, "image": prefs.checkpoint_image}.get(kind, "")
     return request_options.make_options(
         checkpoint=bpy.path.abspath(ck) if ck else None, resolution=resolution,
         threshold=threshold, max_faces=max_faces, device=device_option(prefs),
         normals=prefs.use_normals, refine=prefs.refine_points, focal_length=focal_length,
-        colours=prefs.vertex_colours)
+        colours=prefs.vertex_colours, keep_stray=keep_stray)
 
 
 def client_for(prefs):

@@ -146,6 +146,31 @@ def test_mesh_from_selected_objects_world_space_with_modifiers(scene, tiny_check
     assert not any(o.name.startswith("PointCloud_occnet") for o in bpy.data.objects)
 
 
+def test_a_scan_of_vertices_alone_loses_its_stray_points_and_modelled_vertices_keep_theirs(scene, addon,
+                                                                                           tiny_checkpoints):
+    """A mesh of vertices alone (what Blender's PLY import makes of a scan) is a scan: its flying
+    pixels are left out and the report says how many. The same vertices with a face are modelled,
+    and all of them count (the cube with an array modifier above loses none of its corners)."""
+    _prefs(tiny_checkpoints)
+    rng = np.random.default_rng(0)
+    d = rng.normal(size=(2000, 3))
+    scan = 0.5 * d / np.linalg.norm(d, axis=1, keepdims=True)
+    e = rng.normal(size=(10, 3))
+    flying = 2.0 * e / np.linalg.norm(e, axis=1, keepdims=True)
+    vertices = np.concatenate([scan, flying]).tolist()
+    for faces, stray in (([], True), ([(0, 1, 2)], False)):
+        for obj in list(bpy.data.objects):
+            obj.select_set(False)
+        mesh = bpy.data.meshes.new("scan")
+        mesh.from_pydata(vertices, [], faces)
+        obj = bpy.data.objects.new("scan", mesh)
+        scene.collection.objects.link(obj)
+        obj.select_set(True)
+        bpy.context.view_layer.objects.active = obj
+        assert bpy.ops.occnet.mesh_from_points("EXEC_DEFAULT", resolution="32") == {"FINISHED"}
+        assert ("left out 10 stray points" in addon.session.last_info) is stray, addon.session.last_info
+
+
 def test_mesh_from_curve_and_point_file(scene, tiny_checkpoints, tmp_path):
     _prefs(tiny_checkpoints)
     bpy.ops.curve.primitive_bezier_circle_add(radius=3.0, location=(0.0, 0.0, 7.0))

@@ -70,3 +70,8 @@ def test_the_mesh_of_a_scan_with_stray_points_is_the_mesh_of_the_scan():
     assert np.abs(radius - 0.3).max() < 0.03
     np.testing.assert_allclose(result.vertices.min(axis=0), clean.vertices.min(axis=0), atol=0.005)
     np.testing.assert_allclose(result.vertices.max(axis=0), clean.vertices.max(axis=0), atol=0.005)
+    # keep_stray (modelled vertices, --keep-stray, the add-on's meshes with faces): every point counts
+    kept = reconstructor.reconstruct_points(np.concatenate([scan, far_points(30)]),
+                                            ReconstructOptions.from_wire({"keep_stray": True}))
+    assert kept.stats["stray_points"] == 0 and not any("stray" in w for w in kept.stats["warnings"])
+    assert np.abs(np.linalg.norm(kept.vertices, axis=1) - 0.3).max() > 0.1
