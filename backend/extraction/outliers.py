@@ -4,7 +4,8 @@ Scans carry points that lie on no surface (a LiDAR's flying pixels, a photogramm
 mismatches). Every later stage takes a point for a sample of the surface: the safety net rebuilds
 the parts "the network missed" around them, the sheets stage raises slabs through them, the
 refinement reaches for them. Half a percent of such points, spread over the bunny's box at 30,000
-points, tripled its surface (Chamfer-L1 x10 0.032 -> 0.325; docs/pointclouds.md, "Stray points").
+points, gave it 2.6 times its surface (Chamfer-L1 x10 0.032 -> 0.325; docs/pointclouds.md, "Stray
+points").
 
 A point is stray when its OUTLIER_NEIGHBOUR-th nearest other point lies further than
 OUTLIER_FACTOR times the cloud's median of that distance: far from the surface, whatever the
@@ -32,7 +33,7 @@ MIN_POINTS = 100
 SCALE_SAMPLE = 50_000
 
 
-def stray_points(points: np.ndarray, seed: int = 0) -> np.ndarray:
+def stray_points(points: np.ndarray) -> np.ndarray:
     """Bool (N,): which of points (N, 3) (any offset: a survey's 10^5 m) are stray (see the
     module's docstring)."""
     count = len(points)
@@ -46,7 +47,7 @@ def stray_points(points: np.ndarray, seed: int = 0) -> np.ndarray:
         distance = neighbour_distance(tree, local)
         reach = OUTLIER_FACTOR * float(np.median(distance))
         return distance > reach if reach > 0.0 else stray   # most points repeated: no spacing to go by
-    sample = np.random.default_rng(seed).choice(count, SCALE_SAMPLE, replace=False)
+    sample = np.random.default_rng(0).choice(count, SCALE_SAMPLE, replace=False)
     reach = OUTLIER_FACTOR * float(np.median(neighbour_distance(tree, local[sample])))
     if reach == 0.0:
         return stray
