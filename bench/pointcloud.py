@@ -174,7 +174,6 @@ def evaluate_all(tasks: list[dict], workers: int) -> tuple[list[dict], dict[str,
 
 
 def main(argv=None) -> int:
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--meshes", type=Path, default=ROOT.parent / "shared" / "data" / "meshes" / "classic")
     parser.add_argument("--protocol", nargs="+", choices=sorted(PROTOCOLS), default=["occnet", "convonet"])
