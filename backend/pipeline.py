@@ -29,13 +29,14 @@ from .extraction.marching import (averaging_operator, cloud_tolerance, closed_de
 from .extraction.nearest import NearestPoints
 from .extraction.outliers import stray_points
 from .extraction.pointfield import PointField, dense_enough
+from .extraction.repeats import repeated_points
 from .extraction.refine import chords_onto_surface, median_edge, points_denser_than_mesh, refine_to_points
 from .extraction.sheets import SheetReport, thicken_sheets
 from .extraction.spacing import median_spacing
 from .extraction.support import SupportNet, SupportSettings
 from .foreground import object_mask
 from .inputs import normalisation, validate_image
-from .pointclouds import checked_cloud
+from .pointclouds import MIN_POINTS, checked_cloud
 from .preprocess import image_to_model_input, subsample_indices, subsample_points
 from .viewer import (MirrorAveraged, fill_the_mask, follow_the_outline, masked_logits, output_transform,
                      photo_camera, picture_colours, picture_where_shown, viewer_input, visible_vertices)
@@ -262,6 +263,13 @@ class Reconstructor:
         with timer("load"):
             model, config, device = self.model_for("points", options)
         input_points = len(cloud.points)
+        with timer("repeated_points"):
+            repeated = repeated_points(cloud.points)
+        if repeated.any():
+            cloud = cloud.subset(~repeated)
+            if len(cloud.points) < MIN_POINTS:
+                raise InputError(f"input: the cloud holds only {len(cloud.points)} distinct points (its other "
+                                 f"{int(repeated.sum())} repeat them): too few to outline a surface")
         with timer("stray_points"):
             stray = np.zeros(input_points, bool) if options.keep_stray else stray_points(cloud.points)
         if stray.any():
@@ -300,7 +308,8 @@ class Reconstructor:
                 result.colors = transfer_colours(result.vertices, canonical, cloud.colors,
                                                   cells=transfer_cells(options.resolution), should_cancel=should_cancel)
         result.vertices = result.vertices.astype(np.float64) * scale + center
-        result.stats.update(evaluations=evaluations, input_points=input_points, stray_points=int(stray.sum()),
+        result.stats.update(evaluations=evaluations, input_points=input_points, repeated_points=int(repeated.sum()),
+                            stray_points=int(stray.sum()),
                             encoder_points=len(encoder_points),
                             center=center.tolist(), scale=scale, input_colours=cloud.colors is not None,
                             input_normals=cloud.normals is not None)

@@ -32,6 +32,8 @@ POINT_SUFFIXES = (".ply", *SCAN_SUFFIXES, *TEXT_POINT_SUFFIXES, ".npy", ".npz", 
 # cloud, and mapped back to the cloud's units its vertices must still be finite 32-bit floats
 # (float32 ends at 3.4e38).
 MAX_COORDINATE = 1e37
+# Fewer points than this outline no surface.
+MIN_POINTS = 3
 # A compressed .npz may expand to at most this many bytes (about 90 million float64 points): a
 # small file of compressed zeros must not fill the memory. Plain .npy files are bounded by their size.
 MAX_NPZ_BYTES = 2 * 2**30
@@ -107,8 +109,10 @@ def validate_points(points, source: str = "input") -> np.ndarray:
         raise InputError(f"{source}: coordinates reach {largest:.3g}, beyond the supported +-{MAX_COORDINATE:.0e} "
                          f"(a mesh around them would overflow 32-bit floats); scale the points down")
     xyz = np.ascontiguousarray(xyz, dtype=np.float64)
-    if len(xyz) < 3 or float((highest - lowest).max()) == 0.0:
-        raise InputError(f"{source}: the points span no volume ({len(xyz)} points, all at one place)")
+    if len(xyz) < MIN_POINTS:
+        raise InputError(f"{source}: a point cloud needs at least {MIN_POINTS} points, got {len(xyz)}")
+    if float((highest - lowest).max()) == 0.0:
+        raise InputError(f"{source}: the points span no volume (all {len(xyz)} lie at one place)")
     return xyz
 
 

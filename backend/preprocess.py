@@ -109,6 +109,8 @@ def subsample_indices(points: np.ndarray, max_points: int, seed: int = 0) -> np.
     encoder's points where the scan was dense and leave far parts with a handful. So one point per
     occupied cell of the finest grid that allows it comes first (covering_indices), and random
     other points fill up the rest, so the encoder still sees max_points points."""
+    if max_points < 1:   # covering_indices would coarsen its grid forever
+        raise ValueError(f"a subset needs at least one point, asked for {max_points}")
     if len(points) <= max_points:
         return np.arange(len(points))
     covering = covering_indices(points, max_points)

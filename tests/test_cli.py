@@ -113,7 +113,9 @@ BAD_INPUTS = [
     ("broken.png", b"\x89PNG\r\n\x1a\nthis is not really a png", "cannot read the image"),
     ("empty.xyz", b"", "expected lines of at least three numbers"),
     ("nan.npy", np.array([[0, 0, 0], [1, np.nan, 0], [1, 1, 1]], float), "NaN or infinite"),
-    ("flat.npy", np.zeros((10, 3)), "span no volume"),
+    ("flat.npy", np.zeros((10, 3)), "span no volume (all 10 lie at one place)"),
+    ("pair.npy", np.array([[0.0, 0, 0], [1, 1, 1]]), "a point cloud needs at least 3 points, got 2"),
+    ("pair_repeated.npy", np.tile([[0.0, 0, 0], [1, 1, 1]], (500, 1)), "only 2 distinct points (its other 998"),
     ("cloud.abc", b"1 2 3", "unknown input format '.abc'"),
     ("words.xyz", b"a b c\nd e f\n", "cannot read points"),
 ]

@@ -30,4 +30,4 @@ def thinned_indices(points: np.ndarray, spacing: float, target: float) -> np.nda
     a surface goes as one over the square root of the count."""
     if spacing >= target:
         return np.arange(len(points))
-    return subsample_indices(points, math.ceil(len(points) * (spacing / target) ** 2))
+    return subsample_indices(points, max(1, math.ceil(len(points) * (spacing / target) ** 2)))
