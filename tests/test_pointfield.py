@@ -104,6 +104,15 @@ def test_dense_enough_means_at_most_a_cell_between_neighbouring_points():
     assert dense_enough(0.5 * cell, cell) and not dense_enough(1.5 * cell, cell) and not dense_enough(0.0, cell)
 
 
+def test_a_spacing_that_thins_the_cloud_to_a_handful_leaves_the_grid_to_the_network():
+    """Pairs of points far closer than the rest (a scan and a copy of it a hair away) give a median
+    spacing that thins 3000 points to one: no plane to fit, so nothing is corrected."""
+    rng = np.random.default_rng(0)
+    d = rng.normal(size=(3000, 3))
+    field = PointField(0.3 * d / np.linalg.norm(d, axis=1, keepdims=True), 1e-7, 1.1 / 128)
+    assert not field.report.applied and field.report.points < 16
+
+
 def test_a_noisy_cloud_leaves_the_grid_to_the_network():
     """Points scattered a third of a cell off their surface cannot place it better than the network."""
     grid = network_grid(filled_corner)

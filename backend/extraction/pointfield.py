@@ -217,7 +217,12 @@ class PointField:
             subset = thinned_indices(self.points, spacing, settings.field_spacing_cells * cell)
             self.points, self.spacing = self.points[subset], settings.field_spacing_cells * cell
         self.tree = NearestPoints(self.points)
-        _, self.neighbours = self.tree.query(self.points, k=min(settings.neighbours, len(self.points)))
+        if len(self.points) < settings.neighbours:
+            # A spacing that undersells the cloud (pairs of points far closer than the rest) thins it to
+            # a handful: too few for one plane, so the grid stays the network's.
+            self.report = PointFieldReport(applied=False, points=len(self.points), seconds=time.perf_counter() - start)
+            return
+        _, self.neighbours = self.tree.query(self.points, k=settings.neighbours)
         self.principal, spread = principal_normals(self.points, self.neighbours)
         noise = float(np.percentile(spread, NOISE_PERCENTILE)) / cell
         self.report = PointFieldReport(applied=noise <= settings.max_noise_cells, points=len(self.points),
