@@ -25,7 +25,7 @@ from .device import resolve_device
 from .errors import Cancelled, InputError, OccnetError
 from .extraction import MeshArrays, grid_to_mesh, mise, simplify_mesh
 from .extraction.marching import (averaging_operator, cloud_tolerance, closed_decimation, simplify_to_tolerance,
-                                  smoothing_steps, spanned, subdivided, taubin_smoothed)
+                                  smoothing_steps, spanned, subdivided, taubin_smoothed, without_specks)
 from .extraction.nearest import NearestPoints
 from .extraction.outliers import stray_points
 from .extraction.pointfield import PointField, dense_enough
@@ -300,7 +300,7 @@ class Reconstructor:
             warnings.append(f"left out {int(stray.sum())} stray points ({stray.mean():.1%} of the cloud) that lie far from "
                             f"every other point: a scanner's flying pixels or mismatches")
         mesh, tolerance, evaluations = self._cloud_surface(decode, level, device, work, warnings)
-        result = self._finish(model, code, device, mesh, options, timer, should_cancel, warnings,
+        result = self._finish(model, code, device, mesh, QUERY_BOX, options, timer, should_cancel, warnings,
                               tolerance=tolerance, progress=progress)
         if cloud.colors is not None and options.colours:
             work.announce("colours")
@@ -447,7 +447,8 @@ class Reconstructor:
         mesh, evaluations = self._extract(lambda p: model.decode(p[None], code)[0],
                                           model.surface_level(options.threshold), QUERY_BOX, device, options,
                                           timer, progress, should_cancel, warnings=warnings)
-        result = self._finish(model, code, device, mesh, options, timer, should_cancel, warnings, progress=progress)
+        result = self._finish(model, code, device, mesh, QUERY_BOX, options, timer, should_cancel, warnings,
+                              progress=progress)
         result.stats.update(evaluations=evaluations, image_size=list(rgba.shape[:2]))
         return result
 
@@ -469,7 +470,8 @@ class Reconstructor:
         mesh, evaluations = self._extract(lambda p: model.decode(p[None], None)[0],
                                           model.surface_level(options.threshold), QUERY_BOX, device, options,
                                           timer, progress, should_cancel, warnings=warnings)
-        result = self._finish(model, None, device, mesh, options, timer, should_cancel, warnings, progress=progress)
+        result = self._finish(model, None, device, mesh, QUERY_BOX, options, timer, should_cancel, warnings,
+                              progress=progress)
         result.stats.update(evaluations=evaluations)
         return result
 
@@ -514,7 +516,8 @@ class Reconstructor:
                                           warnings=warnings, settle=fit_the_mask)
         with timer("smooth"):
             mesh = taubin_smoothed(mesh, VIEWER_SMOOTHING_STEPS)
-        result = self._finish(model, code, device, mesh, options, timer, should_cancel, warnings, progress=progress)
+        result = self._finish(model, code, device, mesh, VIEWER_BOX, options, timer, should_cancel, warnings,
+                              progress=progress)
         if options.colours:
             with timer("colours"):
                 if result.colors is None:   # no texture head: every vertex the picture's colour on its ray
@@ -593,11 +596,12 @@ class Reconstructor:
                                             "(every point is outside at this threshold); try a lower threshold")
         return mesh, grid.evaluations
 
-    def _finish(self, model, code, device, mesh: MeshArrays, options, timer, should_cancel,
+    def _finish(self, model, code, device, mesh: MeshArrays, box, options, timer, should_cancel,
                 warnings: list, tolerance: float | None = None,
                 progress: Progress | None = None) -> ReconstructionResult:
-        """The result of a grid mesh: decimated, with normals and texture colours as asked; its stats
-        carry the warnings (a list the caller may still extend)."""
+        """The result of a grid mesh extracted in box (low, high): decimated, without specks, with
+        normals and texture colours as asked; its stats carry the warnings (a list the caller may
+        still extend)."""
         if options.max_faces is not None or tolerance is not None:
             if progress is not None:
                 progress("decimate", 0.0)
@@ -605,6 +609,8 @@ class Reconstructor:
                 mesh = simplify_mesh(mesh, options.max_faces, should_cancel=should_cancel) \
                     if options.max_faces is not None else \
                     simplify_to_tolerance(mesh, tolerance, should_cancel=should_cancel)
+        with timer("specks"):
+            mesh, specks = without_specks(mesh, (box[1] - box[0]) / options.resolution)
         normals = None
         if options.normals:
             with timer("normals"):
@@ -613,7 +619,8 @@ class Reconstructor:
         if options.colours and model.has_texture:
             with timer("colours"):
                 colours = texture_colours(model, code, mesh.vertices, device, options.batch_points)
-        stats = {"vertices": len(mesh.vertices), "faces": len(mesh.faces), "resolution": options.resolution,
+        stats = {"vertices": len(mesh.vertices), "faces": len(mesh.faces), "specks": specks,
+                 "resolution": options.resolution,
                  "threshold": options.threshold, "device": str(device), "seconds": timer.seconds,
                  "warnings": warnings}
         return ReconstructionResult(mesh.vertices, mesh.faces, normals, colours, stats)

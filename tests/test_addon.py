@@ -133,8 +133,9 @@ def test_mesh_from_selected_objects_world_space_with_modifiers(scene, tiny_check
     wv = world_vertices(obj)
     scale = (hi - lo).max()
     # the test model's octahedron, cut by the safety net to where the points are: in world space
-    # around the points (a result left in object space would sit at the origin)
-    assert (np.abs(wv - center) <= 0.55 * scale).all()  # inside the padded canonical box
+    # around the points (a result left in object space would sit at the origin, 0.79 scales away);
+    # within the padded canonical box, which the refinement's smoothing may cross by a hair
+    assert (np.abs(wv - center) <= 0.56 * scale).all()
     assert (np.ptp(wv, axis=0) > 0.4 * (hi - lo)).all()
 
     # one undo step removes the result and nothing else. Headless Blender does not push undo steps

@@ -349,6 +349,55 @@ def split_pinches(mesh: MeshArrays) -> MeshArrays:
     return MeshArrays(vertices.astype(np.float32), fan.reshape(-1, 3).astype(np.int32))
 
 
+# without_specks: a piece of a mesh is a speck, and goes, when its area is below this many square
+# cells of the grid it came from, or when it encloses less than this share of a cell's thickness:
+SPECK_AREA_CELLS = 1.0
+SPECK_THICKNESS_CELLS = 0.01
+
+
+def without_specks(mesh: MeshArrays, cell: float) -> tuple[MeshArrays, int]:
+    """The mesh (V, 3) / (F, 3) without its specks, and how many pieces went: pieces (connected by
+    their faces' edges) other than the largest whose area is under SPECK_AREA_CELLS square cells
+    (cell: the grid's spacing, in the mesh's units), smaller than anything the grid resolves; or,
+    closed, whose volume over their area is under SPECK_THICKNESS_CELLS of a cell: shells that
+    enclose nothing, a grid's speck that the decimation collapsed into a point, two triangles
+    back to back or a flat sliver (docs/pointclouds.md, "Specks"). Unused vertices go with them."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    faces = np.asarray(mesh.faces, np.int64)
+    if not len(faces):
+        return mesh, 0
+    count = len(mesh.vertices)
+    edges = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]]])
+    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(count, count))
+    _, vertex_piece = connected_components(graph, directed=False)
+    piece = vertex_piece[faces[:, 0]]
+    pieces = int(piece.max()) + 1
+    if pieces == 1:
+        return mesh, 0
+    corners = np.asarray(mesh.vertices, np.float64)[faces]                                   # (F, 3, 3)
+    # about each piece's first corner, so that a piece far from the origin keeps its volume's digits
+    corners -= corners[np.unique(piece, return_index=True)[1][piece], 0][:, None]
+    cross = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
+    area = np.bincount(piece, weights=0.5 * np.linalg.norm(cross, axis=1), minlength=pieces)
+    volume = np.abs(np.bincount(piece, weights=np.einsum("fi,fi->f", corners[:, 0], np.cross(corners[:, 1], corners[:, 2])) / 6.0,
+                                minlength=pieces))
+    keys, unique, counts = edge_counts(faces)
+    open_piece = np.zeros(pieces, bool)
+    open_piece[piece[np.flatnonzero(counts[np.searchsorted(unique, keys)] != 2) // 3]] = True
+    speck = (area < SPECK_AREA_CELLS * cell ** 2) | \
+        (~open_piece & (volume < SPECK_THICKNESS_CELLS * cell * area))
+    speck[area.argmax()] = False
+    if not speck.any():
+        return mesh, 0
+    kept = faces[~speck[piece]]
+    used = np.unique(kept)
+    renumber = np.zeros(count, np.int64)
+    renumber[used] = np.arange(len(used))
+    return MeshArrays(mesh.vertices[used], renumber[kept].astype(mesh.faces.dtype)), int(speck.sum())
+
+
 def _check_cancel(should_cancel: Callable[[], bool] | None) -> None:
     if should_cancel is not None and should_cancel():
         raise Cancelled()
